@@ -1,0 +1,122 @@
+"""DatabaseWrapper factory for the virtual alias (``ENGINE: 'django_lb_shm.backend'``).
+
+The class is built on first use from the real databases' engine
+(``LB_TARGET_ENGINE``): operations, features and the SQL compiler are theirs,
+only the DB-API connection is replaced by a coordinator session.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from django.db import DEFAULT_DB_ALIAS
+from django.db.utils import load_backend
+
+from ..client import ClientSession, get_client
+
+
+class ProxyOperationsMixin:
+    def compiler(self, compiler_name: str):
+        from .compiler import load_balanced_compiler
+
+        return load_balanced_compiler(super().compiler(compiler_name))
+
+    def last_executed_query(self, cursor: Any, sql: str, params: Any) -> str:
+        # The vendor versions ask the real driver connection (mogrify); there is none here.
+        if not params:
+            return sql
+        try:
+            return sql % tuple(repr(p) for p in params) if not isinstance(params, dict) else sql % {
+                k: repr(v) for k, v in params.items()
+            }
+        except (TypeError, ValueError):
+            return f"{sql} -- params: {params!r}"
+
+
+class ProxyFeaturesMixin:
+    supports_transactions = True
+    can_rollback_ddl = False
+    # ON CONFLICT DO NOTHING returns no key for skipped rows, so generated keys could
+    # not be given to every database; Django then checks for existing rows instead
+    # (many-to-many add()) or raises NotSupportedError (bulk_create(ignore_conflicts=True)).
+    supports_ignore_conflicts = False
+
+
+class ProxyCreationMixin:
+    """The virtual alias has no database of its own to create or destroy."""
+
+    def create_test_db(self, *args: Any, **kwargs: Any) -> str:
+        return self.connection.settings_dict["NAME"]
+
+    def destroy_test_db(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+class ProxyWrapperMixin:
+    """DB-API connection replaced by a :class:`ClientSession`; everything else is the vendor's."""
+
+    def get_connection_params(self) -> dict:
+        return {}
+
+    def get_new_connection(self, conn_params: dict) -> ClientSession:
+        return ClientSession(self.alias)
+
+    def init_connection_state(self) -> None:
+        # Session state (time zone, roles...) is set on the coordinator's own connections.
+        pass
+
+    def create_cursor(self, name: Any = None):
+        return self.connection.cursor()
+
+    def _set_autocommit(self, autocommit: bool) -> None:
+        self.connection.set_autocommit(autocommit)
+
+    def _start_transaction_under_autocommit(self) -> None:
+        self.connection.begin()
+
+    def is_usable(self) -> bool:
+        return self.connection is not None and self.connection.is_usable()
+
+    def disable_constraint_checking(self) -> bool:
+        return False
+
+    def enable_constraint_checking(self) -> None:
+        pass
+
+    def check_constraints(self, table_names: Any = None) -> None:
+        pass
+
+    def get_database_version(self):
+        return tuple(server_info()["version"])
+
+    @property
+    def pg_version(self) -> int:
+        return int(server_info()["server_version"])
+
+
+@functools.lru_cache(maxsize=1)
+def _server_info_cached(key: Any) -> dict:
+    return get_client().call("hello")
+
+
+def server_info() -> dict:
+    client = get_client()
+    return _server_info_cached((client.config.address.tuple, client.pid))
+
+
+@functools.lru_cache(maxsize=None)
+def wrapper_class(target_engine: str) -> type:
+    target = load_backend(target_engine).DatabaseWrapper
+    ops = type("LoadBalancerOperations", (ProxyOperationsMixin, target.ops_class), {})
+    features = type("LoadBalancerFeatures", (ProxyFeaturesMixin, target.features_class), {})
+    creation = type("LoadBalancerCreation", (ProxyCreationMixin, target.creation_class), {})
+    return type(
+        "LoadBalancerDatabaseWrapper",
+        (ProxyWrapperMixin, target),
+        {"ops_class": ops, "features_class": features, "creation_class": creation,
+         "__module__": __name__},
+    )
+
+
+def DatabaseWrapper(settings_dict: dict, alias: str = DEFAULT_DB_ALIAS):  # noqa: N802 (Django's name)
+    return wrapper_class(settings_dict["LB_TARGET_ENGINE"])(settings_dict, alias)

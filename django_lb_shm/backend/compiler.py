@@ -1,0 +1,105 @@
+"""SQL compilers for the virtual alias: the vendor's own, plus one duty on INSERT.
+
+An INSERT whose primary key the database generates (AutoField & co.) must not
+let every database invent its own key.  The insert compiler also compiles the
+same INSERT with the key column present, holding a marker where each row's key
+goes; the coordinator runs the plain INSERT on the first database, reads the
+keys it returned, and runs the explicit-key INSERT with those keys on all the
+others (followed by a sequence reset where the vendor needs one).
+"""
+from __future__ import annotations
+
+import copy
+import functools
+from typing import Any, Optional
+
+from django.core.management.color import no_style
+
+from ..descriptors import InsertKeys
+from ..errors import NotSupportedError
+
+# Markers are integers no application uses as a key; one per row of an INSERT.
+_MARKER_BASE = -(2**62) + 7919
+
+
+def marker(i: int) -> int:
+    return _MARKER_BASE - i
+
+
+class LoadBalancedInsertMixin:
+    def pre_save_val(self, field: Any, obj: Any) -> Any:
+        # Compiled twice (plain and explicit-key forms): auto_now, default=callable
+        # and friends must give both forms the same value.
+        cache = self.__dict__.setdefault("_lb_pre_save", {})
+        key = (id(obj), field.attname)
+        if key not in cache:
+            cache[key] = super().pre_save_val(field, obj)
+        return cache[key]
+
+    def execute_sql(self, returning_fields: Optional[list] = None):
+        self.connection.ensure_connection()
+        session = self.connection.connection
+        pairs = self._insert_key_pairs(returning_fields)
+        session.expect_inserts(pairs)
+        try:
+            return super().execute_sql(returning_fields)
+        finally:
+            session.expected_inserts.clear()
+
+    def _generates_key(self) -> bool:
+        pk = self.query.get_meta().pk
+        return bool(self.query.objs) and pk not in (self.query.fields or []) and getattr(pk, "db_returning", False)
+
+    def _insert_key_pairs(self, returning_fields: Optional[list]) -> list[tuple[str, InsertKeys]]:
+        if not self._generates_key():
+            return []
+        opts = self.query.get_meta()
+        objs = self.query.objs
+        self.returning_fields = returning_fields
+        plain = self.as_sql()
+        returns_rows = bool(returning_fields) and self.connection.features.can_return_columns_from_insert
+        if not returns_rows and len(plain) != len(objs):
+            raise NotSupportedError(
+                f"inserting {len(objs)} {opts.label} rows in one statement without the keys coming back "
+                "(bulk_create(ignore_conflicts=True) on a model whose primary key the database generates) "
+                "cannot give every database the same keys; set the primary keys explicitly."
+            )
+        explicit = self._explicit_key_statements(returning_fields)
+        if len(explicit) != len(plain):
+            raise NotSupportedError(f"cannot pair the INSERT statements for {opts.label} across databases")
+        pk_index = returning_fields.index(opts.pk) if returns_rows and opts.pk in returning_fields else 0
+        after = tuple(self.connection.ops.sequence_reset_sql(no_style(), [self.query.model]))
+        per_statement = len(objs) // len(plain)
+        pairs = []
+        for n, ((sql, params), (f_sql, f_params)) in enumerate(zip(plain, explicit)):
+            first = n * per_statement
+            markers = tuple(marker(i) for i in range(first, first + per_statement))
+            pairs.append((sql, InsertKeys(f_sql, f_params, markers, pk_index, after)))
+        return pairs
+
+    def _explicit_key_statements(self, returning_fields: Optional[list]) -> list:
+        opts = self.query.get_meta()
+        pk = opts.pk
+        query = copy.copy(self.query)
+        query.fields = [pk] + list(self.query.fields or [])
+        other = self.__class__(query, self.connection, self.using)
+        other.__dict__["_lb_pre_save"] = self.__dict__.setdefault("_lb_pre_save", {})
+        other.returning_fields = returning_fields
+        saved = [getattr(obj, pk.attname) for obj in self.query.objs]
+        try:
+            for i, obj in enumerate(self.query.objs):
+                setattr(obj, pk.attname, marker(i))
+            return other.as_sql()
+        finally:
+            for obj, value in zip(self.query.objs, saved):
+                setattr(obj, pk.attname, value)
+            cache = other.__dict__["_lb_pre_save"]
+            for obj in self.query.objs:
+                cache.pop((id(obj), pk.attname), None)
+
+
+@functools.lru_cache(maxsize=None)
+def load_balanced_compiler(base: type) -> type:
+    if base.__name__ != "SQLInsertCompiler":
+        return base
+    return type("SQLInsertCompiler", (LoadBalancedInsertMixin, base), {"__module__": __name__})

@@ -1,0 +1,133 @@
+"""Read algorithms: which ONE database serves the next read.
+
+Every algorithm chooses among the candidates the coordinator hands it (the
+databases that are RUNNING and allowed to serve reads), reading the shared
+latency and in-flight arrays directly, without any round trip.  Writes do not
+come here: they go to every database.
+
+A custom algorithm is a ``ReadAlgorithm`` subclass named by dotted path in
+``R_ALGORITHM['NAME']``; it receives the R_ALGORITHM options.
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+from typing import Any, Mapping, Sequence
+
+from django.utils.module_loading import import_string
+
+from .errors import ConfigurationError
+from .shared_state import SharedState, Slot
+
+
+class ReadAlgorithm:
+    """Base class. ``choose`` gets database indexes and returns one of them."""
+
+    #: seconds between latency probes of every database (None: no probes)
+    probe_interval: float | None = None
+
+    def __init__(self, names: Sequence[str], shared: SharedState, options: Mapping[str, Any]):
+        self.names = list(names)
+        self.shared = shared
+        self.options = dict(options)
+        excluded = self.options.get("EXCLUDE", ())
+        unknown = [n for n in excluded if n not in self.names]
+        if unknown:
+            raise ConfigurationError(f"R_ALGORITHM['EXCLUDE'] names unknown databases: {unknown}")
+        self.readable = [i for i, n in enumerate(self.names) if n not in excluded]
+        self._counter = itertools.count()
+
+    def eligible(self, candidates: Sequence[int]) -> list[int]:
+        """Candidates minus databases kept out of reads (they still get every write)."""
+        allowed = [i for i in candidates if i in self.readable]
+        return allowed or list(candidates)
+
+    def choose(self, candidates: Sequence[int]) -> int:
+        raise NotImplementedError
+
+    def _rotate(self, candidates: Sequence[int]) -> int:
+        return candidates[next(self._counter) % len(candidates)]
+
+
+class RoundRobin(ReadAlgorithm):
+    """Each database in turn; ``WEIGHTS: {'DB1': 3}`` gives DB1 three turns to the others' one."""
+
+    def __init__(self, names: Sequence[str], shared: SharedState, options: Mapping[str, Any]):
+        super().__init__(names, shared, options)
+        weights = dict(self.options.get("WEIGHTS") or {})
+        bad = {k: v for k, v in weights.items() if k not in self.names or not isinstance(v, int) or v < 0}
+        if bad:
+            raise ConfigurationError(f"R_ALGORITHM['WEIGHTS'] must map database names to whole numbers >= 0: {bad}")
+        self.weights = [weights.get(n, 1) for n in self.names]
+        self._current = [0] * len(self.names)
+        self._lock = threading.Lock()
+
+    def choose(self, candidates: Sequence[int]) -> int:
+        if all(self.weights[i] == 1 for i in candidates):
+            return self._rotate(candidates)
+        return self._smooth_weighted(candidates)
+
+    def _smooth_weighted(self, candidates: Sequence[int]) -> int:
+        # nginx's smooth weighted round robin: spreads the heavy one's turns out.
+        weighted = [i for i in candidates if self.weights[i] > 0] or list(candidates)
+        with self._lock:
+            total = sum(max(self.weights[i], 1) for i in weighted)
+            for i in weighted:
+                self._current[i] += max(self.weights[i], 1)
+            best = max(weighted, key=lambda i: self._current[i])
+            self._current[best] -= total
+            return best
+
+
+class IntervalTime(ReadAlgorithm):
+    """The fastest database by measured latency (probed every INTERVAL seconds, fed by real reads).
+
+    Databases within ``TOLERANCE`` (default 25%, and at least ``TOLERANCE_MS``,
+    default 0.2 ms) of the fastest share the reads in turn, so equal databases
+    split the load instead of one taking all of it.
+    """
+
+    def __init__(self, names: Sequence[str], shared: SharedState, options: Mapping[str, Any], interval: float = 5.0):
+        super().__init__(names, shared, options)
+        self.probe_interval = interval
+        self.tolerance = float(self.options.get("TOLERANCE", 0.25))
+        self.tolerance_ms = float(self.options.get("TOLERANCE_MS", 0.2))
+
+    def choose(self, candidates: Sequence[int]) -> int:
+        latencies = {i: self.shared.get(i, Slot.LATENCY_MS) for i in candidates}
+        unmeasured = [i for i, ms in latencies.items() if ms <= 0]
+        if unmeasured:
+            return self._rotate(unmeasured)
+        fastest = min(latencies.values())
+        limit = max(fastest * (1 + self.tolerance), fastest + self.tolerance_ms)
+        return self._rotate([i for i in candidates if latencies[i] <= limit])
+
+
+class LeastConnections(ReadAlgorithm):
+    """The database with the fewest reads queued or running (shared in-flight counts)."""
+
+    def choose(self, candidates: Sequence[int]) -> int:
+        loads = {i: self.shared.get(i, Slot.INFLIGHT) for i in candidates}
+        least = min(loads.values())
+        return self._rotate([i for i in candidates if loads[i] <= least])
+
+
+def build_read_algorithm(config: Any, shared: SharedState) -> ReadAlgorithm:
+    spec = config.read_algorithm
+    names = config.databases
+    if spec.name == "ROUND_ROBIN":
+        return RoundRobin(names, shared, spec.options)
+    if spec.name == "INTERVAL_TIME":
+        return IntervalTime(names, shared, spec.options, interval=spec.interval)
+    if spec.name in ("LEAST_CONNECTIONS", "INTERVAL_NUMBER_OF_CONNECTIONS"):
+        return LeastConnections(names, shared, spec.options)
+    try:
+        cls = import_string(spec.name)
+    except ImportError as exc:
+        raise ConfigurationError(f"R_ALGORITHM['NAME'] {spec.name!r} cannot be imported: {exc}") from None
+    if not (isinstance(cls, type) and issubclass(cls, ReadAlgorithm)):
+        raise ConfigurationError(f"R_ALGORITHM['NAME'] {spec.name!r} is not a django_lb_shm.balancing.ReadAlgorithm subclass")
+    algorithm = cls(names, shared, spec.options)
+    if algorithm.probe_interval is None and "INTERVAL" in (config.read_algorithm.options or {}):
+        algorithm.probe_interval = spec.interval
+    return algorithm

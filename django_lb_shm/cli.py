@@ -1,0 +1,174 @@
+"""``djangoloadbalancer``: run the coordinator, show its status, migrate or verify the databases.
+
+Run it in the Django project directory.  Settings come from ``--settings``,
+DJANGO_SETTINGS_MODULE, or the project's manage.py.  The same system checks
+as ``manage.py check`` run first; with errors nothing is started.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from .protocol import EXIT_CONFIG_ERROR, EXIT_OK
+
+EXIT_UNAVAILABLE = 1
+
+
+def build_parser(prog: str = "djangoloadbalancer") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="django_lb_shm load balancer coordinator")
+    parser.add_argument("--settings", help="Django settings module (default: DJANGO_SETTINGS_MODULE or manage.py's)")
+    parser.add_argument("--pythonpath", help="directory to add to sys.path (default: the current directory)")
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("run", help="start the supervisor and coordinator in the foreground (default)")
+    status = sub.add_parser("status", help="show the coordinator's databases, counters and health")
+    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    migrate = sub.add_parser("migrate", help="apply migrations to every load-balanced database")
+    migrate.add_argument("migrate_args", nargs=argparse.REMAINDER, help="arguments passed to `migrate`")
+    verify = sub.add_parser("verify", help="compare every LoadBalancerModel table across the databases")
+    verify.add_argument("--chunk-size", type=int, default=2000)
+    verify.add_argument("--show", type=int, default=10, help="how many differing keys to name per table")
+    verify.add_argument("--no-progress", action="store_true")
+    sub.add_parser("check", help="run the system checks only")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None, prog: str = "djangoloadbalancer") -> int:
+    args = build_parser(prog).parse_args(argv)
+    setup_django(args.settings, args.pythonpath)
+    return dispatch(args)
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    command = args.command or "run"
+    if command in ("run", "check", "migrate", "verify") and not run_checks():
+        return EXIT_CONFIG_ERROR
+    if command == "check":
+        print("System check identified no issues.")
+        return EXIT_OK
+    if command == "run":
+        return run()
+    if command == "status":
+        return status(as_json=args.json)
+    if command == "migrate":
+        return migrate(args.migrate_args)
+    from .verify import verify
+
+    return verify(chunk_size=args.chunk_size, show=args.show, progress=not args.no_progress)
+
+
+# -- settings bootstrap -------------------------------------------------------------------
+def setup_django(settings_module: Optional[str], pythonpath: Optional[str]) -> None:
+    import django
+
+    path = os.path.abspath(pythonpath or os.getcwd())
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    if settings_module:
+        os.environ["DJANGO_SETTINGS_MODULE"] = settings_module
+    elif not os.environ.get("DJANGO_SETTINGS_MODULE"):
+        found = settings_from_manage_py(Path(path) / "manage.py")
+        if found is None:
+            sys.stderr.write(
+                "djangoloadbalancer: no Django settings: pass --settings, set DJANGO_SETTINGS_MODULE, "
+                "or run it in the directory of the project's manage.py\n"
+            )
+            raise SystemExit(EXIT_CONFIG_ERROR)
+        os.environ["DJANGO_SETTINGS_MODULE"] = found
+    django.setup()
+
+
+def settings_from_manage_py(manage_py: Path) -> Optional[str]:
+    try:
+        text = manage_py.read_text()
+    except OSError:
+        return None
+    match = re.search(r"DJANGO_SETTINGS_MODULE['\"]\s*,\s*['\"]([\w.]+)['\"]", text)
+    return match.group(1) if match else None
+
+
+def run_checks() -> bool:
+    """Django's system checks (all apps); print the serious ones, False if any."""
+    from django.core import checks
+
+    messages = [m for m in checks.run_checks(include_deployment_checks=False) if not m.is_silenced()]
+    serious = [m for m in messages if m.is_serious()]
+    for message in messages:
+        sys.stderr.write(f"{message}\n")
+    if serious:
+        sys.stderr.write(f"djangoloadbalancer: {len(serious)} system check error(s); nothing was started.\n")
+    return not serious
+
+
+# -- commands ---------------------------------------------------------------------------------
+def run() -> int:
+    from .conf import get_config
+    from .coordinator import configure_logging
+    from .supervisor import Supervisor
+
+    config = get_config()
+    configure_logging(config.log_level)
+    try:
+        return Supervisor(config, os.environ.get("DJANGO_SETTINGS_MODULE")).run()
+    except RuntimeError as exc:
+        sys.stderr.write(f"djangoloadbalancer: {exc}\n")
+        return EXIT_CONFIG_ERROR
+
+
+def status(as_json: bool = False) -> int:
+    from .client import get_client
+    from .errors import LoadBalancerError
+
+    client = get_client()
+    try:
+        data = client.call("status", timeout=5.0)
+    except LoadBalancerError as exc:
+        sys.stderr.write(f"djangoloadbalancer status: {exc}\n")
+        return EXIT_UNAVAILABLE
+    print(json.dumps(data, indent=2, sort_keys=True) if as_json else format_status(data))
+    return EXIT_OK
+
+
+def format_status(data: dict) -> str:
+    c = data["coordinator"]
+    s = data.get("supervisor", {})
+    lines = [
+        f"coordinator {c.get('address', '')}  pid {c['pid']}  state {c.get('state')}  "
+        f"restarts {c['restarts']}  uptime {c['uptime_s']:.0f}s  rss {c.get('rss_mb', '?')} MB  "
+        f"cpu {c.get('cpu_times_s', '?')}s  threads {c.get('threads', '?')}",
+        f"supervisor pid {s.get('pid', '?')}  rss {s.get('rss_mb', '?')} MB   "
+        f"read algorithm {c.get('read_algorithm')}  write ack {c.get('write_ack')}  "
+        f"last write #{c.get('last_seq')}  journal {c.get('journal_entries')} entries / {c.get('journal_bytes')} B",
+        "",
+    ]
+    header = ("database", "state", "reads", "writes", "pending", "latency ms", "in flight", "errors", "heartbeat")
+    rows = [
+        (db["name"], db["state"], str(db["reads"]), str(db["writes"]), str(db["pending_writes"]),
+         f"{db['latency_ms']:.3f}", str(db.get("inflight_reads", 0)), str(db.get("errors", 0)),
+         "-" if db.get("heartbeat_age_s") is None else f"{db['heartbeat_age_s']:.1f}s ago")
+        for db in data["databases"]
+    ]
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    for row in [header] + rows:
+        lines.append("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
+    return "\n".join(lines)
+
+
+def migrate(extra_args: Sequence[str]) -> int:
+    from django.core.management import call_command
+
+    from .conf import get_config
+
+    extra = [a for a in extra_args if not a.startswith("--database")]
+    for alias in get_config().databases:
+        print(f"== migrating {alias}", flush=True)
+        call_command("migrate", *extra, database=alias, interactive=False)
+    return EXIT_OK
+
+
+def entry_point() -> Any:  # pragma: no cover - console_scripts hook
+    sys.exit(main())

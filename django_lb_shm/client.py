@@ -1,0 +1,378 @@
+"""Client side: the per-process connection to the coordinator, and the DB-API
+objects the virtual Django connection uses (a session and its cursors).
+
+Every process (and every thread, via the Manager proxy's thread-local socket)
+gets its own connection, opened lazily on the first query and rebuilt after a
+fork, so gunicorn or celery workers never share a socket.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import random
+import re
+import threading
+import time
+import uuid
+from collections import deque
+from multiprocessing import AuthenticationError
+from multiprocessing.managers import BaseProxy
+from typing import Any, Iterable, Optional
+
+from . import descriptors as d
+from .conf import LoadBalancerConfig, get_config
+from .errors import (
+    AuthenticationFailed,
+    CoordinatorUnavailable,
+    NotSupportedError,
+    QueryTimeout,
+    TransactionError,
+    WriteOutcomeUnknown,
+    from_dict,
+)
+from .protocol import CoordinatorManager
+
+logger = logging.getLogger("django_lb_shm.client")
+
+READ, WRITE, LOCK, SAVEPOINT, BOUNDARY = "read", "write", "lock", "savepoint", "boundary"
+_LOCKING = re.compile(r"\bFOR\s+(?:NO\s+KEY\s+)?(?:UPDATE|SHARE|KEY\s+SHARE)\b", re.IGNORECASE)
+_WRITING_CTE = re.compile(r"\b(?:INSERT|UPDATE|DELETE|MERGE)\b", re.IGNORECASE)
+_CONNECTION_LOST = (EOFError, ConnectionError, BrokenPipeError, OSError)
+
+
+def classify(sql: str) -> str:
+    """What a statement does: READ, WRITE, LOCK (locking read), SAVEPOINT or BOUNDARY."""
+    words = sql.lstrip(" \t\r\n(").split(None, 2)
+    head = words[0].upper() if words else ""
+    if head in ("SELECT", "VALUES", "EXPLAIN", "SHOW", "WITH", "TABLE"):
+        if head == "WITH" and _WRITING_CTE.search(sql):
+            return WRITE
+        return LOCK if _LOCKING.search(sql) else READ
+    if head == "PRAGMA":
+        return WRITE if "=" in sql else READ
+    if head in ("SAVEPOINT", "RELEASE") or (head == "ROLLBACK" and len(words) > 1 and words[1].upper() == "TO"):
+        return SAVEPOINT
+    if head in ("BEGIN", "COMMIT", "ROLLBACK", "START", "END", "ABORT"):
+        return BOUNDARY
+    return WRITE
+
+
+class CoordinatorClient:
+    """This process's connection to the coordinator (one Manager proxy; one socket per thread)."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, config: LoadBalancerConfig):
+        self.config = config
+        self.pid = os.getpid()
+        self._proxy = None
+        self._lock = threading.Lock()
+
+    # -- connection -------------------------------------------------------
+    def _connect(self):
+        address = self.config.address
+        manager = CoordinatorManager(address=address.tuple, authkey=address.authkey)
+        try:
+            manager.connect()
+            return manager.coordinator()
+        except AuthenticationError as exc:
+            raise AuthenticationFailed(
+                f"the load balancer coordinator at {address} refused the AUTHKEY ({exc}); "
+                "the app and the coordinator must use the same LOAD_BALANCER['ADDRESS']['AUTHKEY']."
+            ) from None
+        except _CONNECTION_LOST as exc:
+            raise CoordinatorUnavailable(
+                f"no load balancer coordinator answers at {address} ({exc.__class__.__name__}: {exc}); "
+                "start it with `djangoloadbalancer` (or `python manage.py loadbalancer run`) "
+                "in the Django project directory."
+            ) from None
+
+    def proxy(self):
+        if self._proxy is None:
+            with self._lock:
+                if self._proxy is None:
+                    self._proxy = self._connect_with_retry()
+        return self._proxy
+
+    def _connect_with_retry(self):
+        deadline = time.monotonic() + self.config.connect_timeout
+        delay = 0.05
+        while True:
+            try:
+                return self._connect()
+            except AuthenticationFailed:
+                raise
+            except CoordinatorUnavailable:
+                if time.monotonic() + delay > deadline:
+                    raise
+                time.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 1.0)
+
+    def forget_connection(self) -> None:
+        proxy, self._proxy = self._proxy, None
+        if proxy is not None:
+            try:
+                proxy.drop_connection()
+            except Exception:
+                pass
+
+    # -- calls ------------------------------------------------------------
+    def call(self, method: str, *args: Any, timeout: Optional[float] = None) -> Any:
+        """One call to the coordinator, reconnecting once if the coordinator restarted."""
+        timeout = self.config.client_timeout if timeout is None else timeout
+        try:
+            return self.proxy().call(method, args, timeout)
+        except _CONNECTION_LOST:
+            self.forget_connection()
+            raise CoordinatorUnavailable(
+                f"lost the connection to the load balancer coordinator at {self.config.address}"
+            ) from None
+
+    def request(self, request: d.Request, idempotent: bool) -> d.Result:
+        payload = d.encode(request)
+        deadline = time.monotonic() + self.config.connect_timeout + self.config.client_timeout
+        while True:
+            try:
+                reply = self.call("execute", payload)
+                break
+            except CoordinatorUnavailable:
+                # Reads and writes carrying a request id are safe to send again:
+                # the coordinator answers a repeated write id from its journal.
+                if not idempotent or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        ok, value = d.decode(reply)
+        if ok:
+            return value
+        raise from_dict(value)
+
+    def new_request_id(self) -> str:
+        return f"{self.pid}-{uuid.uuid4().hex[:12]}-{next(self._ids)}"
+
+
+_client: Optional[CoordinatorClient] = None
+_client_lock = threading.Lock()
+
+
+def get_client() -> CoordinatorClient:
+    global _client
+    config = get_config()
+    client = _client
+    if client is None or client.pid != os.getpid() or client.config is not config:
+        with _client_lock:
+            if _client is None or _client.pid != os.getpid() or _client.config is not config:
+                _client = CoordinatorClient(config)
+            client = _client
+    return client
+
+
+def _reset_after_fork() -> None:
+    """A forked child must not reuse the parent's sockets (gunicorn, celery prefork)."""
+    global _client
+    _client = None
+    BaseProxy._address_to_local.clear()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+class ClientSession:
+    """The DB-API 'connection' behind the virtual Django connection alias.
+
+    Outside a transaction every statement is one request.  Inside one
+    (autocommit off), reads go through the read algorithm until the first
+    write; that write opens the transaction on the coordinator, which then
+    holds the global write order until commit or rollback.
+    """
+
+    def __init__(self, alias: str):
+        self.alias = alias
+        self.autocommit = True
+        self.transaction_open = False
+        self.prelude: list[tuple[str, str]] = []   # (savepoint name, sql) not yet sent
+        self.expected_inserts: deque = deque()
+        self.closed = False
+
+    # -- DB-API connection surface ----------------------------------------
+    def cursor(self) -> "ProxyCursor":
+        return ProxyCursor(self)
+
+    def set_autocommit(self, autocommit: bool) -> None:
+        if autocommit and self.transaction_open:
+            self.commit()
+        if autocommit:
+            self.prelude.clear()
+        self.autocommit = autocommit
+
+    def begin(self) -> None:
+        self.autocommit = False
+
+    def commit(self) -> None:
+        self.prelude.clear()
+        if self.transaction_open:
+            self._finish(d.OP_COMMIT)
+
+    def rollback(self) -> None:
+        self.prelude.clear()
+        if self.transaction_open:
+            self._finish(d.OP_ROLLBACK)
+
+    def close(self) -> None:
+        if self.transaction_open:
+            try:
+                self.rollback()
+            except Exception:
+                logger.warning("could not roll back an open load-balanced transaction on close", exc_info=True)
+        self.closed = True
+
+    def is_usable(self) -> bool:
+        return not self.closed
+
+    # -- inserts with generated keys ---------------------------------------
+    def expect_inserts(self, pairs: Iterable[tuple[str, d.InsertKeys]]) -> None:
+        self.expected_inserts.extend(pairs)
+
+    def take_insert_keys(self, sql: str) -> Optional[d.InsertKeys]:
+        if self.expected_inserts and self.expected_inserts[0][0] == sql:
+            return self.expected_inserts.popleft()[1]
+        return None
+
+    # -- statements -------------------------------------------------------
+    def run(self, statement: d.Statement) -> d.Result:
+        kind = classify(statement.sql)
+        if kind == BOUNDARY:
+            raise NotSupportedError(
+                f"{statement.sql.split()[0]} sent through the load-balanced connection; "
+                "use django.db.transaction.atomic(using=...) instead."
+            )
+        if self.autocommit:
+            if kind == SAVEPOINT:
+                return d.Result()
+            return self._send(d.OP_READ if kind == READ else d.OP_WRITE, statement, False)
+        if not self.transaction_open:
+            if kind == SAVEPOINT:
+                self._track_savepoint(statement.sql)
+                return d.Result()
+            if kind == READ:
+                return self._send(d.OP_READ, statement, False)
+        op = d.OP_READ if kind == READ else d.OP_WRITE
+        return self._send(op, statement, True)
+
+    def _send(self, op: str, statement: d.Statement, in_transaction: bool) -> d.Result:
+        client = get_client()
+        request = d.Request(op=op, statement=statement, in_transaction=in_transaction,
+                            request_id=client.new_request_id())
+        opening = in_transaction and not self.transaction_open
+        if opening:
+            request.prelude = tuple(sql for _name, sql in self.prelude)
+        try:
+            result = client.request(request, idempotent=(op == d.OP_READ or not in_transaction))
+        except CoordinatorUnavailable as exc:
+            if in_transaction and self.transaction_open:
+                self.transaction_open = False
+                raise TransactionError(
+                    f"the transaction was aborted: {exc}. None of its writes were applied."
+                ) from None
+            raise
+        if opening:
+            self.transaction_open = True
+            self.prelude.clear()
+        return result
+
+    def _finish(self, op: str) -> None:
+        client = get_client()
+        request = d.Request(op=op, in_transaction=True, request_id=client.new_request_id())
+        self.transaction_open = False
+        try:
+            client.request(request, idempotent=(op == d.OP_COMMIT))
+        except CoordinatorUnavailable as exc:
+            if op == d.OP_ROLLBACK:
+                return  # the coordinator dropped the transaction with the connection
+            raise WriteOutcomeUnknown(f"commit of a load-balanced transaction: {exc}") from None
+
+    def _track_savepoint(self, sql: str) -> None:
+        words = sql.split()
+        name = words[-1]
+        if words[0].upper() == "SAVEPOINT":
+            self.prelude.append((name, sql))
+            return
+        names = [n for n, _sql in self.prelude]
+        if name not in names:
+            return
+        index = names.index(name)
+        # RELEASE drops the savepoint and later ones; ROLLBACK TO keeps it.
+        del self.prelude[index + (0 if words[0].upper() == "RELEASE" else 1):]
+
+
+class ProxyCursor:
+    """DB-API cursor whose statements run in the coordinator; results come back whole."""
+
+    arraysize = 100
+
+    def __init__(self, session: ClientSession):
+        self.session = session
+        self._reset()
+
+    def _reset(self) -> None:
+        self._rows: list = []
+        self._pos = 0
+        self.description = None
+        self.rowcount = -1
+        self.lastrowid = None
+
+    def execute(self, sql: str, params: Any = None) -> "ProxyCursor":
+        keys = self.session.take_insert_keys(sql)
+        self._load(self.session.run(d.Statement(sql, params, False, keys)))
+        return self
+
+    def executemany(self, sql: str, param_list: Iterable[Any]) -> "ProxyCursor":
+        self._load(self.session.run(d.Statement(sql, list(param_list), True)))
+        return self
+
+    def _load(self, result: d.Result) -> None:
+        self._rows = result.rows
+        self._pos = 0
+        self.description = result.description
+        self.rowcount = result.rowcount
+        self.lastrowid = result.lastrowid
+
+    def fetchone(self):
+        if self._pos >= len(self._rows):
+            return None
+        row = self._rows[self._pos]
+        self._pos += 1
+        return row
+
+    def fetchmany(self, size: Optional[int] = None):
+        size = size or self.arraysize
+        rows = self._rows[self._pos:self._pos + size]
+        self._pos += len(rows)
+        return rows
+
+    def fetchall(self):
+        rows = self._rows[self._pos:]
+        self._pos = len(self._rows)
+        return rows
+
+    def __iter__(self):
+        while True:
+            row = self.fetchone()
+            if row is None:
+                return
+            yield row
+
+    def close(self) -> None:
+        self._reset()
+
+    def setinputsizes(self, *args: Any) -> None:
+        pass
+
+    def setoutputsize(self, *args: Any) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

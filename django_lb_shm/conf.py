@@ -1,0 +1,371 @@
+"""settings.LOAD_BALANCER, validated and frozen.
+
+Settings are read on demand, never at import time.  :func:`find_problems` is the
+single validator: the system checks (``checks.py``), the launcher and
+:func:`get_config` all use it, so every entry point reports a bad key the same way.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import ConfigurationError
+
+SETTING_NAME = "LOAD_BALANCER"
+DEFAULT_ALIAS = "loadbalancer"
+CUD_ALGORITHMS = ("MULTITHREADING",)
+BUILTIN_READ_ALGORITHMS = (
+    "ROUND_ROBIN",
+    "INTERVAL_TIME",
+    "LEAST_CONNECTIONS",
+    "INTERVAL_NUMBER_OF_CONNECTIONS",  # the seed's name for least connections
+)
+WRITE_ACK_POLICIES = ("FIRST", "QUORUM", "ALL")
+SUPPORTED_VENDORS = ("sqlite", "postgresql")
+MIN_REMOTE_AUTHKEY_LENGTH = 32
+
+KNOWN_KEYS = {
+    "CUD_ALGORITHM", "R_ALGORITHM", "DATABASES", "WAIT_TIME", "ADDRESS", "ALIAS",
+    "JOURNAL_DIR", "JOURNAL_FSYNC", "WRITE_ACK", "CLIENT_TIMEOUT", "CONNECT_TIMEOUT",
+    "HEARTBEAT_TIMEOUT", "GRACEFUL_TIMEOUT", "MAX_RSS_MB", "MAX_REQUEST_BYTES",
+    "STATEMENT_TIMEOUT", "LOG_LEVEL",
+}
+# Optional numeric settings: name -> (default, zero allowed)
+NUMERIC_DEFAULTS: dict[str, tuple[float, bool]] = {
+    "CLIENT_TIMEOUT": (30.0, False),
+    "CONNECT_TIMEOUT": (5.0, False),
+    "HEARTBEAT_TIMEOUT": (15.0, False),
+    "GRACEFUL_TIMEOUT": (10.0, False),
+    "MAX_RSS_MB": (0.0, True),  # 0 disables the RSS limit
+    "MAX_REQUEST_BYTES": (64 * 1024 * 1024, False),
+    "STATEMENT_TIMEOUT": (0.0, True),  # 0 disables the per-statement timeout
+}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with the settings; ``id`` is the system-check id."""
+
+    id: str
+    msg: str
+    hint: str
+    level: str = "error"  # or "warning"
+
+
+@dataclass(frozen=True)
+class Address:
+    host: str
+    port: int
+    authkey: bytes = field(repr=False)
+
+    @property
+    def tuple(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ReadAlgorithmConfig:
+    name: str
+    interval: float = 5.0
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LoadBalancerConfig:
+    databases: tuple[str, ...]
+    address: Address
+    read_algorithm: ReadAlgorithmConfig
+    cud_algorithm: str = "MULTITHREADING"
+    wait_time: float = 2.0
+    alias: str = DEFAULT_ALIAS
+    journal_dir: str = ""
+    journal_fsync: bool = True
+    write_ack: str = "FIRST"
+    client_timeout: float = 30.0
+    connect_timeout: float = 5.0
+    heartbeat_timeout: float = 15.0
+    graceful_timeout: float = 10.0
+    max_rss_mb: float = 0.0
+    max_request_bytes: int = 64 * 1024 * 1024
+    statement_timeout: float = 0.0
+    log_level: str = "INFO"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_databases(raw: Mapping[str, Any], django_dbs: Mapping[str, Any]) -> list[Problem]:
+    dbs = raw.get("DATABASES")
+    if not isinstance(dbs, (list, tuple)) or not dbs or not all(isinstance(a, str) for a in dbs):
+        return [Problem(
+            "django_lb_shm.E002",
+            f"LOAD_BALANCER['DATABASES'] must be a non-empty list of database aliases, got {dbs!r}.",
+            "List aliases of settings.DATABASES, e.g. ['default', 'DB1', 'DB2'].",
+        )]
+    problems = []
+    duplicates = sorted({a for a in dbs if list(dbs).count(a) > 1})
+    if duplicates:
+        problems.append(Problem(
+            "django_lb_shm.E015",
+            f"LOAD_BALANCER['DATABASES'] lists {', '.join(map(repr, duplicates))} more than once.",
+            "Name each database once.",
+        ))
+    missing = [a for a in dbs if a not in django_dbs]
+    if missing:
+        problems.append(Problem(
+            "django_lb_shm.E003",
+            "LOAD_BALANCER['DATABASES'] names "
+            f"{', '.join(map(repr, missing))}, not defined in settings.DATABASES.",
+            f"Define them in settings.DATABASES or remove them; defined: {', '.join(sorted(django_dbs))}.",
+        ))
+    present = [a for a in dbs if a in django_dbs]
+    problems += _check_vendors(present, django_dbs)
+    return problems
+
+
+def vendor_of(engine: str) -> str:
+    """'django.db.backends.postgresql' -> 'postgresql' (best effort, no import)."""
+    tail = (engine or "").rsplit(".", 1)[-1]
+    if "sqlite" in tail:
+        return "sqlite"
+    if "postg" in tail or tail == "postgis":
+        return "postgresql"
+    return tail
+
+
+def _check_vendors(aliases: list[str], django_dbs: Mapping[str, Any]) -> list[Problem]:
+    problems = []
+    vendors = {alias: vendor_of(django_dbs[alias].get("ENGINE", "")) for alias in aliases}
+    unsupported = {a: v for a, v in vendors.items() if v not in SUPPORTED_VENDORS}
+    if unsupported:
+        problems.append(Problem(
+            "django_lb_shm.E011",
+            "Unsupported database engine for "
+            + ", ".join(f"{a!r} ({django_dbs[a].get('ENGINE')})" for a in unsupported) + ".",
+            f"django_lb_shm supports: {', '.join(SUPPORTED_VENDORS)}.",
+        ))
+    if len(set(vendors.values())) > 1:
+        problems.append(Problem(
+            "django_lb_shm.E012",
+            "LOAD_BALANCER['DATABASES'] mixes engines: "
+            + ", ".join(f"{a}={v}" for a, v in vendors.items()) + ".",
+            "All load-balanced databases must be copies on the same engine.",
+        ))
+    for alias in aliases:
+        name = str(django_dbs[alias].get("NAME", ""))
+        if vendors[alias] == "sqlite" and (name == ":memory:" or "mode=memory" in name or not name):
+            problems.append(Problem(
+                "django_lb_shm.E013",
+                f"Database {alias!r} is an in-memory SQLite database.",
+                "The coordinator runs in its own process; give every SQLite database a file NAME.",
+            ))
+    return problems
+
+
+def _check_algorithms(raw: Mapping[str, Any]) -> list[Problem]:
+    problems = []
+    cud = raw.get("CUD_ALGORITHM", "MULTITHREADING")
+    if cud not in CUD_ALGORITHMS:
+        problems.append(Problem(
+            "django_lb_shm.E004",
+            f"LOAD_BALANCER['CUD_ALGORITHM'] is {cud!r}, not a known write algorithm.",
+            f"Use one of: {', '.join(CUD_ALGORITHMS)}.",
+        ))
+    r_alg = raw.get("R_ALGORITHM", {"NAME": "ROUND_ROBIN"})
+    if not isinstance(r_alg, Mapping) or not isinstance(r_alg.get("NAME"), str):
+        return problems + [Problem(
+            "django_lb_shm.E005",
+            f"LOAD_BALANCER['R_ALGORITHM'] must be a dict with a 'NAME', got {r_alg!r}.",
+            "For example {'NAME': 'ROUND_ROBIN'} or {'NAME': 'INTERVAL_TIME', 'INTERVAL': 5}.",
+        )]
+    name = r_alg["NAME"]
+    if name not in BUILTIN_READ_ALGORITHMS and "." not in name:
+        problems.append(Problem(
+            "django_lb_shm.E005",
+            f"LOAD_BALANCER['R_ALGORITHM']['NAME'] is {name!r}, not a known read algorithm.",
+            f"Use one of: {', '.join(BUILTIN_READ_ALGORITHMS)}, or a dotted path to a ReadAlgorithm subclass.",
+        ))
+    interval = r_alg.get("INTERVAL", 5)
+    if not _is_number(interval) or interval <= 0:
+        problems.append(Problem(
+            "django_lb_shm.E006",
+            f"LOAD_BALANCER['R_ALGORITHM']['INTERVAL'] must be a positive number of seconds, got {interval!r}.",
+            "For example 'INTERVAL': 5.",
+        ))
+    return problems
+
+
+def _check_address(raw: Mapping[str, Any]) -> list[Problem]:
+    address = raw.get("ADDRESS")
+    if not isinstance(address, Mapping):
+        return [Problem(
+            "django_lb_shm.E008",
+            f"LOAD_BALANCER['ADDRESS'] must be a dict with HOST, PORT and AUTHKEY, got {address!r}.",
+            "For example {'HOST': 'localhost', 'PORT': 6000, 'AUTHKEY': '<a long random secret>'}.",
+        )]
+    problems = []
+    host = address.get("HOST", "localhost")
+    if not isinstance(host, str) or not host:
+        problems.append(Problem(
+            "django_lb_shm.E008",
+            f"LOAD_BALANCER['ADDRESS']['HOST'] must be a host name or IP address, got {host!r}.",
+            "Use 'localhost' unless app servers on other hosts must reach the coordinator.",
+        ))
+    port = address.get("PORT")
+    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+        problems.append(Problem(
+            "django_lb_shm.E009",
+            f"LOAD_BALANCER['ADDRESS']['PORT'] must be an integer from 1 to 65535, got {port!r}.",
+            "Pick a free TCP port, e.g. 6000.",
+        ))
+    authkey = resolve_authkey(address)
+    if not authkey:
+        problems.append(Problem(
+            "django_lb_shm.E010",
+            "LOAD_BALANCER['ADDRESS']['AUTHKEY'] is missing or empty.",
+            "Set AUTHKEY to a secret string (or AUTHKEY_ENV to the name of an environment "
+            "variable holding it); whoever knows it can run code in the coordinator.",
+        ))
+    return problems
+
+
+def resolve_authkey(address: Mapping[str, Any]) -> bytes:
+    """AUTHKEY from settings, or from the environment variable named by AUTHKEY_ENV."""
+    env_name = address.get("AUTHKEY_ENV")
+    value = os.environ.get(env_name, "") if isinstance(env_name, str) and env_name else address.get("AUTHKEY")
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if isinstance(value, bytes):
+        return value
+    return b""
+
+
+def _check_numbers(raw: Mapping[str, Any]) -> list[Problem]:
+    problems = []
+    wait_time = raw.get("WAIT_TIME", 2)
+    if not _is_number(wait_time) or wait_time <= 0:
+        problems.append(Problem(
+            "django_lb_shm.E007",
+            f"LOAD_BALANCER['WAIT_TIME'] must be a positive number of seconds, got {wait_time!r}.",
+            "For example 'WAIT_TIME': 2.",
+        ))
+    for key, (_default, zero_ok) in NUMERIC_DEFAULTS.items():
+        if key not in raw:
+            continue
+        value = raw[key]
+        if not _is_number(value) or value < 0 or (value == 0 and not zero_ok):
+            bound = "zero or a positive number" if zero_ok else "a positive number"
+            problems.append(Problem(
+                "django_lb_shm.E017",
+                f"LOAD_BALANCER[{key!r}] must be {bound}, got {value!r}.",
+                f"Remove it to use the default ({NUMERIC_DEFAULTS[key][0]:g}).",
+            ))
+    ack = raw.get("WRITE_ACK", "FIRST")
+    if ack not in WRITE_ACK_POLICIES:
+        problems.append(Problem(
+            "django_lb_shm.E014",
+            f"LOAD_BALANCER['WRITE_ACK'] is {ack!r}, not a known acknowledgement policy.",
+            f"Use one of: {', '.join(WRITE_ACK_POLICIES)}.",
+        ))
+    return problems
+
+
+def _check_alias(raw: Mapping[str, Any], django_dbs: Mapping[str, Any]) -> list[Problem]:
+    alias = raw.get("ALIAS", DEFAULT_ALIAS)
+    if not isinstance(alias, str) or not alias:
+        return [Problem("django_lb_shm.E016", f"LOAD_BALANCER['ALIAS'] must be a non-empty string, got {alias!r}.",
+                        f"Remove it to use the default {DEFAULT_ALIAS!r}.")]
+    if alias in django_dbs:
+        return [Problem(
+            "django_lb_shm.E016",
+            f"LOAD_BALANCER['ALIAS'] {alias!r} is already a database in settings.DATABASES.",
+            "The alias names the virtual load-balanced connection; choose a name not in settings.DATABASES.",
+        )]
+    return []
+
+
+def find_problems(raw: Any, django_dbs: Mapping[str, Any]) -> list[Problem]:
+    """Every problem with a LOAD_BALANCER value; empty when it is valid."""
+    if raw is None:
+        return [Problem(
+            "django_lb_shm.E001",
+            "settings.LOAD_BALANCER is not defined.",
+            "Add LOAD_BALANCER = {'DATABASES': [...], 'ADDRESS': {...}, ...} to settings.py "
+            "(see the django_lb_shm README).",
+        )]
+    if not isinstance(raw, Mapping):
+        return [Problem("django_lb_shm.E001", f"settings.LOAD_BALANCER must be a dict, got {type(raw).__name__}.",
+                        "See the django_lb_shm README for an example.")]
+    problems = (
+        _check_databases(raw, django_dbs)
+        + _check_algorithms(raw)
+        + _check_address(raw)
+        + _check_numbers(raw)
+        + _check_alias(raw, django_dbs)
+    )
+    unknown = sorted(set(raw) - KNOWN_KEYS)
+    if unknown:
+        problems.append(Problem(
+            "django_lb_shm.W001",
+            f"LOAD_BALANCER has unknown keys: {', '.join(unknown)}.",
+            f"Known keys: {', '.join(sorted(KNOWN_KEYS))}.",
+            level="warning",
+        ))
+    return problems
+
+
+def _default_journal_dir(port: int) -> str:
+    from django.conf import settings
+
+    base = getattr(settings, "BASE_DIR", None) or os.getcwd()
+    return str(Path(base) / ".loadbalancer-journal" / str(port))
+
+
+def build_config(raw: Any, django_dbs: Mapping[str, Any]) -> LoadBalancerConfig:
+    """A frozen config from a raw LOAD_BALANCER dict; ConfigurationError if invalid."""
+    errors = [p for p in find_problems(raw, django_dbs) if p.level == "error"]
+    if errors:
+        raise ConfigurationError(
+            "Invalid settings.LOAD_BALANCER:\n" + "\n".join(f"  {p.id}: {p.msg} HINT: {p.hint}" for p in errors)
+        )
+    address_raw = raw["ADDRESS"]
+    address = Address(str(address_raw.get("HOST", "localhost")), int(address_raw["PORT"]), resolve_authkey(address_raw))
+    r_raw = dict(raw.get("R_ALGORITHM", {"NAME": "ROUND_ROBIN"}))
+    read_algorithm = ReadAlgorithmConfig(
+        name=r_raw.pop("NAME"), interval=float(r_raw.pop("INTERVAL", 5)), options=r_raw
+    )
+    numbers = {key.lower(): raw.get(key, default) for key, (default, _z) in NUMERIC_DEFAULTS.items()}
+    numbers["max_request_bytes"] = int(numbers["max_request_bytes"])
+    return LoadBalancerConfig(
+        databases=tuple(raw["DATABASES"]),
+        address=address,
+        read_algorithm=read_algorithm,
+        cud_algorithm=raw.get("CUD_ALGORITHM", "MULTITHREADING"),
+        wait_time=float(raw.get("WAIT_TIME", 2)),
+        alias=raw.get("ALIAS", DEFAULT_ALIAS),
+        journal_dir=str(raw.get("JOURNAL_DIR") or _default_journal_dir(address.port)),
+        journal_fsync=bool(raw.get("JOURNAL_FSYNC", True)),
+        write_ack=raw.get("WRITE_ACK", "FIRST"),
+        log_level=str(raw.get("LOG_LEVEL", "INFO")),
+        **numbers,
+    )
+
+
+_cached: list = [object(), None]  # [raw LOAD_BALANCER value, its config]
+
+
+def get_config() -> LoadBalancerConfig:
+    """The validated LOAD_BALANCER of the current Django settings (rebuilt when the setting changes)."""
+    from django.conf import settings
+
+    raw = getattr(settings, SETTING_NAME, None)
+    if _cached[0] is not raw:
+        _cached[1] = build_config(raw, settings.DATABASES)
+        _cached[0] = raw
+    return _cached[1]

@@ -1,0 +1,421 @@
+"""The manager process: a multiprocessing Manager server in front of the database threads.
+
+Spawned by the supervisor.  It serves the ``coordinator`` object at ADDRESS
+(one server thread per client connection, as ``multiprocessing.managers``
+does), starts one :class:`DbThread` per database, routes reads through the read
+algorithm and writes through the :class:`Sequencer`, and writes its vitals
+into shared memory.  It exits when told (SIGTERM) or when its supervisor is
+gone, after answering what is in flight.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import pickle
+import queue
+import signal
+import sys
+import threading
+import time
+from multiprocessing import AuthenticationError
+from multiprocessing.managers import Server
+from typing import Any, Optional
+
+from . import descriptors as d
+from .errors import (
+    ConfigurationError,
+    DatabaseDown,
+    NoDatabaseAvailable,
+    QueryTimeout,
+    RequestRejected,
+    TransactionError,
+    to_dict,
+)
+from .protocol import EXIT_BOOT_ERROR, EXIT_CONFIG_ERROR, EXIT_OK, EXIT_ORPHANED, EXPOSED, TYPEID
+from .shared_state import CoordinatorState, DbState, Header, SharedState
+
+logger = logging.getLogger("django_lb_shm.coordinator")
+
+TICK = 0.5
+TRIM_EVERY = 5.0
+BOOT_CONNECT_WAIT = 10.0
+
+
+class Coordinator:
+    """The object app processes call through the Manager (``execute``, ``status``, ``hello``)."""
+
+    def __init__(self, config: Any, shared: SharedState, threads: list, sequencer: Any, algorithm: Any):
+        self.config = config
+        self.shared = shared
+        self.threads = threads
+        self.sequencer = sequencer
+        self.algorithm = algorithm
+        self._local = threading.local()
+        self._tokens = itertools.count()
+        self._active = 0
+        self._active_lock = threading.Lock()
+        self.idle = threading.Condition(self._active_lock)
+
+    # -- exposed methods ---------------------------------------------------------------
+    def ping(self) -> str:
+        return "pong"
+
+    def hello(self) -> dict:
+        for thread in self.threads:
+            if thread.server_info:
+                return {**thread.server_info, "protocol": d.PROTOCOL_VERSION, "databases": list(self.config.databases)}
+        raise NoDatabaseAvailable("no database has answered yet")
+
+    def status(self) -> dict:
+        from .health import process_vitals
+
+        snapshot = self.shared.snapshot(list(self.config.databases))
+        snapshot["coordinator"].update(process_vitals(os.getpid()))
+        snapshot["coordinator"]["address"] = str(self.config.address)
+        snapshot["coordinator"]["read_algorithm"] = self.config.read_algorithm.name
+        snapshot["coordinator"]["write_ack"] = self.config.write_ack
+        supervisor_pid = snapshot["supervisor"]["pid"]
+        if supervisor_pid:
+            snapshot["supervisor"].update(process_vitals(supervisor_pid))
+        return snapshot
+
+    def execute(self, payload: bytes) -> bytes:
+        self._enter()
+        try:
+            if len(payload) > self.config.max_request_bytes:
+                raise RequestRejected(
+                    f"request of {len(payload)} bytes is over LOAD_BALANCER['MAX_REQUEST_BYTES'] "
+                    f"({self.config.max_request_bytes})"
+                )
+            request = self._decode(payload)
+            result = self.dispatch(request)
+            return pickle.dumps((True, result), protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:
+            if not isinstance(exc, (RequestRejected,)) and not _is_caller_error(exc):
+                logger.debug("request failed", exc_info=True)
+            return pickle.dumps((False, to_dict(exc)), protocol=pickle.HIGHEST_PROTOCOL)
+        finally:
+            self._leave()
+
+    # -- bookkeeping ---------------------------------------------------------------------
+    def _enter(self) -> None:
+        with self._active_lock:
+            self._active += 1
+            self.shared.set_header(Header.ACTIVE_REQUESTS, self._active)
+            self.shared.add_header(Header.REQUESTS, 1)
+
+    def _leave(self) -> None:
+        with self._active_lock:
+            self._active -= 1
+            self.shared.set_header(Header.ACTIVE_REQUESTS, self._active)
+            if self._active == 0:
+                self.idle.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._active_lock:
+            while self._active:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self.idle.wait(remaining)
+        return True
+
+    @staticmethod
+    def _decode(payload: bytes) -> d.Request:
+        try:
+            request = d.decode(payload)
+        except Exception as exc:
+            raise RequestRejected(f"request could not be decoded ({type(exc).__name__}: {exc})") from None
+        if not isinstance(request, d.Request):
+            raise RequestRejected(f"expected a django_lb_shm Request, got {type(request).__name__}")
+        d.check_version(request)
+        if request.op not in d.OPERATIONS:
+            raise RequestRejected(f"unknown operation {request.op!r}; known: {', '.join(d.OPERATIONS)}")
+        if request.op in (d.OP_READ, d.OP_WRITE) and not isinstance(getattr(request.statement, "sql", None), str):
+            raise RequestRejected(f"{request.op} request without an SQL statement")
+        return request
+
+    # -- routing -------------------------------------------------------------------------
+    def dispatch(self, request: d.Request) -> d.Result:
+        txn = getattr(self._local, "txn", None)
+        op = request.op
+        if op == d.OP_READ:
+            if request.in_transaction and txn is not None:
+                return self.sequencer.run_in(txn, request.statement, records=False)
+            return self.read(request.statement)
+        if op == d.OP_WRITE:
+            if not request.in_transaction:
+                return self.sequencer.write(request.statement, request.request_id)
+            if txn is None:
+                txn = self._local.txn = self.sequencer.begin(request.prelude)
+            try:
+                return self.sequencer.run_in(txn, request.statement)
+            except TransactionError:
+                self._local.txn = None
+                raise
+        if op == d.OP_COMMIT:
+            return self._commit(txn, request.request_id)
+        self._local.txn = None
+        if txn is not None:
+            self.sequencer.abandon(txn)
+        return d.Result()
+
+    def _commit(self, txn: Any, request_id: str) -> d.Result:
+        self._local.txn = None
+        if txn is not None:
+            self.sequencer.commit(txn, request_id)
+            return d.Result()
+        if self.sequencer.journal.find_request(request_id) is not None:
+            return d.Result()  # a commit repeated after a reconnect: it was applied
+        raise TransactionError(
+            "commit of a transaction the coordinator does not hold (it restarted, or the connection dropped); "
+            "none of its writes were applied"
+        )
+
+    def client_gone(self) -> None:
+        """The server thread's client disconnected: drop its transaction, if any."""
+        txn = getattr(self._local, "txn", None)
+        self._local.txn = None
+        if txn is not None:
+            logger.warning("a client went away inside a transaction; rolled back")
+            self.sequencer.abandon(txn)
+
+    def read(self, statement: d.Statement) -> d.Result:
+        reply = self._reply_queue()
+        tried: list[str] = []
+        while True:
+            candidates = [t.index for t in self.threads if t.state == DbState.RUNNING and t.alias not in tried]
+            if not candidates:
+                states = ", ".join(f"{t.alias}={t.state.name}" for t in self.threads)
+                raise NoDatabaseAvailable(
+                    f"no database can serve the read ({states})" + (f"; tried {', '.join(tried)}" if tried else "")
+                )
+            thread = self.threads[self.algorithm.choose(self.algorithm.eligible(candidates))]
+            token = next(self._tokens)
+            thread.submit_read(statement, reply, token)
+            ok, value = self._await(reply, token, thread.alias)
+            if ok:
+                return value
+            if isinstance(value, DatabaseDown):
+                tried.append(thread.alias)
+                continue
+            raise value
+
+    def _reply_queue(self) -> "queue.SimpleQueue":
+        reply = getattr(self._local, "reply", None)
+        if reply is None:
+            reply = self._local.reply = queue.SimpleQueue()
+        return reply
+
+    def _await(self, reply: "queue.SimpleQueue", token: int, alias: str) -> tuple:
+        deadline = time.monotonic() + self.config.client_timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                got_token, ok, value = reply.get(timeout=max(remaining, 0.001))
+            except queue.Empty:
+                raise QueryTimeout(
+                    f"database {alias!r} did not answer within {self.config.client_timeout:.2f} s"
+                ) from None
+            if got_token == token:
+                return ok, value
+            # a late answer to an earlier request that timed out: drop it
+
+
+def _is_caller_error(exc: BaseException) -> bool:
+    from .health import is_connection_error
+
+    return not is_connection_error(exc)
+
+
+class CoordinatorServer(Server):
+    """The Manager server, with a bounded accept loop, a larger backlog and client clean-up."""
+
+    def __init__(self, registry: dict, address: tuple, authkey: bytes, coordinator: Coordinator):
+        super().__init__(registry, address, authkey, "pickle")
+        self.coordinator = coordinator
+        self.stop_event = threading.Event()
+        try:
+            self.listener._listener._socket.listen(256)  # type: ignore[attr-defined]
+        except Exception:
+            pass
+
+    def accept_forever(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                conn = self.listener.accept()
+            except OSError:
+                if self.stop_event.is_set():
+                    return
+                continue
+            except AuthenticationError:
+                continue
+            threading.Thread(target=self.handle_request, args=(conn,), daemon=True, name="client").start()
+
+    def _handle_request(self, conn: Any) -> None:
+        try:
+            super()._handle_request(conn)
+        except AuthenticationError as exc:
+            logger.warning("refused a connection: %s", exc)
+
+    def serve_client(self, conn: Any) -> None:
+        try:
+            super().serve_client(conn)
+        finally:
+            self.coordinator.client_gone()
+
+    def close(self) -> None:
+        self.stop_event.set()
+        try:
+            self.listener.close()
+        except Exception:
+            pass
+
+
+class CoordinatorProcess:
+    """Boot, serve, watch the parent, stop: the life of the manager process."""
+
+    def __init__(self, config: Any, shared: SharedState, supervisor_pid: int):
+        self.config = config
+        self.shared = shared
+        self.supervisor_pid = supervisor_pid
+        self.stop_requested = threading.Event()
+        self.exit_code = EXIT_OK
+
+    def boot(self) -> None:
+        from .balancing import build_read_algorithm
+        from .db_thread import DbThread, Hub
+        from .journal import Journal
+        from .sequencer import Sequencer
+
+        self.journal = Journal(self.config.journal_dir, fsync=self.config.journal_fsync).open()
+        self.algorithm = build_read_algorithm(self.config, self.shared)
+        hub = Hub(self.shared, self.config, self._entries_to_replay, self._notify_applied,
+                  probe_interval=self.algorithm.probe_interval)
+        self.threads = [DbThread(i, alias, hub) for i, alias in enumerate(self.config.databases)]
+        self.sequencer = Sequencer(self.threads, self.journal, self.shared, self.config)
+        self.sequencer.start_at(self.journal.last_seq)
+        for thread in self.threads:
+            self.shared.set_state(thread.index, DbState.STARTING)
+            thread.start()
+        self._wait_for_databases()
+        self._settle_last_seq()
+        self.coordinator = Coordinator(self.config, self.shared, self.threads, self.sequencer, self.algorithm)
+        registry = {TYPEID: (lambda: self.coordinator, EXPOSED, None, None)}
+        address = self.config.address
+        self.server = CoordinatorServer(registry, address.tuple, address.authkey, self.coordinator)
+        threading.Thread(target=self.server.accept_forever, daemon=True, name="accept").start()
+
+    def _entries_to_replay(self, after_seq: int):
+        return self.sequencer.entries_to_replay(after_seq)
+
+    def _notify_applied(self) -> None:
+        self.sequencer.notify_applied()
+
+    def _wait_for_databases(self) -> None:
+        deadline = time.monotonic() + BOOT_CONNECT_WAIT
+        while time.monotonic() < deadline:
+            if all(t.state != DbState.STARTING and t.state != DbState.RECOVERING for t in self.threads):
+                return
+            time.sleep(0.02)
+
+    def _settle_last_seq(self) -> None:
+        """A database ahead of the journal means the journal lost writes: the others cannot catch up."""
+        highest = max([self.journal.last_seq] + [t.applied_seq for t in self.threads if t.server_info])
+        self.sequencer.start_at(highest)
+        for thread in self.threads:
+            if thread.state == DbState.RUNNING and thread.applied_seq < highest and not self.journal.covers(thread.applied_seq):
+                thread.set_state(
+                    DbState.DIVERGED,
+                    f"it applied writes up to #{thread.applied_seq}, another database up to #{highest}, "
+                    "and the journal cannot bridge the gap",
+                )
+
+    def run(self) -> int:
+        self._install_signals()
+        self.shared.set_header(Header.COORDINATOR_PID, os.getpid())
+        self.shared.set_header(Header.STARTED_AT, time.time())
+        self.shared.set_header(Header.COORDINATOR_STATE, CoordinatorState.STARTING)
+        try:
+            self.boot()
+        except OSError as exc:
+            logger.error("cannot serve at %s: %s", self.config.address, exc)
+            return EXIT_BOOT_ERROR
+        self.shared.set_header(Header.COORDINATOR_STATE, CoordinatorState.READY)
+        logger.info("coordinator pid %d serving %s for databases %s", os.getpid(), self.config.address,
+                    ", ".join(f"{t.alias} ({t.state.name})" for t in self.threads))
+        self._loop()
+        self._shutdown()
+        return self.exit_code
+
+    def _install_signals(self) -> None:
+        signal.signal(signal.SIGTERM, lambda signum, frame: self.stop_requested.set())
+        # Ctrl-C reaches the whole process group; the supervisor decides when we stop.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def _loop(self) -> None:
+        next_trim = time.monotonic() + TRIM_EVERY
+        while not self.stop_requested.wait(TICK):
+            self.shared.set_header(Header.HEARTBEAT, time.monotonic())
+            if os.getppid() != self.supervisor_pid:
+                logger.error("supervisor (pid %d) is gone; stopping", self.supervisor_pid)
+                self.exit_code = EXIT_ORPHANED
+                return
+            if time.monotonic() >= next_trim:
+                next_trim = time.monotonic() + TRIM_EVERY
+                self._trim_journal()
+
+    def _trim_journal(self) -> None:
+        applied = min(t.applied_seq for t in self.threads)
+        self.journal.trim(applied)
+        self.shared.set_header(Header.JOURNAL_ENTRIES, len(self.journal.entries))
+        self.shared.set_header(Header.JOURNAL_BYTES, self.journal.size_bytes)
+
+    def _shutdown(self) -> None:
+        self.shared.set_header(Header.COORDINATOR_STATE, CoordinatorState.STOPPING)
+        self.server.close()
+        if not self.coordinator.wait_idle(self.config.graceful_timeout):
+            logger.warning("stopping with requests still in flight after %.1f s", self.config.graceful_timeout)
+        for thread in self.threads:
+            thread.stop()
+        deadline = time.monotonic() + self.config.graceful_timeout
+        for thread in self.threads:
+            thread.join(max(0.1, deadline - time.monotonic()))
+        self._trim_journal()
+        self.journal.close()
+        self.shared.set_header(Header.COORDINATOR_STATE, CoordinatorState.STOPPED)
+        logger.info("coordinator pid %d stopped", os.getpid())
+
+
+def configure_logging(level: str = "INFO") -> None:
+    """A default handler for django_lb_shm's loggers when the project configured none."""
+    root = logging.getLogger("django_lb_shm")
+    if not root.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(processName)s %(process)d] %(name)s: %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(level)
+
+
+def main(settings_module: Optional[str], shm_name: str, supervisor_pid: int, sys_path: list) -> None:
+    """Entry point of the spawned manager process."""
+    import django
+
+    sys.path[:0] = [p for p in sys_path if p not in sys.path]
+    if settings_module:
+        os.environ["DJANGO_SETTINGS_MODULE"] = settings_module
+    try:
+        django.setup()
+        from .conf import get_config
+
+        config = get_config()
+    except (ConfigurationError, Exception) as exc:
+        logging.getLogger("django_lb_shm").error("coordinator cannot start: %s", exc)
+        sys.exit(EXIT_CONFIG_ERROR)
+    configure_logging(config.log_level)
+    shared = SharedState.attach(shm_name, shares_tracker=True)
+    code = CoordinatorProcess(config, shared, supervisor_pid).run()
+    logging.shutdown()
+    os._exit(code)

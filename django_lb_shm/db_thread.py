@@ -1,0 +1,345 @@
+"""One thread per database: its own connection, its own FIFO of work.
+
+The FIFO carries reads (answered on the caller's reply queue) and the writes
+the first database already committed (applied here in global order, each in
+one transaction that also records its sequence number in
+``django_lb_shm_applied``, so a replay after a crash applies it exactly once).
+Because a write is queued on every database before the caller is answered, a
+read queued later on any database runs after it.
+
+States (shared memory): STARTING -> RUNNING <-> DOWN -> RECOVERING -> RUNNING,
+and DIVERGED when a write the first database accepted fails here.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from django.db import connections
+
+from .descriptors import Result, Statement
+from .errors import DatabaseDown
+from .health import is_connection_error, is_transient
+from .journal import JournalEntry
+from .shared_state import DbState, SharedState, Slot
+
+logger = logging.getLogger("django_lb_shm.db")
+
+MARKER_TABLE = "django_lb_shm_applied"
+TRANSIENT_RETRIES = 5
+
+
+class DbConnection:
+    """A private Django connection to one alias, used through its raw DB-API cursor."""
+
+    def __init__(self, alias: str, statement_timeout: float = 0.0):
+        self.alias = alias
+        self.statement_timeout = statement_timeout
+        self.wrapper: Any = None
+
+    @property
+    def is_open(self) -> bool:
+        return self.wrapper is not None and self.wrapper.connection is not None
+
+    def open(self) -> None:
+        self.close()
+        wrapper = connections.create_connection(self.alias)
+        wrapper.inc_thread_sharing()  # used by whichever thread holds the write order
+        wrapper.ensure_connection()
+        self.wrapper = wrapper
+        if self.statement_timeout and wrapper.vendor == "postgresql":
+            self.run(f"SET statement_timeout = {int(self.statement_timeout * 1000)}")
+
+    def close(self) -> None:
+        wrapper, self.wrapper = self.wrapper, None
+        if wrapper is not None:
+            try:
+                wrapper.close()
+            except Exception:
+                pass
+
+    def execute(self, statement: Statement) -> Result:
+        if not self.is_open:
+            self.open()
+        cursor = self.wrapper.create_cursor()
+        try:
+            if statement.many:
+                cursor.executemany(statement.sql, statement.params)
+            elif statement.params is None:
+                cursor.execute(statement.sql)
+            else:
+                cursor.execute(statement.sql, statement.params)
+            description = cursor.description
+            rows = cursor.fetchall() if description else []
+            return Result(
+                rows=rows,
+                description=tuple((c[0], c[1], None, None, None, None, None) for c in description)
+                if description else None,
+                rowcount=cursor.rowcount,
+                lastrowid=getattr(cursor, "lastrowid", None),
+                database=self.alias,
+            )
+        finally:
+            cursor.close()
+
+    def run(self, sql: str, params: Any = None) -> Result:
+        return self.execute(Statement(sql, params))
+
+    def begin(self) -> None:
+        self.run("BEGIN")
+
+    def commit(self) -> None:
+        self.run("COMMIT")
+
+    def rollback_quietly(self) -> None:
+        try:
+            if self.is_open:
+                self.run("ROLLBACK")
+        except Exception:
+            pass
+
+    def describe_server(self) -> dict:
+        wrapper = self.wrapper
+        info = {"vendor": wrapper.vendor, "version": tuple(wrapper.get_database_version())}
+        if wrapper.vendor == "postgresql":
+            info["server_version"] = wrapper.connection.info.server_version
+        return info
+
+    # -- the applied-sequence marker -----------------------------------------
+    def ensure_marker(self) -> int:
+        """Create the marker table if needed; the last write sequence applied here."""
+        self.run(f"CREATE TABLE IF NOT EXISTS {MARKER_TABLE} (id INTEGER PRIMARY KEY, seq BIGINT NOT NULL)")
+        self.run(
+            f"INSERT INTO {MARKER_TABLE} (id, seq) SELECT 1, 0 "
+            f"WHERE NOT EXISTS (SELECT 1 FROM {MARKER_TABLE} WHERE id = 1)"
+        )
+        return int(self.run(f"SELECT seq FROM {MARKER_TABLE} WHERE id = 1").rows[0][0])
+
+    def set_marker(self, seq: int) -> None:
+        self.run(f"UPDATE {MARKER_TABLE} SET seq = %s WHERE id = 1", (seq,))
+
+    def apply_block(self, statements: list, seq: int) -> None:
+        """Apply one journal entry as one transaction, marker included."""
+        if not self.is_open:
+            self.open()
+        self.begin()
+        try:
+            for statement in statements:
+                self.execute(statement)
+            self.set_marker(seq)
+            self.commit()
+        except BaseException:
+            self.rollback_quietly()
+            raise
+
+
+@dataclass
+class ReadWork:
+    statement: Statement
+    reply: "queue.SimpleQueue"
+    token: int
+
+
+@dataclass
+class WriteWork:
+    entry: JournalEntry
+
+
+STOP = object()
+
+
+class Hub:
+    """What a database thread needs from the coordinator (kept small for tests)."""
+
+    def __init__(self, shared: SharedState, config: Any,
+                 entries_to_replay: Callable[[int], tuple[list, bool]],
+                 notify_applied: Callable[[], None],
+                 probe_interval: Optional[float] = None):
+        self.shared = shared
+        self.config = config
+        self.entries_to_replay = entries_to_replay
+        self.notify_applied = notify_applied
+        self.probe_interval = probe_interval
+
+
+class DbThread(threading.Thread):
+    """Owns one database: connection, FIFO, state, heartbeat, latency."""
+
+    def __init__(self, index: int, alias: str, hub: Hub):
+        super().__init__(name=f"db-{alias}", daemon=True)
+        self.index = index
+        self.alias = alias
+        self.hub = hub
+        self.shared = hub.shared
+        timeout = hub.config.statement_timeout
+        self.queue: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
+        self.conn = DbConnection(alias, timeout)      # this thread's: reads and follower writes
+        self.writer = DbConnection(alias, timeout)    # the write-order holder's, while this is the first database
+        self.applied_seq = 0
+        self.server_info: Optional[dict] = None
+        self.running = True
+        self.next_probe = 0.0
+        self.next_latency_probe = 0.0
+
+    # -- state --------------------------------------------------------------------
+    @property
+    def state(self) -> DbState:
+        return self.shared.state(self.index)
+
+    def set_state(self, state: DbState, reason: str = "") -> None:
+        if state != self.state:
+            log = logger.warning if state in (DbState.DOWN, DbState.DIVERGED) else logger.info
+            log("database %r is %s%s", self.alias, state.name, f": {reason}" if reason else "")
+        self.shared.set_state(self.index, state)
+
+    def mark_applied(self, seq: int) -> None:
+        self.applied_seq = seq
+        self.shared.set(self.index, Slot.APPLIED_SEQ, seq)
+        self.shared.add(self.index, Slot.WRITES, 1)
+
+    def go_down(self, exc: BaseException) -> None:
+        self.shared.add(self.index, Slot.ERRORS, 1)
+        self.set_state(DbState.DOWN, f"{type(exc).__name__}: {exc}".strip())
+        self.conn.close()
+        self.writer.close()
+        self.next_probe = time.monotonic() + self.hub.config.wait_time
+
+    # -- work submission (called from server threads) --------------------------
+    def submit_read(self, statement: Statement, reply: "queue.SimpleQueue", token: int) -> None:
+        self.shared.add(self.index, Slot.INFLIGHT, 1)
+        self.queue.put(ReadWork(statement, reply, token))
+
+    def submit_write(self, entry: JournalEntry) -> None:
+        self.queue.put(WriteWork(entry))
+
+    def stop(self) -> None:
+        self.running = False
+        self.queue.put(STOP)
+
+    # -- the loop -------------------------------------------------------------------
+    def run(self) -> None:
+        self.recover()
+        while self.running:
+            self.run_once()
+        self.conn.close()
+        self.writer.close()
+        self.set_state(DbState.STOPPED)
+
+    def run_once(self, timeout: Optional[float] = None) -> None:
+        self.shared.set(self.index, Slot.HEARTBEAT, time.monotonic())
+        try:
+            item = self.queue.get(timeout=self._poll_timeout() if timeout is None else timeout)
+        except queue.Empty:
+            item = None
+        if item is STOP:
+            self.running = False
+        elif isinstance(item, ReadWork):
+            self._read(item)
+        elif isinstance(item, WriteWork):
+            self._write(item.entry)
+        self._maintain()
+
+    def _poll_timeout(self) -> float:
+        return 0.5
+
+    def _maintain(self) -> None:
+        now = time.monotonic()
+        state = self.state
+        if state in (DbState.DOWN, DbState.STARTING) and now >= self.next_probe:
+            self.recover()
+        elif state == DbState.RUNNING and self.hub.probe_interval and now >= self.next_latency_probe:
+            self.next_latency_probe = now + self.hub.probe_interval
+            self.probe_latency()
+
+    def probe_latency(self) -> None:
+        start = time.perf_counter()
+        try:
+            self.conn.run("SELECT 1")
+        except Exception as exc:
+            if is_connection_error(exc):
+                self.go_down(exc)
+            return
+        self.shared.record_latency(self.index, (time.perf_counter() - start) * 1000)
+        self.shared.set(self.index, Slot.LAST_PROBE_AT, time.monotonic())
+
+    # -- reads ------------------------------------------------------------------------
+    def _read(self, work: ReadWork) -> None:
+        self.shared.add(self.index, Slot.INFLIGHT, -1)
+        if self.state != DbState.RUNNING:
+            work.reply.put((work.token, False, DatabaseDown(f"database {self.alias!r} is {self.state.name}")))
+            return
+        start = time.perf_counter()
+        try:
+            result = self.conn.execute(work.statement)
+        except Exception as exc:
+            if is_connection_error(exc):
+                self.go_down(exc)
+                exc = DatabaseDown(f"database {self.alias!r} failed: {exc}")
+            work.reply.put((work.token, False, exc))
+            return
+        self.shared.record_latency(self.index, (time.perf_counter() - start) * 1000)
+        self.shared.add(self.index, Slot.READS, 1)
+        work.reply.put((work.token, True, result))
+
+    # -- writes -----------------------------------------------------------------------
+    def _write(self, entry: JournalEntry) -> None:
+        if self.state in (DbState.RUNNING, DbState.RECOVERING):
+            self.apply(entry)
+        # DOWN / DIVERGED: dropped here; the journal keeps it for the replay.
+
+    def apply(self, entry: JournalEntry) -> bool:
+        if entry.seq <= self.applied_seq:
+            return True
+        for attempt in range(TRANSIENT_RETRIES + 1):
+            try:
+                self.conn.apply_block(entry.statements, entry.seq)
+                break
+            except Exception as exc:
+                if is_connection_error(exc):
+                    self.go_down(exc)
+                    return False
+                if is_transient(exc) and attempt < TRANSIENT_RETRIES:
+                    time.sleep(0.05 * (attempt + 1))
+                    continue
+                self.shared.add(self.index, Slot.ERRORS, 1)
+                self.set_state(
+                    DbState.DIVERGED,
+                    f"write #{entry.seq} (request {entry.request_id}) applied on {entry.database!r} "
+                    f"failed here: {type(exc).__name__}: {exc}",
+                )
+                return False
+        self.mark_applied(entry.seq)
+        self.hub.notify_applied()
+        return True
+
+    # -- recovery -----------------------------------------------------------------------
+    def recover(self) -> None:
+        """Connect, then apply every journaled write this database missed; then RUNNING."""
+        try:
+            self.conn.open()
+            self.applied_seq = self.conn.ensure_marker()
+            self.server_info = self.conn.describe_server()
+        except Exception as exc:
+            if self.state != DbState.DOWN:
+                self.go_down(exc)
+            self.next_probe = time.monotonic() + self.hub.config.wait_time
+            return
+        self.shared.set(self.index, Slot.APPLIED_SEQ, self.applied_seq)
+        self.set_state(DbState.RECOVERING)
+        entries, complete = self.hub.entries_to_replay(self.applied_seq)
+        if not complete:
+            self.set_state(
+                DbState.DIVERGED,
+                f"it applied writes up to #{self.applied_seq} but the journal no longer holds all later ones; "
+                "copy a healthy database over it, then restart the coordinator",
+            )
+            return
+        for entry in entries:
+            if not self.apply(entry):
+                return
+        self.set_state(DbState.RUNNING)
+        self.hub.notify_applied()

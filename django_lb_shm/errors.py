@@ -1,0 +1,139 @@
+"""One error tree for django_lb_shm, rooted in Django's own database errors.
+
+Application code that already handles ``django.db.OperationalError`` or
+``django.db.IntegrityError`` keeps working: every error raised to a caller is a
+subclass of the matching Django class.  Errors cross the coordinator's queues
+as plain data (``to_dict`` / ``from_dict``), never as live exception objects.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.exceptions import FieldError, ImproperlyConfigured
+from django.db import utils as db_utils
+
+
+class LoadBalancerError(db_utils.Error):
+    """Root of every error django_lb_shm raises."""
+
+
+class ConfigurationError(LoadBalancerError, ImproperlyConfigured):
+    """settings.LOAD_BALANCER is missing or invalid."""
+
+
+class ProtocolError(LoadBalancerError):
+    """A request or reply did not follow the coordinator protocol."""
+
+
+class ProtocolVersionMismatch(ProtocolError):
+    """Client and coordinator run different django_lb_shm protocol versions."""
+
+
+class RequestRejected(LoadBalancerError, db_utils.ProgrammingError):
+    """The coordinator refused a request (unknown operation, too large, not a LoadBalancerModel...)."""
+
+
+class SerializationError(LoadBalancerError, TypeError):
+    """An argument could not be serialized for the coordinator."""
+
+
+class NotSupportedError(LoadBalancerError, db_utils.NotSupportedError):
+    """An ORM feature that cannot be load balanced safely."""
+
+
+class CoordinatorUnavailable(LoadBalancerError, db_utils.OperationalError):
+    """No coordinator answers at ADDRESS (not started, crashed, or restarting)."""
+
+
+class AuthenticationFailed(CoordinatorUnavailable):
+    """The coordinator refused the AUTHKEY."""
+
+
+class QueryTimeout(LoadBalancerError, db_utils.OperationalError):
+    """The coordinator did not answer within the client timeout."""
+
+
+class NoDatabaseAvailable(LoadBalancerError, db_utils.OperationalError):
+    """No database in LOAD_BALANCER['DATABASES'] can serve the request."""
+
+
+class DatabaseDown(LoadBalancerError, db_utils.OperationalError):
+    """One database failed at the connection level (used inside the coordinator)."""
+
+
+class WriteNotApplied(LoadBalancerError, db_utils.OperationalError):
+    """A write was not applied anywhere; it is safe to retry."""
+
+
+class WriteOutcomeUnknown(LoadBalancerError, db_utils.OperationalError):
+    """The coordinator went away while a write was in flight and no retry could settle it."""
+
+
+class TransactionError(LoadBalancerError, db_utils.OperationalError):
+    """A load-balanced transaction could not be started or finished."""
+
+
+# Database errors raised by a database thread keep their Django class on the
+# client side; these names are the ones allowed to cross the queue.
+_DJANGO_ERRORS: dict[str, type[Exception]] = {
+    cls.__name__: cls
+    for cls in (
+        db_utils.Error,
+        db_utils.InterfaceError,
+        db_utils.DatabaseError,
+        db_utils.DataError,
+        db_utils.OperationalError,
+        db_utils.IntegrityError,
+        db_utils.InternalError,
+        db_utils.ProgrammingError,
+        db_utils.NotSupportedError,
+        FieldError,
+        TypeError,
+        ValueError,
+    )
+}
+_OWN_ERRORS: dict[str, type[Exception]] = {
+    cls.__name__: cls
+    for cls in (
+        LoadBalancerError,
+        ConfigurationError,
+        ProtocolError,
+        ProtocolVersionMismatch,
+        RequestRejected,
+        SerializationError,
+        NotSupportedError,
+        CoordinatorUnavailable,
+        AuthenticationFailed,
+        QueryTimeout,
+        NoDatabaseAvailable,
+        DatabaseDown,
+        WriteNotApplied,
+        WriteOutcomeUnknown,
+        TransactionError,
+    )
+}
+
+
+def to_dict(exc: BaseException, **details: Any) -> dict[str, Any]:
+    """Describe an exception as plain data that can cross a queue."""
+    name = type(exc).__name__
+    if name not in _OWN_ERRORS and name not in _DJANGO_ERRORS:
+        name = _nearest_known_name(exc)
+    return {"error_type": name, "message": str(exc), "details": details}
+
+
+def from_dict(data: dict[str, Any]) -> Exception:
+    """Rebuild the exception described by :func:`to_dict`."""
+    name = data.get("error_type", "LoadBalancerError")
+    cls = _OWN_ERRORS.get(name) or _DJANGO_ERRORS.get(name) or LoadBalancerError
+    exc = cls(data.get("message", ""))
+    exc.details = data.get("details") or {}  # type: ignore[attr-defined]
+    return exc
+
+
+def _nearest_known_name(exc: BaseException) -> str:
+    # PEP 249 class names are the same in every driver (sqlite3, psycopg...).
+    for klass in type(exc).__mro__:
+        if klass.__name__ in _DJANGO_ERRORS:
+            return klass.__name__
+    return "DatabaseError"

@@ -1,0 +1,93 @@
+"""Telling a database that is down from a query that is wrong, and process vitals.
+
+A connection-level failure marks a database DOWN; a caller's mistake
+(IntegrityError, syntax, bad data) never does.  The drivers say which is which
+in different ways: psycopg with SQLSTATE classes, sqlite3 with error names.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import psutil
+
+# SQLSTATE classes/codes that mean "the server or the link is gone", not "your query is wrong".
+_PG_DOWN_CLASSES = ("08", "53", "58", "XX")
+_PG_DOWN_CODES = {"57P01", "57P02", "57P03", "57P04", "57P05"}
+_PG_TRANSIENT_CODES = {"40001", "40P01", "55P03"}
+_PG_TIMEOUT_CODES = {"57014"}  # canceled by statement_timeout
+_SQLITE_DOWN = ("SQLITE_CANTOPEN", "SQLITE_IOERR", "SQLITE_NOTADB", "SQLITE_CORRUPT", "SQLITE_FULL")
+_SQLITE_TRANSIENT = ("SQLITE_BUSY", "SQLITE_LOCKED")
+
+PEP249_NAMES = (
+    "DataError", "OperationalError", "IntegrityError", "InternalError",
+    "ProgrammingError", "NotSupportedError", "InterfaceError", "DatabaseError", "Error",
+)
+
+
+def _driver_error(exc: BaseException) -> BaseException:
+    """Django wraps driver errors (``__cause__``); classify the driver's own."""
+    seen = 0
+    while exc.__cause__ is not None and type(exc).__module__.startswith("django.") and seen < 5:
+        exc = exc.__cause__
+        seen += 1
+    return exc
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    exc = _driver_error(exc)
+    module = type(exc).__module__
+    if module.startswith("psycopg"):
+        sqlstate: Optional[str] = getattr(exc, "sqlstate", None)
+        if sqlstate is None:
+            names = {k.__name__ for k in type(exc).__mro__}
+            return bool(names & {"OperationalError", "InterfaceError"})
+        return sqlstate[:2] in _PG_DOWN_CLASSES or sqlstate in _PG_DOWN_CODES
+    if module == "sqlite3":
+        return getattr(exc, "sqlite_errorname", "").startswith(_SQLITE_DOWN)
+    return isinstance(exc, (ConnectionError, EOFError))
+
+
+def is_transient(exc: BaseException) -> bool:
+    exc = _driver_error(exc)
+    if type(exc).__module__.startswith("psycopg"):
+        return getattr(exc, "sqlstate", None) in _PG_TRANSIENT_CODES
+    if type(exc).__module__ == "sqlite3":
+        return getattr(exc, "sqlite_errorname", "").startswith(_SQLITE_TRANSIENT)
+    return False
+
+
+def is_statement_timeout(exc: BaseException) -> bool:
+    exc = _driver_error(exc)
+    return getattr(exc, "sqlstate", None) in _PG_TIMEOUT_CODES or (
+        type(exc).__module__ == "sqlite3" and "interrupted" in str(exc)
+    )
+
+
+def django_error_name(exc: BaseException) -> str:
+    """The django.db error class name a driver exception maps to (as Django's own wrapper does)."""
+    exc = _driver_error(exc)
+    for klass in type(exc).__mro__:
+        if klass.__name__ in PEP249_NAMES:
+            return klass.__name__
+    return "DatabaseError"
+
+
+def process_vitals(pid: int) -> dict[str, Any]:
+    """Liveness and resources of a process, via psutil; {'alive': False} when it is gone."""
+    try:
+        proc = psutil.Process(pid)
+        with proc.oneshot():
+            status = proc.status()
+            if status == psutil.STATUS_ZOMBIE:
+                return {"alive": False, "pid": pid, "status": status}
+            return {
+                "alive": True,
+                "pid": pid,
+                "status": status,
+                "rss_mb": round(proc.memory_info().rss / 2**20, 1),
+                "cpu_percent": proc.cpu_percent(interval=None),
+                "cpu_times_s": round(sum(proc.cpu_times()[:2]), 2),
+                "threads": proc.num_threads(),
+            }
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return {"alive": False, "pid": pid}

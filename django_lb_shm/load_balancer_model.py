@@ -1,0 +1,37 @@
+"""LoadBalancerModel: extend it instead of models.Model (the seed README's module path)."""
+from __future__ import annotations
+
+from typing import Any
+
+from django.db import models
+
+from .backend.alias import lb_alias
+from .query import LoadBalancerManager, refuse_direct_write
+
+
+class LoadBalancerModel(models.Model):
+    """Abstract base: every query runs through the load balancer coordinator.
+
+    Reads go to one database picked by the read algorithm; creates, updates and
+    deletes go to every database in LOAD_BALANCER['DATABASES'], in one order.
+    """
+
+    objects = LoadBalancerManager()
+
+    class Meta:
+        abstract = True
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["using"] = self._load_balanced_using(kwargs.get("using"), "save")
+        super().save(*args, **kwargs)
+
+    save.alters_data = True
+
+    def delete(self, using: str | None = None, keep_parents: bool = False):
+        return super().delete(using=self._load_balanced_using(using, "delete"), keep_parents=keep_parents)
+
+    delete.alters_data = True
+
+    def _load_balanced_using(self, using: str | None, method: str) -> str:
+        refuse_direct_write(type(self), using, method)
+        return lb_alias()

@@ -1,0 +1,21 @@
+"""``python manage.py loadbalancer run|status|migrate|verify|check`` (same as ``djangoloadbalancer``)."""
+import argparse
+
+from django.core.management.base import BaseCommand
+
+from django_lb_shm import cli
+
+
+class Command(BaseCommand):
+    help = "Run the load balancer coordinator, show its status, migrate or verify the load-balanced databases."
+    requires_system_checks = []  # `run`, `migrate` and `verify` run them and refuse to start on errors
+
+    def add_arguments(self, parser):
+        parser.add_argument("subcommand_args", nargs=argparse.REMAINDER,
+                            help="run | status [--json] | migrate [...] | verify [...] | check")
+
+    def handle(self, *args, **options):
+        parsed = cli.build_parser("manage.py loadbalancer").parse_args(options["subcommand_args"])
+        code = cli.dispatch(parsed)
+        if code:
+            raise SystemExit(code)

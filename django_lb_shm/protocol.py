@@ -1,0 +1,76 @@
+"""The wire between app processes and the coordinator: a multiprocessing Manager.
+
+The coordinator process serves a ``multiprocessing.managers`` server at ADDRESS,
+authenticated with AUTHKEY.  It exposes one shared object, ``coordinator``, whose
+``execute`` method takes an encoded descriptor and returns an encoded reply:
+one Manager round trip per query.  Inside the coordinator, that call is put on
+the chosen database thread's queue and the reply taken from the caller's reply
+queue.
+
+Exit codes of the coordinator process form a protocol with the supervisor.
+"""
+from __future__ import annotations
+
+from multiprocessing import connection as mp_connection
+from multiprocessing.managers import BaseManager, BaseProxy, convert_to_error
+from typing import Any
+
+from .errors import QueryTimeout
+
+TYPEID = "coordinator"
+EXPOSED = ("execute", "status", "hello", "ping")
+
+EXIT_OK = 0
+EXIT_CONFIG_ERROR = 2    # settings invalid: never restart
+EXIT_BOOT_ERROR = 3      # could not boot (port taken...): never restart
+EXIT_ORPHANED = 4        # supervisor went away; not restarted (nobody left to restart it)
+EXIT_CODES = {
+    EXIT_OK: "stopped",
+    EXIT_CONFIG_ERROR: "invalid settings",
+    EXIT_BOOT_ERROR: "boot error",
+    EXIT_ORPHANED: "orphaned",
+}
+
+
+class CoordinatorProxy(BaseProxy):
+    """Proxy for the coordinator object, with a client-side timeout on every call."""
+
+    _exposed_ = EXPOSED
+
+    def call(self, method: str, args: tuple = (), timeout: float | None = None) -> Any:
+        conn = self._connection()
+        conn.send((self._id, method, args, {}))
+        if timeout is not None and not conn.poll(timeout):
+            # The reply may still come; this connection is out of step now, drop it.
+            self.drop_connection()
+            raise QueryTimeout(
+                f"the load balancer coordinator at {self._token.address[0]}:{self._token.address[1]} "
+                f"did not answer {method!r} within {timeout:.2f} s"
+            )
+        kind, result = conn.recv()
+        if kind == "#RETURN":
+            return result
+        raise convert_to_error(kind, result)
+
+    def _connection(self) -> mp_connection.Connection:
+        try:
+            return self._tls.connection
+        except AttributeError:
+            self._connect()
+            return self._tls.connection
+
+    def drop_connection(self) -> None:
+        conn = getattr(self._tls, "connection", None)
+        if conn is not None:
+            del self._tls.connection
+            try:
+                conn.close()
+            except OSError:
+                pass
+
+
+class CoordinatorManager(BaseManager):
+    """Client side of the coordinator's Manager server."""
+
+
+CoordinatorManager.register(TYPEID, proxytype=CoordinatorProxy, exposed=EXPOSED, create_method=True)

@@ -1,0 +1,78 @@
+"""LoadBalancerQuerySet and LoadBalancerManager.
+
+Chaining stays Django's own; the only change is *where* queries run: on the
+virtual load-balanced alias, i.e. through the coordinator.  Pointing a query at
+one real database with ``using()`` is allowed for reads (a direct look at one
+copy) and refused for writes, which must reach every database.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from django.db import models
+
+from .backend.alias import lb_alias
+from .errors import NotSupportedError
+
+
+def refuse_direct_write(model: type, using: str | None, method: str) -> None:
+    """Writes to a single real database would make the copies differ."""
+    if using is not None and using != lb_alias():
+        raise NotSupportedError(
+            f"{model.__name__}.{method}() with using={using!r} would write to one database only; "
+            "LoadBalancerModel writes go through the load balancer to every database. "
+            "Remove using= (or use the load-balanced alias)."
+        )
+
+
+class LoadBalancerQuerySet(models.QuerySet):
+    def __init__(self, model: Any = None, query: Any = None, using: str | None = None, hints: Any = None):
+        super().__init__(model=model, query=query, using=using, hints=hints)
+
+    @property
+    def db(self) -> str:
+        if self._db is None:
+            return lb_alias()
+        return self._db
+
+    # -- METHODS THAT DO DATABASE WRITES: refuse one-database writes ----------
+    def _check_write(self, method: str) -> None:
+        refuse_direct_write(self.model, self._db, method)
+
+    def create(self, **kwargs: Any):
+        self._check_write("create")
+        return super().create(**kwargs)
+
+    def bulk_create(self, objs: Any, *args: Any, **kwargs: Any):
+        self._check_write("bulk_create")
+        return super().bulk_create(objs, *args, **kwargs)
+
+    def bulk_update(self, objs: Any, fields: Any, batch_size: Any = None):
+        self._check_write("bulk_update")
+        return super().bulk_update(objs, fields, batch_size=batch_size)
+
+    def get_or_create(self, defaults: Any = None, **kwargs: Any):
+        self._check_write("get_or_create")
+        return super().get_or_create(defaults=defaults, **kwargs)
+
+    def update_or_create(self, defaults: Any = None, **kwargs: Any):
+        self._check_write("update_or_create")
+        return super().update_or_create(defaults=defaults, **kwargs)
+
+    def update(self, **kwargs: Any):
+        self._check_write("update")
+        return super().update(**kwargs)
+
+    def delete(self):
+        self._check_write("delete")
+        return super().delete()
+
+    def _raw_delete(self, using: str):
+        refuse_direct_write(self.model, using, "delete")
+        return super()._raw_delete(using)
+
+
+class LoadBalancerManager(models.Manager.from_queryset(LoadBalancerQuerySet)):
+    """Default manager of LoadBalancerModel: queries go through the coordinator."""
+
+    use_in_migrations = False

@@ -1,0 +1,56 @@
+"""Keeps every LoadBalancerModel query on the load-balanced alias.
+
+Installed automatically in front of settings.DATABASE_ROUTERS (AppConfig.ready),
+so base managers, related managers and Django internals that ask the router
+(rather than the model's default manager) also go through the coordinator.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from .backend.alias import lb_alias
+
+
+def is_load_balanced(model: Any) -> bool:
+    from .load_balancer_model import LoadBalancerModel
+
+    if model is None:
+        return False
+    if isinstance(model, type) and issubclass(model, LoadBalancerModel):
+        return True
+    # Auto-created many-to-many tables between load-balanced models.
+    meta = getattr(model, "_meta", None)
+    if meta is not None and meta.auto_created:
+        return any(
+            is_load_balanced(f.related_model) for f in meta.fields if f.is_relation and f.related_model
+        )
+    return False
+
+
+class LoadBalancerRouter:
+    def db_for_read(self, model: Any, **hints: Any):
+        return lb_alias() if is_load_balanced(model) else None
+
+    def db_for_write(self, model: Any, **hints: Any):
+        return lb_alias() if is_load_balanced(model) else None
+
+    def allow_relation(self, obj1: Any, obj2: Any, **hints: Any):
+        if is_load_balanced(type(obj1)) and is_load_balanced(type(obj2)):
+            return True
+        return None
+
+    def allow_migrate(self, db: str, app_label: str, model_name: Any = None, **hints: Any):
+        # The virtual alias is no database of its own; the real ones are migrated.
+        try:
+            alias = lb_alias()
+        except Exception:
+            return None
+        return False if db == alias else None
+
+
+def install_router() -> None:
+    from django.db import router
+
+    routers = router.routers  # cached list built from settings.DATABASE_ROUTERS
+    if not any(isinstance(r, LoadBalancerRouter) for r in routers):
+        routers.insert(0, LoadBalancerRouter())

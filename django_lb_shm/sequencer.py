@@ -1,0 +1,292 @@
+"""The global write order (CUD_ALGORITHM 'MULTITHREADING').
+
+One lock orders every write.  Its holder runs the write on the first database
+that is RUNNING and caught up (the *leader*), inside a transaction; turns it
+into the form every other database must run (generated keys made explicit);
+appends that to the journal with the next sequence number; commits the
+leader; queues the entry on every other database's thread; and releases the
+lock.  Only then is the caller answered (and, by WRITE_ACK, after enough
+databases applied it).  A write the leader rejects (IntegrityError...) is
+rolled back there and never reaches the journal or any other database.
+
+A caller's transaction (Django's ``atomic``) holds the lock from its first
+write to its commit, runs on the leader in a real transaction, and reaches the
+others as one journal entry applied as one transaction.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+from .db_thread import DbConnection, DbThread
+from .descriptors import InsertKeys, Result, Statement
+from .errors import NoDatabaseAvailable, NotSupportedError, TransactionError, WriteNotApplied
+from .health import is_connection_error
+from .journal import Journal, JournalEntry
+from .shared_state import DbState, Header, SharedState
+
+logger = logging.getLogger("django_lb_shm.sequencer")
+
+
+@dataclass
+class OpenTransaction:
+    leader: DbThread
+    statements: list = field(default_factory=list)   # follower form, in order
+    started: float = field(default_factory=time.monotonic)
+    holds_order: bool = True
+
+
+class Sequencer:
+    def __init__(self, threads: Sequence[DbThread], journal: Journal, shared: SharedState, config: Any):
+        self.threads = list(threads)
+        self.journal = journal
+        self.shared = shared
+        self.config = config
+        self.lock = threading.Lock()
+        self.applied = threading.Condition()
+        self.last_seq = 0
+
+    # -- boot ---------------------------------------------------------------------
+    def start_at(self, last_seq: int) -> None:
+        self.last_seq = last_seq
+        self.shared.set_header(Header.LAST_SEQ, last_seq)
+
+    def entries_to_replay(self, after_seq: int) -> tuple[list, bool]:
+        """Journal entries after ``after_seq``, read while no write is half done."""
+        with self._ordered("replay"):
+            return self.journal.entries_after(after_seq), self.journal.covers(after_seq)
+
+    def notify_applied(self) -> None:
+        with self.applied:
+            self.applied.notify_all()
+
+    # -- the lock -------------------------------------------------------------------
+    def acquire(self, what: str) -> None:
+        if not self.lock.acquire(timeout=self.config.client_timeout):
+            raise WriteNotApplied(
+                f"{what}: the write order was held by another transaction for more than "
+                f"{self.config.client_timeout:.2f} s; nothing was applied"
+            )
+
+    def _ordered(self, what: str):
+        sequencer = self
+
+        class _Held:
+            def __enter__(self_inner):
+                sequencer.acquire(what)
+
+            def __exit__(self_inner, *exc: Any) -> None:
+                sequencer.lock.release()
+
+        return _Held()
+
+    # -- choosing the leader ----------------------------------------------------------
+    def leader(self, exclude: Sequence[DbThread] = ()) -> DbThread:
+        deadline = time.monotonic() + self.config.client_timeout
+        with self.applied:
+            while True:
+                running = [t for t in self.threads if t.state == DbState.RUNNING and t not in exclude]
+                for thread in running:
+                    if thread.applied_seq >= self.last_seq:
+                        return thread
+                remaining = deadline - time.monotonic()
+                if not running or remaining <= 0:
+                    states = ", ".join(f"{t.alias}={t.state.name}" for t in self.threads)
+                    raise NoDatabaseAvailable(f"no database can take writes ({states}); nothing was applied")
+                self.applied.wait(min(remaining, 0.1))
+
+    # -- one autocommit write -------------------------------------------------------------
+    def write(self, statement: Statement, request_id: str) -> Result:
+        with self._ordered("write"):
+            done = self.journal.find_request(request_id) if request_id else None
+            if done is not None:
+                return done.result
+            entry = self._commit_on_leader([statement], request_id, single=True)
+        self._wait_for_acks(entry.seq)
+        return entry.result
+
+    def _commit_on_leader(self, statements: list, request_id: str, single: bool) -> JournalEntry:
+        tried: list[DbThread] = []
+        while True:
+            leader = self.leader(exclude=tried)
+            try:
+                return self._lead(leader, statements, request_id, single)
+            except LeaderLost as lost:
+                tried.append(leader)
+                leader.go_down(lost.cause)
+
+    def _lead(self, leader: DbThread, statements: list, request_id: str, single: bool) -> JournalEntry:
+        conn = leader.writer
+        seq = self.last_seq + 1
+        journaled = False
+        try:
+            if not conn.is_open:
+                conn.open()
+            conn.begin()
+            follower, result = [], Result()
+            for statement in statements:
+                result = self._execute(conn, statement, follower)
+            conn.set_marker(seq)
+            result.database = leader.alias
+            entry = JournalEntry(seq, request_id, follower, result if single else None, leader.alias)
+            self.journal.append(entry)
+            journaled = True
+            conn.commit()
+        except Exception as exc:
+            conn.rollback_quietly()
+            if journaled:
+                self.journal.abort(seq)
+            if is_connection_error(exc):
+                raise LeaderLost(exc) from exc
+            raise
+        self._publish(leader, entry)
+        return entry
+
+    def _publish(self, leader: DbThread, entry: JournalEntry) -> None:
+        self.last_seq = entry.seq
+        self.shared.set_header(Header.LAST_SEQ, entry.seq)
+        leader.mark_applied(entry.seq)
+        for thread in self.threads:
+            if thread is not leader:
+                thread.submit_write(entry)
+        self.notify_applied()
+
+    @staticmethod
+    def _execute(conn: DbConnection, statement: Statement, follower: list) -> Result:
+        """Run on the leader; append what the followers must run to ``follower``."""
+        result = conn.execute(statement)
+        keys = statement.insert_keys
+        if keys is None:
+            follower.append(Statement(statement.sql, statement.params, statement.many))
+        else:
+            follower.extend(explicit_key_statements(keys, result))
+        return result
+
+    # -- acknowledgement policy ------------------------------------------------------------
+    def _wait_for_acks(self, seq: int) -> None:
+        policy = self.config.write_ack
+        if policy == "FIRST":
+            return
+        deadline = time.monotonic() + self.config.client_timeout
+        with self.applied:
+            while not self._acked(seq, policy):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    logger.warning("write #%d: %s acknowledgement not reached within %.1f s; "
+                                   "the journal still brings it to every database", seq, policy,
+                                   self.config.client_timeout)
+                    return
+                self.applied.wait(min(remaining, 0.1))
+
+    def _acked(self, seq: int, policy: str) -> bool:
+        applied = [t for t in self.threads if t.applied_seq >= seq and t.state == DbState.RUNNING]
+        if policy == "QUORUM":
+            return len(applied) >= len(self.threads) // 2 + 1
+        up = [t for t in self.threads if t.state == DbState.RUNNING]
+        return all(t in applied for t in up)
+
+    # -- a caller's transaction ---------------------------------------------------------------
+    def begin(self, prelude: Sequence[str]) -> OpenTransaction:
+        self.acquire("transaction")
+        try:
+            leader = self.leader()
+            if not leader.writer.is_open:
+                leader.writer.open()
+            leader.writer.begin()
+            txn = OpenTransaction(leader)
+            for sql in prelude:
+                self.run_in(txn, Statement(sql))
+            return txn
+        except BaseException as exc:
+            self.lock.release()
+            if is_connection_error(exc):
+                raise TransactionError(f"could not start the transaction: {exc}") from None
+            raise
+
+    def run_in(self, txn: OpenTransaction, statement: Statement, records: bool = True) -> Result:
+        try:
+            follower: list = []
+            result = self._execute(txn.leader.writer, statement, follower)
+        except Exception as exc:
+            if is_connection_error(exc):
+                self.abandon(txn)
+                txn.leader.go_down(exc)
+                raise TransactionError(
+                    f"the transaction was aborted: database {txn.leader.alias!r} failed ({exc}); "
+                    "none of its writes were applied"
+                ) from None
+            raise
+        if records:
+            txn.statements.extend(follower)
+        result.database = txn.leader.alias
+        return result
+
+    def commit(self, txn: OpenTransaction, request_id: str) -> None:
+        conn = txn.leader.writer
+        seq = self.last_seq + 1
+        journaled = False
+        try:
+            if not txn.statements:
+                conn.commit()
+                return
+            conn.set_marker(seq)
+            entry = JournalEntry(seq, request_id, txn.statements, Result(), txn.leader.alias)
+            self.journal.append(entry)
+            journaled = True
+            conn.commit()
+            self._publish(txn.leader, entry)
+        except Exception as exc:
+            conn.rollback_quietly()
+            if journaled:
+                self.journal.abort(seq)
+            if is_connection_error(exc):
+                txn.leader.go_down(exc)
+            raise TransactionError(f"the transaction was not committed ({exc}); none of its writes were applied") from None
+        finally:
+            self._release(txn)
+        self._wait_for_acks(seq)
+
+    def abandon(self, txn: OpenTransaction) -> None:
+        """Roll back and give the write order back (rollback, error, or the caller went away)."""
+        txn.leader.writer.rollback_quietly()
+        self._release(txn)
+
+    def _release(self, txn: OpenTransaction) -> None:
+        if txn.holds_order:
+            txn.holds_order = False
+            self.lock.release()
+
+
+class LeaderLost(Exception):
+    def __init__(self, cause: BaseException):
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+def explicit_key_statements(keys: InsertKeys, result: Result) -> list[Statement]:
+    """The INSERT the followers run: the leader's generated keys put in place of the markers."""
+    if result.rows:
+        generated = [row[keys.pk_index] for row in result.rows]
+    elif result.lastrowid is not None and len(keys.markers) == 1:
+        generated = [result.lastrowid]
+    else:
+        generated = []
+    if len(generated) != len(keys.markers):
+        raise NotSupportedError(
+            f"the first database returned {len(generated)} generated keys for {len(keys.markers)} rows; "
+            "cannot give every database the same keys"
+        )
+    mapping = dict(zip(keys.markers, generated))
+    params = _substitute(keys.follower_params, mapping)
+    return [Statement(keys.follower_sql, params)] + [Statement(sql) for sql in keys.after]
+
+
+def _substitute(params: Any, mapping: dict) -> Any:
+    if isinstance(params, (list, tuple)):
+        return type(params)(_substitute(p, mapping) for p in params)
+    if type(params) is int and params in mapping:
+        return mapping[params]
+    return params

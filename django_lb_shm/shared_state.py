@@ -1,0 +1,245 @@
+"""Shared memory: per-database state, counters and latency, and the coordinator's vitals.
+
+One named ``multiprocessing.shared_memory`` segment per coordinator address,
+created and unlinked by the supervisor, written by the coordinator process
+(each field has exactly one writer thread, so no lock is needed) and read
+without any round trip by the supervisor, the read algorithms and ``status``.
+The layout is a flat array of float64 (exact for integers below 2**53).
+"""
+from __future__ import annotations
+
+import enum
+import os
+import time
+from multiprocessing import resource_tracker, shared_memory
+from typing import Optional
+
+MAGIC = 0x4C42_5348  # "LBSH"
+LAYOUT_VERSION = 1
+
+
+class DbState(enum.IntEnum):
+    STARTING = 0
+    RUNNING = 1        # serves reads, applies writes
+    DOWN = 2           # connection-level failure: no reads; writes wait in the journal
+    RECOVERING = 3     # back up, applying the writes it missed; no reads yet
+    DIVERGED = 4       # a write failed here but not on the first database: needs an operator
+    STOPPED = 5
+
+
+class CoordinatorState(enum.IntEnum):
+    STARTING = 0
+    READY = 1
+    STOPPING = 2
+    STOPPED = 3
+
+
+class Header(enum.IntEnum):
+    MAGIC = 0
+    VERSION = 1
+    N_DATABASES = 2
+    SUPERVISOR_PID = 3
+    COORDINATOR_PID = 4
+    COORDINATOR_STATE = 5
+    RESTARTS = 6
+    STARTED_AT = 7          # wall clock of the current coordinator's start
+    HEARTBEAT = 8           # monotonic clock, written by the coordinator's main loop
+    LAST_SEQ = 9            # last write sequence number handed out
+    JOURNAL_ENTRIES = 10
+    JOURNAL_BYTES = 11
+    SUPERVISOR_STARTED_AT = 12
+    REQUESTS = 13
+    ACTIVE_REQUESTS = 14
+
+
+HEADER_SIZE = 16
+
+
+class Slot(enum.IntEnum):
+    STATE = 0
+    READS = 1
+    WRITES = 2
+    APPLIED_SEQ = 3
+    LATENCY_MS = 4          # exponentially weighted read/probe latency
+    LAST_PROBE_AT = 5       # monotonic
+    HEARTBEAT = 6           # monotonic, written by the database thread
+    INFLIGHT = 7            # reads queued or running on this database
+    ERRORS = 8
+    STATE_SINCE = 9         # monotonic
+    LAST_LATENCY_MS = 10
+    THREAD_RESTARTS = 11
+
+
+SLOT_SIZE = 12
+
+
+def segment_name(port: int, host: str = "") -> str:
+    return f"django_lb_shm_{port}"
+
+
+class SharedState:
+    """Typed access to the shared segment; the same object layout in every process."""
+
+    def __init__(self, shm: shared_memory.SharedMemory, owner: bool):
+        self.shm = shm
+        self.owner = owner
+        self.values = shm.buf.cast("d")
+
+    # -- life cycle --------------------------------------------------------
+    @classmethod
+    def create(cls, name: str, n_databases: int) -> "SharedState":
+        """Create the segment, reclaiming one a dead supervisor left behind."""
+        size = 8 * (HEADER_SIZE + SLOT_SIZE * n_databases)
+        try:
+            shm = shared_memory.SharedMemory(name=name, create=True, size=size)
+        except FileExistsError:
+            stale = cls.attach(name)
+            pid = int(stale.header(Header.SUPERVISOR_PID))
+            stale.close()
+            if pid and pid != os.getpid() and _pid_alive(pid):
+                raise RuntimeError(
+                    f"another djangoloadbalancer supervisor (pid {pid}) already serves this address "
+                    f"(shared memory segment {name!r})"
+                ) from None
+            _unlink(name)
+            shm = shared_memory.SharedMemory(name=name, create=True, size=size)
+        state = cls(shm, owner=True)
+        for i in range(len(state.values)):
+            state.values[i] = 0.0
+        state.set_header(Header.MAGIC, MAGIC)
+        state.set_header(Header.VERSION, LAYOUT_VERSION)
+        state.set_header(Header.N_DATABASES, n_databases)
+        state.set_header(Header.SUPERVISOR_PID, os.getpid())
+        state.set_header(Header.SUPERVISOR_STARTED_AT, time.time())
+        return state
+
+    @classmethod
+    def attach(cls, name: str, shares_tracker: bool = False) -> "SharedState":
+        """Attach to an existing segment.
+
+        Python < 3.13 registers attached segments with the resource tracker too,
+        which would unlink the supervisor's segment when this process exits; a
+        process with its own tracker undoes that.  A child spawned by the
+        supervisor shares the supervisor's tracker (``shares_tracker``), whose
+        registration must stay: it unlinks the segment if the supervisor dies.
+        """
+        shm = shared_memory.SharedMemory(name=name, create=False)
+        if not shares_tracker:
+            try:
+                resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+            except Exception:
+                pass
+        state = cls(shm, owner=False)
+        if int(state.header(Header.MAGIC)) != MAGIC:
+            state.close()
+            raise RuntimeError(f"shared memory segment {name!r} is not a django_lb_shm segment")
+        return state
+
+    def close(self) -> None:
+        try:
+            self.values.release()
+        except Exception:
+            pass
+        self.shm.close()
+
+    def unlink(self) -> None:
+        self.close()
+        try:
+            self.shm.unlink()
+        except FileNotFoundError:
+            pass
+
+    # -- fields --------------------------------------------------------------
+    @property
+    def n_databases(self) -> int:
+        return int(self.values[Header.N_DATABASES])
+
+    def header(self, field: Header) -> float:
+        return self.values[field]
+
+    def set_header(self, field: Header, value: float) -> None:
+        self.values[field] = value
+
+    def add_header(self, field: Header, delta: float) -> None:
+        self.values[field] += delta
+
+    def _index(self, db: int, field: Slot) -> int:
+        return HEADER_SIZE + db * SLOT_SIZE + field
+
+    def get(self, db: int, field: Slot) -> float:
+        return self.values[self._index(db, field)]
+
+    def set(self, db: int, field: Slot, value: float) -> None:
+        self.values[self._index(db, field)] = value
+
+    def add(self, db: int, field: Slot, delta: float) -> None:
+        self.values[self._index(db, field)] += delta
+
+    def state(self, db: int) -> DbState:
+        return DbState(int(self.get(db, Slot.STATE)))
+
+    def set_state(self, db: int, state: DbState) -> None:
+        self.set(db, Slot.STATE, int(state))
+        self.set(db, Slot.STATE_SINCE, time.monotonic())
+
+    def record_latency(self, db: int, ms: float, weight: float = 0.2) -> None:
+        previous = self.get(db, Slot.LATENCY_MS)
+        self.set(db, Slot.LAST_LATENCY_MS, ms)
+        self.set(db, Slot.LATENCY_MS, ms if previous <= 0 else previous + weight * (ms - previous))
+
+    def snapshot(self, names: Optional[list[str]] = None) -> dict:
+        """Everything in the segment as plain data (for status and tests)."""
+        now = time.monotonic()
+        databases = []
+        for i in range(self.n_databases):
+            heartbeat = self.get(i, Slot.HEARTBEAT)
+            databases.append({
+                "name": names[i] if names and i < len(names) else str(i),
+                "state": self.state(i).name,
+                "reads": int(self.get(i, Slot.READS)),
+                "writes": int(self.get(i, Slot.WRITES)),
+                "applied_seq": int(self.get(i, Slot.APPLIED_SEQ)),
+                "pending_writes": max(0, int(self.header(Header.LAST_SEQ) - self.get(i, Slot.APPLIED_SEQ))),
+                "latency_ms": round(self.get(i, Slot.LATENCY_MS), 3),
+                "inflight_reads": int(self.get(i, Slot.INFLIGHT)),
+                "errors": int(self.get(i, Slot.ERRORS)),
+                "heartbeat_age_s": round(now - heartbeat, 3) if heartbeat else None,
+                "thread_restarts": int(self.get(i, Slot.THREAD_RESTARTS)),
+            })
+        started = self.header(Header.STARTED_AT)
+        heartbeat = self.header(Header.HEARTBEAT)
+        return {
+            "databases": databases,
+            "coordinator": {
+                "pid": int(self.header(Header.COORDINATOR_PID)),
+                "state": CoordinatorState(int(self.header(Header.COORDINATOR_STATE))).name,
+                "restarts": int(self.header(Header.RESTARTS)),
+                "uptime_s": round(time.time() - started, 3) if started else 0.0,
+                "heartbeat_age_s": round(now - heartbeat, 3) if heartbeat else None,
+                "last_seq": int(self.header(Header.LAST_SEQ)),
+                "journal_entries": int(self.header(Header.JOURNAL_ENTRIES)),
+                "journal_bytes": int(self.header(Header.JOURNAL_BYTES)),
+                "requests": int(self.header(Header.REQUESTS)),
+                "active_requests": int(self.header(Header.ACTIVE_REQUESTS)),
+            },
+            "supervisor": {"pid": int(self.header(Header.SUPERVISOR_PID))},
+        }
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _unlink(name: str) -> None:
+    try:
+        shm = shared_memory.SharedMemory(name=name, create=False)
+        shm.close()
+        shm.unlink()
+    except FileNotFoundError:
+        pass

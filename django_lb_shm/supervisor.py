@@ -1,0 +1,193 @@
+"""The supervisor: the ``djangoloadbalancer`` foreground process.
+
+It owns the shared-memory segment, spawns the manager process (the
+coordinator) through ``multiprocessing``, watches it with psutil and the
+heartbeats in shared memory, restarts it with backoff after a crash, and
+halts instead when it failed to boot.  Signal handlers only record the
+signal; the main loop acts on it (stop: ask with SIGTERM, wait, then force).
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import queue
+import signal
+import sys
+import time
+from typing import Any, Optional
+
+from . import coordinator
+from .health import process_vitals
+from .protocol import EXIT_BOOT_ERROR, EXIT_CODES, EXIT_CONFIG_ERROR, EXIT_OK
+from .shared_state import CoordinatorState, DbState, Header, SharedState, Slot, segment_name
+
+logger = logging.getLogger("django_lb_shm.supervisor")
+
+BOOT_TIMEOUT = 60.0
+MAX_BACKOFF = 30.0
+HEALTHY_AFTER = 60.0   # a coordinator up this long resets the backoff
+
+
+def mp_context() -> Any:
+    """Close inherited database connections, then spawn (no forked threads or sockets)."""
+    from django.db import connections
+
+    connections.close_all()
+    return multiprocessing.get_context("spawn")
+
+
+class Supervisor:
+    def __init__(self, config: Any, settings_module: Optional[str]):
+        self.config = config
+        self.settings_module = settings_module
+        self.signals: "queue.SimpleQueue[int]" = queue.SimpleQueue()
+        self.process: Any = None
+        self.shared: Optional[SharedState] = None
+        self.restarts = 0
+        self.backoff = 0.5
+        self.stopping = False
+
+    # -- life cycle ---------------------------------------------------------------------
+    def run(self) -> int:
+        self._install_signals()
+        self.shared = SharedState.create(segment_name(self.config.address.port), len(self.config.databases))
+        try:
+            code = self._boot()
+            if code is not None:
+                return code
+            return self._loop()
+        finally:
+            self._stop_coordinator(force=False)
+            self.shared.unlink()
+
+    def _install_signals(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, lambda s, _frame: self.signals.put(s))
+
+    def _spawn(self) -> None:
+        ctx = mp_context()
+        self.process = ctx.Process(
+            target=coordinator.main,
+            args=(self.settings_module, self.shared.shm.name, os.getpid(), list(sys.path)),
+            name="django_lb_shm-coordinator",
+        )
+        self.shared.set_header(Header.COORDINATOR_STATE, CoordinatorState.STARTING)
+        self.shared.set_header(Header.HEARTBEAT, 0)
+        self.process.start()
+        self.started_at = time.monotonic()
+
+    def _boot(self) -> Optional[int]:
+        """Spawn and wait for READY; an exit code if the coordinator cannot boot."""
+        self._spawn()
+        if self._wait_ready():
+            self._log_ready()
+            return None
+        if self.stopping:
+            return EXIT_OK
+        code = self.process.exitcode
+        reason = EXIT_CODES.get(code, f"exit code {code}") if code is not None else "no READY within the boot timeout"
+        logger.error("the coordinator failed to boot (%s); not restarting", reason)
+        return code if code in (EXIT_CONFIG_ERROR, EXIT_BOOT_ERROR) else EXIT_BOOT_ERROR
+
+    def _wait_ready(self) -> bool:
+        deadline = time.monotonic() + BOOT_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.shared.header(Header.COORDINATOR_STATE) == CoordinatorState.READY:
+                return True
+            if not self.process.is_alive():
+                return False
+            if self._take_signal(0.05) in (signal.SIGTERM, signal.SIGINT):
+                self.stopping = True
+                return False
+        return False
+
+    def _log_ready(self) -> None:
+        names = self.config.databases
+        states = ", ".join(f"{name} ({self.shared.state(i).name})" for i, name in enumerate(names))
+        logger.info("django_lb_shm ready at %s (supervisor pid %d, coordinator pid %d); databases: %s",
+                    self.config.address, os.getpid(), self.process.pid, states)
+
+    # -- the main loop ---------------------------------------------------------------------
+    def _loop(self) -> int:
+        while True:
+            signum = self._take_signal(1.0)
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                logger.info("received %s; stopping", signal.Signals(signum).name)
+                self.stopping = True
+                return EXIT_OK
+            if signum == signal.SIGHUP:
+                logger.info("received SIGHUP; restarting the coordinator")
+                self._restart("SIGHUP", graceful=True)
+                continue
+            problem = self._health_problem()
+            if problem:
+                code = self.process.exitcode
+                if code in (EXIT_CONFIG_ERROR, EXIT_BOOT_ERROR):
+                    logger.error("the coordinator exited with %s; not restarting", EXIT_CODES[code])
+                    return code
+                self._restart(problem, graceful=False)
+
+    def _take_signal(self, timeout: float) -> Optional[int]:
+        try:
+            return self.signals.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def _health_problem(self) -> Optional[str]:
+        if not self.process.is_alive():
+            return f"the coordinator (pid {self.process.pid}) exited with code {self.process.exitcode}"
+        now = time.monotonic()
+        heartbeat = self.shared.header(Header.HEARTBEAT)
+        if heartbeat and now - heartbeat > self.config.heartbeat_timeout:
+            return f"the coordinator (pid {self.process.pid}) has not beaten for {now - heartbeat:.1f} s"
+        vitals = process_vitals(self.process.pid)
+        if not vitals["alive"]:
+            return f"the coordinator (pid {self.process.pid}) is gone ({vitals.get('status', 'no process')})"
+        if self.config.max_rss_mb and vitals["rss_mb"] > self.config.max_rss_mb:
+            return f"the coordinator uses {vitals['rss_mb']} MB, over MAX_RSS_MB {self.config.max_rss_mb:g}"
+        self._report_stuck_threads(now)
+        if now - self.started_at > HEALTHY_AFTER:
+            self.backoff = 0.5
+        return None
+
+    def _report_stuck_threads(self, now: float) -> None:
+        for i, name in enumerate(self.config.databases):
+            beat = self.shared.get(i, Slot.HEARTBEAT)
+            if beat and now - beat > self.config.heartbeat_timeout and self.shared.state(i) != DbState.STOPPED:
+                logger.warning("database thread %r has not beaten for %.1f s", name, now - beat)
+
+    def _restart(self, reason: str, graceful: bool) -> None:
+        logger.error("%s; restarting it in %.1f s", reason, self.backoff) if not graceful else None
+        self._stop_coordinator(force=not graceful)
+        if not graceful:
+            if self._take_signal(self.backoff) in (signal.SIGTERM, signal.SIGINT):
+                self.stopping = True
+                self.signals.put(signal.SIGTERM)
+                return
+            self.backoff = min(self.backoff * 2, MAX_BACKOFF)
+        self.restarts += 1
+        self.shared.set_header(Header.RESTARTS, self.restarts)
+        self._spawn()
+        if self._wait_ready():
+            self._log_ready()
+
+    def _stop_coordinator(self, force: bool) -> None:
+        """Ask (SIGTERM), wait up to GRACEFUL_TIMEOUT, then force (SIGKILL); a second signal forces."""
+        process = self.process
+        if process is None or process.pid is None or not process.is_alive():
+            if process is not None:
+                process.join(0.1)
+            return
+        if force:
+            process.kill()
+        else:
+            process.terminate()
+        deadline = time.monotonic() + self.config.graceful_timeout + 2
+        while process.is_alive() and time.monotonic() < deadline:
+            if self._take_signal(0.1) in (signal.SIGTERM, signal.SIGINT):
+                logger.warning("second signal: forcing the coordinator to stop")
+                break
+        if process.is_alive():
+            process.kill()
+        process.join(5)

@@ -1,0 +1,40 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+about: dict = {}
+exec((HERE / "django_lb_shm" / "__about__.py").read_text(), about)
+
+setup(
+    name="django-lb-shm",
+    version=about["__version__"],
+    description=(
+        "Load-balance a Django project's ORM work over several copies of the same "
+        "database through one shared-memory multiprocessing coordinator."
+    ),
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=find_packages(include=["django_lb_shm", "django_lb_shm.*"]),
+    include_package_data=True,
+    install_requires=[
+        "Django>=4.2,<6.0",
+        "cloudpickle>=2.0",
+        "psutil>=5.9",
+    ],
+    extras_require={
+        "postgres": ["psycopg[binary]>=3.1"],
+        "test": ["pytest>=7", "pytest-timeout>=2.1", "hypothesis>=6", "psycopg[binary]>=3.1"],
+        "chart": ["matplotlib>=3.5"],
+    },
+    scripts=["bin/djangoloadbalancer"],
+    classifiers=[
+        "Framework :: Django",
+        "Framework :: Django :: 4.2",
+        "Framework :: Django :: 5.2",
+        "Programming Language :: Python :: 3",
+        "Topic :: Database",
+    ],
+)
