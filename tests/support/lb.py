@@ -1,0 +1,263 @@
+"""Fixtures and helpers: real coordinator processes and replica comparisons.
+
+Only one coordinator runs at a time (they share the test databases): starting
+one stops the others.  The ``coordinator`` fixture gives the default one (the
+settings every test process uses); ``lb_factory(**LOAD_BALANCER overrides)``
+starts another on a new port and points this process's client at it.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import pytest
+
+BACKEND = os.environ.get("LB_TEST_BACKEND", "sqlite")
+ALIASES = ("default", "DB1", "DB2")
+REPO = Path(__file__).resolve().parents[2]
+LAUNCHER = REPO / "bin" / "djangoloadbalancer"
+
+_running: list["CoordinatorHandle"] = []
+_default: Optional["CoordinatorHandle"] = None
+
+
+def base_settings() -> dict:
+    return json.loads(Path(os.environ["LB_TEST_CONFIG"]).read_text())
+
+
+class CoordinatorHandle:
+    """A real `djangoloadbalancer run` process (supervisor + coordinator) for the tests."""
+
+    def __init__(self, name: str = "default", **overrides: Any):
+        from tests.support.pg_cluster import free_port
+
+        settings = base_settings()
+        lb = settings["LOAD_BALANCER"]
+        if overrides:
+            lb["ADDRESS"] = dict(lb["ADDRESS"], PORT=free_port())
+        lb.update(overrides)
+        self.name = name
+        self.settings = settings
+        self.lb = lb
+        base = Path(os.environ["LB_TEST_CONFIG"]).parent
+        self.config_path = base / f"settings-{name}-{lb['ADDRESS']['PORT']}.json"
+        self.config_path.write_text(json.dumps(settings, indent=1))
+        self.log_path = base / f"coordinator-{name}-{lb['ADDRESS']['PORT']}.log"
+        self.proc: Optional[subprocess.Popen] = None
+
+    # -- processes -------------------------------------------------------------------
+    def env(self) -> dict:
+        env = dict(os.environ)
+        env["LB_TEST_CONFIG"] = str(self.config_path)
+        env["DJANGO_SETTINGS_MODULE"] = "tests.testproject.settings"
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+        return env
+
+    def start(self, wait: bool = True, timeout: float = 60) -> "CoordinatorHandle":
+        for other in list(_running):
+            if other is not self:
+                other.stop()
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(LAUNCHER), "run"], cwd=str(REPO), env=self.env(),
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        log.close()
+        _running.append(self)
+        if wait:
+            self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float = 60) -> dict:
+        deadline = time.monotonic() + timeout
+        last: Any = None
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"coordinator exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                status = self.status(timeout=2)
+                if status["coordinator"]["state"] == "READY":
+                    return status
+            except Exception as exc:  # not up yet
+                last = exc
+            time.sleep(0.1)
+        raise AssertionError(f"coordinator not ready after {timeout}s ({last!r}):\n{self.log()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> Optional[int]:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        if self in _running:
+            _running.remove(self)
+        return self.proc.returncode
+
+    @property
+    def supervisor_pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def coordinator_pid(self) -> int:
+        return int(self.status()["coordinator"]["pid"])
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-6000:]
+        except OSError:
+            return ""
+
+    # -- the client side ---------------------------------------------------------------
+    def client(self):
+        from django_lb_shm.client import CoordinatorClient
+        from django_lb_shm.conf import build_config
+
+        return CoordinatorClient(build_config(self.lb, self.settings["DATABASES"]))
+
+    def status(self, timeout: float = 5) -> dict:
+        client = self.client()
+        try:
+            return client.call("status", timeout=timeout)
+        finally:
+            client.forget_connection()
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator["CoordinatorHandle"]:
+        """Point this process's load-balanced queries at this coordinator."""
+        from django.test import override_settings
+
+        with override_settings(LOAD_BALANCER=self.lb):
+            yield self
+
+    def wait_drained(self, timeout: float = 30) -> dict:
+        """Until every RUNNING database has applied every write."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.status()
+            pending = {d["name"]: d["pending_writes"] for d in status["databases"] if d["state"] == "RUNNING"}
+            if not any(pending.values()):
+                return status
+            if time.monotonic() > deadline:
+                raise AssertionError(f"writes still pending after {timeout}s: {pending}")
+            time.sleep(0.05)
+
+    def wait_state(self, name: str, state: str, timeout: float = 30) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.status()
+            db = next(d for d in status["databases"] if d["name"] == name)
+            if db["state"] == state:
+                return db
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{name} is {db['state']}, not {state}, after {timeout}s:\n{self.log()}")
+            time.sleep(0.05)
+
+
+def stop_all_coordinators() -> None:
+    for handle in list(_running):
+        handle.stop()
+
+
+def default_coordinator() -> CoordinatorHandle:
+    global _default
+    if _default is None:
+        _default = CoordinatorHandle("default")
+    if _default.proc is None or _default.proc.poll() is not None or _default not in _running:
+        _default.start()
+    return _default
+
+
+# -- data helpers ----------------------------------------------------------------------------
+def app_tables() -> list[str]:
+    from django.apps import apps
+
+    tables = []
+    for model in apps.get_app_config("testapp").get_models(include_auto_created=True):
+        tables.append(model._meta.db_table)
+    return tables
+
+
+def table_rows(alias: str, table: str) -> list[tuple]:
+    from django.db import connections
+
+    with connections[alias].cursor() as cursor:
+        cursor.execute(f'SELECT * FROM "{table}" ORDER BY 1')
+        return [tuple(row) for row in cursor.fetchall()]
+
+
+def clear_tables() -> None:
+    """Delete the test app's rows on every database directly (children first)."""
+    from django.db import connections
+
+    order = ["testapp_review", "testapp_book_tags", "testapp_book", "testapp_tag", "testapp_author",
+             "testapp_destination", "testapp_token"]
+    for alias in ALIASES:
+        with connections[alias].cursor() as cursor:
+            for table in order + [t for t in app_tables() if t not in order]:
+                cursor.execute(f'DELETE FROM "{table}"')
+        connections[alias].close()
+
+
+class Replicas:
+    """Compare what each real database holds."""
+
+    def __init__(self, handle: CoordinatorHandle):
+        self.handle = handle
+
+    def rows(self, table: str) -> dict[str, list[tuple]]:
+        return {alias: table_rows(alias, table) for alias in ALIASES}
+
+    def assert_identical(self, tables: Optional[list[str]] = None) -> None:
+        self.handle.wait_drained()
+        for table in tables or app_tables():
+            rows = self.rows(table)
+            first = rows[ALIASES[0]]
+            for alias in ALIASES[1:]:
+                assert rows[alias] == first, f"{table}: {alias} differs from {ALIASES[0]}"
+
+
+@pytest.fixture
+def coordinator() -> Iterator[CoordinatorHandle]:
+    handle = default_coordinator()
+    handle.wait_drained()
+    clear_tables()
+    yield handle
+
+
+@pytest.fixture
+def replicas(coordinator: CoordinatorHandle) -> Replicas:
+    return Replicas(coordinator)
+
+
+@pytest.fixture
+def lb_factory() -> Iterator[Any]:
+    """Start coordinators with LOAD_BALANCER overrides; this process's client follows the last one."""
+    started: list[tuple[CoordinatorHandle, Any]] = []
+
+    def make(name: str = "custom", start: bool = True, **overrides: Any) -> CoordinatorHandle:
+        handle = CoordinatorHandle(name, **overrides)
+        if start:
+            handle.start()
+        ctx = handle.active()
+        ctx.__enter__()
+        started.append((handle, ctx))
+        return handle
+
+    default = default_coordinator()
+    default.wait_drained()
+    clear_tables()
+    yield make
+    for handle, ctx in reversed(started):
+        ctx.__exit__(None, None, None)
+        handle.stop()
