@@ -338,6 +338,8 @@ class DbThread(threading.Thread):
                 "copy a healthy database over it, then restart the coordinator",
             )
             return
+        if entries:
+            logger.info("database %r: applying %d journaled writes after #%d", self.alias, len(entries), self.applied_seq)
         for entry in entries:
             if not self.apply(entry):
                 return

@@ -30,7 +30,10 @@ def _databases(base: Path) -> dict:
     if BACKEND == "postgres":
         from tests.support.pg_cluster import PgCluster
 
-        cluster = PgCluster(count=len(ALIASES), base_dir=str(base / "pg")).start()
+        # fsync off for speed, but synchronous_commit on: a server crash (pg_ctl stop -m
+        # immediate) must not lose commits it acknowledged, or no replica could be trusted.
+        cluster = PgCluster(count=len(ALIASES), base_dir=str(base / "pg"),
+                            extra_options={"synchronous_commit": "on"}).start()
         pytest.lb_pg_cluster = cluster  # type: ignore[attr-defined]
         return cluster.django_databases(ALIASES)
     return {

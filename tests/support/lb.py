@@ -224,7 +224,7 @@ class Replicas:
             rows = self.rows(table)
             first = rows[ALIASES[0]]
             for alias in ALIASES[1:]:
-                assert rows[alias] == first, f"{table}: {alias} differs from {ALIASES[0]}"
+                assert rows[alias] == first, f"{table}: {alias} differs from {ALIASES[0]}: only there {sorted(set(rows[alias]) - set(first))[:5]}, missing {sorted(set(first) - set(rows[alias]))[:5]}"
 
 
 @pytest.fixture

@@ -1,0 +1,137 @@
+"""Design invariants 3 and 4 on real PostgreSQL servers: outages, catch-up, nothing lost.
+
+Servers are stopped with `pg_ctl stop -m immediate` (a crash, as far as the
+coordinator can tell) and started again; no mocks.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+
+import pytest
+from django.db import DataError, IntegrityError, OperationalError, connections
+
+from tests.support.lb import ALIASES, table_rows
+from tests.support.workers import mixed_workload
+from tests.testapp.models import Author
+
+pytestmark = pytest.mark.postgres_only
+
+
+def server(alias: str):
+    return pytest.lb_pg_cluster.servers[ALIASES.index(alias)]
+
+
+@pytest.fixture
+def restore_servers():
+    yield
+    for alias in ALIASES:
+        if not server(alias).is_running():
+            server(alias).start()
+        connections[alias].close()
+
+
+def names_on(alias: str) -> set:
+    connections[alias].close()
+    return {row[1] for row in table_rows(alias, "testapp_author")}
+
+
+def test_caller_errors_never_mark_a_database_down(coordinator, replicas):
+    Author.objects.create(name="x")
+    with pytest.raises(IntegrityError):
+        Author.objects.create(name="x")
+    with pytest.raises(DataError):
+        Author.objects.create(name="y" * 500)  # varchar(100)
+    states = {d["name"]: d["state"] for d in coordinator.status()["databases"]}
+    assert set(states.values()) == {"RUNNING"}, states
+    replicas.assert_identical(["testapp_author"])
+
+
+def test_reads_skip_a_down_database_and_it_catches_up(coordinator, replicas, restore_servers):
+    Author.objects.create(name="before")
+    server("DB1").stop(mode="immediate")
+    # every read succeeds while some database is up; the failed one is retried elsewhere
+    for _ in range(12):
+        assert Author.objects.filter(name="before").count() == 1
+    coordinator.wait_state("DB1", "DOWN", timeout=10)
+    for i in range(20):
+        Author.objects.create(name=f"during-{i}")
+    status = coordinator.status()
+    db1 = next(d for d in status["databases"] if d["name"] == "DB1")
+    assert db1["pending_writes"] >= 20
+    server("DB1").start()
+    coordinator.wait_state("DB1", "RUNNING", timeout=20)
+    replicas.assert_identical(["testapp_author"])
+    assert len(names_on("DB1")) == 21
+
+
+def test_first_database_down_moves_writes_to_the_next(coordinator, replicas, restore_servers):
+    Author.objects.create(name="a")
+    server("default").stop(mode="immediate")
+    for i in range(10):
+        Author.objects.create(name=f"b{i}")
+    assert Author.objects.count() == 11
+    server("default").start()
+    coordinator.wait_state("default", "RUNNING", timeout=20)
+    replicas.assert_identical(["testapp_author"])
+
+
+def test_all_databases_down_gives_clear_errors_then_converges(coordinator, replicas, restore_servers):
+    Author.objects.create(name="kept")
+    for alias in ALIASES:
+        server(alias).stop(mode="immediate")
+    started = time.monotonic()
+    with pytest.raises(OperationalError) as read_error:
+        Author.objects.count()
+    with pytest.raises(OperationalError) as write_error:
+        Author.objects.create(name="refused")
+    assert time.monotonic() - started < 25
+    for error in (read_error.value, write_error.value):
+        assert "no database" in str(error) and all(a in str(error) for a in ALIASES), str(error)
+    for alias in ALIASES:
+        server(alias).start()
+    for alias in ALIASES:
+        coordinator.wait_state(alias, "RUNNING", timeout=20)
+    Author.objects.create(name="after")
+    replicas.assert_identical(["testapp_author"])
+    assert names_on("DB2") == {"kept", "after"}
+
+
+def test_outage_during_a_multi_process_workload_loses_nothing(coordinator, replicas, restore_servers):
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    settings_json = os.environ["LB_TEST_CONFIG"]
+    procs = [ctx.Process(target=mixed_workload, args=(settings_json, f"w{n}", 60, results)) for n in range(3)]
+    for p in procs:
+        p.start()
+    time.sleep(1.0)
+    server("DB2").stop(mode="immediate")
+    time.sleep(1.5)
+    server("DB2").start()
+    outcomes = [results.get(timeout=180) for _ in procs]
+    for p in procs:
+        p.join(30)
+    errors = [e for _prefix, _acked, errs in outcomes for e in errs]
+    assert errors == [], errors[:5]
+    acked = {name for _prefix, names, _errs in outcomes for name in names}
+    assert len(acked) == 180
+    coordinator.wait_state("DB2", "RUNNING", timeout=30)
+    replicas.assert_identical(["testapp_author"])
+    for alias in ALIASES:
+        assert acked <= names_on(alias), alias
+    db2 = next(d for d in coordinator.status()["databases"] if d["name"] == "DB2")
+    assert db2["pending_writes"] == 0
+
+
+def test_database_down_across_a_coordinator_restart(coordinator, replicas, restore_servers):
+    Author.objects.create(name="one")
+    server("DB2").stop(mode="immediate")
+    for i in range(5):
+        Author.objects.create(name=f"missed-{i}")
+    coordinator.stop()
+    coordinator.start()
+    server("DB2").start()
+    coordinator.wait_state("DB2", "RUNNING", timeout=20)
+    replicas.assert_identical(["testapp_author"])
+    assert len(names_on("DB2")) == 6
