@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# The demo: the example Django project (example/) on five SQLite copies of one
+# database, load balanced by django_lb_shm.  On a fresh Debian 12 machine, as root:
+#
+#     bash scripts/demo.sh
+#
+#   1. installs what it needs (scripts/install.sh: pip install -e '.[test]');
+#   2. recreates example/run/ and migrates all five databases;
+#   3. starts the coordinator (`djangoloadbalancer`) in the background;
+#   4. runs a workload of creates/updates/deletes/reads from several app processes;
+#   5. prints `djangoloadbalancer status` and shows that the five databases hold
+#      identical rows;
+#   6. stops the coordinator with SIGTERM and shows that it exited 0.
+#
+# Exits non-zero if any step fails.  Env: DEMO_LB_PORT (default 6000, or a free
+# port when 6000 is taken), DEMO_PROCESSES (4), DEMO_OPS (50 per process).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+REPO="$(pwd -P)"
+PY="${PYTHON:-python3}"
+T0=${EPOCHREALTIME/./}
+LB_PID=""
+
+step() {
+    local us=$(( ${EPOCHREALTIME/./} - T0 ))
+    printf '\n=== [%3d.%d s] %s\n' $((us / 1000000)) $((us / 100000 % 10)) "$*"
+}
+die() { echo "[demo] ERROR: $*" >&2; exit 1; }
+
+stop_coordinator() {
+    # SIGTERM by pid, then wait for it; prints and returns its exit status.
+    local pid=$LB_PID rc=0
+    LB_PID=""
+    [ -n "$pid" ] || return 0
+    kill -TERM "$pid" 2>/dev/null || true
+    wait "$pid" || rc=$?
+    echo "djangoloadbalancer (pid $pid) exited with status $rc"
+    return "$rc"
+}
+on_exit() {
+    local rc=$?
+    if [ -n "$LB_PID" ]; then
+        echo "[demo] stopping the coordinator (pid $LB_PID)" >&2
+        stop_coordinator >&2 || true
+    fi
+    if [ "$rc" -ne 0 ]; then
+        echo "[demo] FAILED (exit $rc); coordinator log: $REPO/example/run/coordinator.log" >&2
+    fi
+    exit "$rc"
+}
+trap on_exit EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+step "install (scripts/install.sh)"
+bash scripts/install.sh
+
+if command -v djangoloadbalancer >/dev/null 2>&1; then
+    LB=(djangoloadbalancer)
+else
+    LB=("$PY" "$REPO/bin/djangoloadbalancer")   # pip put its scripts off PATH
+fi
+
+cd example
+export PYTHONUNBUFFERED=1
+if [ -z "${DEMO_LB_PORT:-}" ]; then
+    DEMO_LB_PORT=$("$PY" - <<'PYEOF'
+import socket
+def free(port):
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+if free(6000):
+    print(6000)
+else:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        print(s.getsockname()[1])
+PYEOF
+)
+fi
+export DEMO_LB_PORT
+
+step "fresh databases: example/run/ (5 SQLite files), djangoloadbalancer migrate"
+rm -rf run
+mkdir run
+"${LB[@]}" migrate >run/migrate.log 2>&1 || { cat run/migrate.log >&2; die "djangoloadbalancer migrate failed"; }
+awk '/^== migrating/ { if (db) print db " (" n " migrations applied)"; db = $0; n = 0 }
+     /Applying/ { n++ }
+     END { print db " (" n " migrations applied)" }' run/migrate.log
+
+step "start djangoloadbalancer in the background (port $DEMO_LB_PORT)"
+"${LB[@]}" >run/coordinator.log 2>&1 &
+LB_PID=$!
+echo "supervisor pid $LB_PID, log example/run/coordinator.log"
+for _ in $(seq 1 60); do
+    kill -0 "$LB_PID" 2>/dev/null || { cat run/coordinator.log >&2; die "djangoloadbalancer exited during start-up"; }
+    if "${LB[@]}" status >/dev/null 2>&1; then
+        break
+    fi
+    sleep 0.5
+done
+"${LB[@]}" status >/dev/null || { cat run/coordinator.log >&2; die "djangoloadbalancer status never answered"; }
+grep -E 'ready at' run/coordinator.log | sed 's/^/  log: /'
+
+step "workload: ${DEMO_PROCESSES:-4} app processes x ${DEMO_OPS:-50} operations"
+"$PY" manage.py demo_workload --processes "${DEMO_PROCESSES:-4}" --ops "${DEMO_OPS:-50}"
+
+step "copies in sync? (demo_compare: coordinator counters, then direct connections to each database)"
+"$PY" manage.py demo_compare
+
+step "djangoloadbalancer status"
+"${LB[@]}" status
+
+if "$PY" -c 'import django_lb_shm.verify' 2>/dev/null; then
+    step "djangoloadbalancer verify"
+    "${LB[@]}" verify --no-progress
+fi
+
+step "stop the coordinator (SIGTERM)"
+rc=0
+stop_coordinator || rc=$?
+grep -E 'received SIGTERM|coordinator pid [0-9]+ stopped' run/coordinator.log | sed 's/^/  log: /'
+[ "$rc" -eq 0 ] || die "djangoloadbalancer exited with status $rc, expected 0"
+
+step "demo passed"
