@@ -96,14 +96,13 @@ step "start djangoloadbalancer in the background (port $DEMO_LB_PORT)"
 "${LB[@]}" >run/coordinator.log 2>&1 &
 LB_PID=$!
 echo "supervisor pid $LB_PID, log example/run/coordinator.log"
-for _ in $(seq 1 60); do
+deadline=$((SECONDS + 60))
+# `timeout`: a foreign program listening on the port would never answer the handshake.
+until timeout 15 "${LB[@]}" status >/dev/null 2>&1; do
     kill -0 "$LB_PID" 2>/dev/null || { cat run/coordinator.log >&2; die "djangoloadbalancer exited during start-up"; }
-    if "${LB[@]}" status >/dev/null 2>&1; then
-        break
-    fi
-    sleep 0.5
+    [ "$SECONDS" -lt "$deadline" ] || { cat run/coordinator.log >&2; die "djangoloadbalancer status did not answer within 60 s"; }
+    sleep 0.3
 done
-"${LB[@]}" status >/dev/null || { cat run/coordinator.log >&2; die "djangoloadbalancer status never answered"; }
 grep -E 'ready at' run/coordinator.log | sed 's/^/  log: /'
 
 step "workload: ${DEMO_PROCESSES:-4} app processes x ${DEMO_OPS:-50} operations"
