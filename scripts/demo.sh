@@ -68,6 +68,7 @@ if [ -z "${DEMO_LB_PORT:-}" ]; then
 import socket
 def free(port):
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the coordinator's listener
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
