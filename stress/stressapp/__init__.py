@@ -1,0 +1,1 @@
+"""The stress suite's app: one load-balanced model and its plain twins."""
