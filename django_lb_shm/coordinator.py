@@ -33,7 +33,7 @@ from .errors import (
     to_dict,
 )
 from .protocol import EXIT_BOOT_ERROR, EXIT_CONFIG_ERROR, EXIT_OK, EXIT_ORPHANED, EXPOSED, TYPEID
-from .shared_state import CoordinatorState, DbState, Header, SharedState
+from .shared_state import CoordinatorState, DbState, Header, SharedState, Slot
 
 logger = logging.getLogger("django_lb_shm.coordinator")
 
@@ -233,9 +233,9 @@ def _is_caller_error(exc: BaseException) -> bool:
 class CoordinatorServer(Server):
     """The Manager server, with a bounded accept loop, a larger backlog and client clean-up."""
 
-    def __init__(self, registry: dict, address: tuple, authkey: bytes, coordinator: Coordinator):
+    def __init__(self, registry: dict, address: tuple, authkey: bytes, owner: Any):
         super().__init__(registry, address, authkey, "pickle")
-        self.coordinator = coordinator
+        self.owner = owner
         self.stop_event = threading.Event()
         try:
             self.listener._listener._socket.listen(256)  # type: ignore[attr-defined]
@@ -264,7 +264,7 @@ class CoordinatorServer(Server):
         try:
             super().serve_client(conn)
         finally:
-            self.coordinator.client_gone()
+            self.owner.client_gone()
 
     def close(self) -> None:
         self.stop_event.set()
@@ -290,11 +290,15 @@ class CoordinatorProcess:
         from .journal import Journal
         from .sequencer import Sequencer
 
+        # Bind first: a taken port is a boot error before any database is touched.
+        address = self.config.address
+        registry = {TYPEID: (lambda: self.coordinator, EXPOSED, None, None)}
+        self.server = CoordinatorServer(registry, address.tuple, address.authkey, self)
         self.journal = Journal(self.config.journal_dir, fsync=self.config.journal_fsync).open()
         self.algorithm = build_read_algorithm(self.config, self.shared)
-        hub = Hub(self.shared, self.config, self._entries_to_replay, self._notify_applied,
-                  probe_interval=self.algorithm.probe_interval)
-        self.threads = [DbThread(i, alias, hub) for i, alias in enumerate(self.config.databases)]
+        self.hub = Hub(self.shared, self.config, self._entries_to_replay, self._notify_applied,
+                       probe_interval=self.algorithm.probe_interval)
+        self.threads = [DbThread(i, alias, self.hub) for i, alias in enumerate(self.config.databases)]
         self.sequencer = Sequencer(self.threads, self.journal, self.shared, self.config)
         self.sequencer.start_at(self.journal.last_seq)
         for thread in self.threads:
@@ -303,10 +307,10 @@ class CoordinatorProcess:
         self._wait_for_databases()
         self._settle_last_seq()
         self.coordinator = Coordinator(self.config, self.shared, self.threads, self.sequencer, self.algorithm)
-        registry = {TYPEID: (lambda: self.coordinator, EXPOSED, None, None)}
-        address = self.config.address
-        self.server = CoordinatorServer(registry, address.tuple, address.authkey, self.coordinator)
         threading.Thread(target=self.server.accept_forever, daemon=True, name="accept").start()
+
+    def client_gone(self) -> None:
+        self.coordinator.client_gone()
 
     def _entries_to_replay(self, after_seq: int):
         return self.sequencer.entries_to_replay(after_seq)
@@ -340,8 +344,11 @@ class CoordinatorProcess:
         self.shared.set_header(Header.COORDINATOR_STATE, CoordinatorState.STARTING)
         try:
             self.boot()
-        except OSError as exc:
-            logger.error("cannot serve at %s: %s", self.config.address, exc)
+        except Exception as exc:
+            where = f"serve at {self.config.address}" if getattr(self, "server", None) is None else "boot"
+            logger.error("coordinator cannot %s: %s: %s", where, type(exc).__name__, exc)
+            if getattr(self, "server", None) is not None:
+                self.server.close()
             return EXIT_BOOT_ERROR
         self.shared.set_header(Header.COORDINATOR_STATE, CoordinatorState.READY)
         logger.info("coordinator pid %d serving %s for databases %s", os.getpid(), self.config.address,
@@ -363,9 +370,19 @@ class CoordinatorProcess:
                 logger.error("supervisor (pid %d) is gone; stopping", self.supervisor_pid)
                 self.exit_code = EXIT_ORPHANED
                 return
+            self._replace_dead_threads()
             if time.monotonic() >= next_trim:
                 next_trim = time.monotonic() + TRIM_EVERY
                 self._trim_journal()
+
+    def _replace_dead_threads(self) -> None:
+        for n, thread in enumerate(self.threads):
+            if thread.running and not thread.is_alive():
+                logger.error("database thread %r died; replacing it", thread.alias)
+                replacement = thread.replacement()
+                self.threads[n] = replacement
+                self.shared.add(thread.index, Slot.THREAD_RESTARTS, 1)
+                replacement.start()
 
     def _trim_journal(self) -> None:
         applied = min(t.applied_seq for t in self.threads)

@@ -221,10 +221,24 @@ class DbThread(threading.Thread):
         self.queue.put(STOP)
 
     # -- the loop -------------------------------------------------------------------
+    def replacement(self) -> "DbThread":
+        """A new thread for the same database, taking over this one's queue and writer."""
+        fresh = DbThread(self.index, self.alias, self.hub)
+        fresh.queue = self.queue
+        fresh.writer = self.writer
+        fresh.applied_seq = self.applied_seq
+        self.conn.close()
+        return fresh
+
     def run(self) -> None:
         self.recover()
         while self.running:
-            self.run_once()
+            try:
+                self.run_once()
+            except Exception:
+                # A bug must not silently stop a database: log it and carry on.
+                logger.exception("database thread %r: unexpected error", self.alias)
+                self.shared.add(self.index, Slot.ERRORS, 1)
         self.conn.close()
         self.writer.close()
         self.set_state(DbState.STOPPED)

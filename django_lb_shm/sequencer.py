@@ -41,7 +41,7 @@ class OpenTransaction:
 
 class Sequencer:
     def __init__(self, threads: Sequence[DbThread], journal: Journal, shared: SharedState, config: Any):
-        self.threads = list(threads)
+        self.threads = threads  # the coordinator's list: a replaced thread is seen here too
         self.journal = journal
         self.shared = shared
         self.config = config

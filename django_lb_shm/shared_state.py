@@ -93,9 +93,7 @@ class SharedState:
         try:
             shm = shared_memory.SharedMemory(name=name, create=True, size=size)
         except FileExistsError:
-            stale = cls.attach(name)
-            pid = int(stale.header(Header.SUPERVISOR_PID))
-            stale.close()
+            pid = _owner_pid(name)
             if pid and pid != os.getpid() and _pid_alive(pid):
                 raise RuntimeError(
                     f"another djangoloadbalancer supervisor (pid {pid}) already serves this address "
@@ -234,6 +232,18 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _owner_pid(name: str) -> int:
+    """The supervisor pid recorded in an existing segment; 0 if it is not readable as ours."""
+    try:
+        existing = SharedState.attach(name)
+    except (RuntimeError, ValueError, FileNotFoundError):
+        return 0
+    try:
+        return int(existing.header(Header.SUPERVISOR_PID))
+    finally:
+        existing.close()
 
 
 def _unlink(name: str) -> None:

@@ -40,7 +40,7 @@ class CoordinatorHandle:
 
         settings = base_settings()
         lb = settings["LOAD_BALANCER"]
-        if overrides:
+        if name != "default":
             lb["ADDRESS"] = dict(lb["ADDRESS"], PORT=free_port())
         lb.update(overrides)
         self.name = name

@@ -45,5 +45,7 @@ def mixed_workload(settings_json: str, prefix: str, count: int, results: Any = N
             Author.objects.filter(name__startswith=prefix).count()
         except Exception as exc:  # recorded, the test decides
             errors.append(f"{type(exc).__name__}: {exc}")
+            if len(errors) >= 3:
+                break  # the coordinator is gone for good (a stop test): bounded
     if results is not None:
         results.put((prefix, acked, errors))

@@ -1,0 +1,195 @@
+"""The supervisor keeps the coordinator alive: real processes, real signals."""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from django.db import connections
+
+from tests.support.lb import ALIASES, LAUNCHER, REPO, CoordinatorHandle, table_rows
+from tests.support.workers import mixed_workload
+from tests.testapp.models import Author
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def wait_until(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def names_everywhere() -> dict:
+    result = {}
+    for alias in ALIASES:
+        connections[alias].close()
+        result[alias] = [row[1] for row in table_rows(alias, "testapp_author")]
+    return result
+
+
+def start_workers(count: int, per_worker: int, lb_overrides=None):
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    procs = [
+        ctx.Process(target=mixed_workload,
+                    args=(os.environ["LB_TEST_CONFIG"], f"w{n}", per_worker, results, lb_overrides))
+        for n in range(count)
+    ]
+    for p in procs:
+        p.start()
+    return procs, results
+
+
+def collect(procs, results, timeout=180):
+    outcomes = [results.get(timeout=timeout) for _ in procs]
+    for p in procs:
+        p.join(30)
+    return outcomes
+
+
+def test_kill_9_coordinator_mid_workload_loses_and_duplicates_nothing(coordinator, replicas):
+    old_pid = coordinator.coordinator_pid()
+    procs, results = start_workers(3, 60)
+    time.sleep(1.0)
+    os.kill(old_pid, signal.SIGKILL)
+    outcomes = collect(procs, results)
+    errors = [e for _p, _a, errs in outcomes for e in errs]
+    assert errors == [], errors[:5]
+    status = coordinator.wait_ready()
+    assert status["coordinator"]["pid"] != old_pid
+    assert status["coordinator"]["restarts"] >= 1
+    acked = [name for _p, names, _e in outcomes for name in names]
+    assert len(acked) == 180
+    replicas.assert_identical(["testapp_author"])
+    for alias, names in names_everywhere().items():
+        assert sorted(names) == sorted(acked), alias  # every acknowledged write, exactly once
+
+
+def test_kill_9_supervisor_leaves_no_orphan_and_no_segment(lb_factory):
+    handle = lb_factory("orphan", HEARTBEAT_TIMEOUT=5)
+    coordinator_pid = handle.coordinator_pid()
+    port = handle.lb["ADDRESS"]["PORT"]
+    segment = Path(f"/dev/shm/django_lb_shm_{port}")
+    assert segment.exists()
+    os.kill(handle.supervisor_pid, signal.SIGKILL)
+    wait_until(lambda: gone(coordinator_pid), 15, "the coordinator to exit after its supervisor died")
+    wait_until(lambda: not segment.exists(), 15, "the shared memory segment to be removed")
+    handle.proc.wait(5)
+
+
+def test_stale_segment_of_a_dead_supervisor_is_reclaimed(lb_factory):
+    handle = lb_factory("stale", start=False)
+    port = handle.lb["ADDRESS"]["PORT"]
+    from multiprocessing import resource_tracker, shared_memory
+
+    name = f"django_lb_shm_{port}"
+    assert not Path(f"/dev/shm/{name}").exists(), f"{name} exists before the test"
+    leftover = shared_memory.SharedMemory(name=name, create=True, size=4096)
+    resource_tracker.unregister(leftover._name, "shared_memory")  # left behind, as after a crash
+    leftover.close()
+    handle.start()
+    assert handle.status()["coordinator"]["state"] == "READY"
+
+
+def test_sigterm_during_load_exits_0_and_keeps_every_acknowledged_write(lb_factory):
+    handle = lb_factory("sigterm")
+    procs, results = start_workers(2, 400, lb_overrides={"ADDRESS": handle.lb["ADDRESS"], "CONNECT_TIMEOUT": 1,
+                                                          "CLIENT_TIMEOUT": 3})
+    time.sleep(2.0)
+    started = time.monotonic()
+    assert handle.stop(signal.SIGTERM, timeout=30) == 0
+    assert time.monotonic() - started < 20
+    outcomes = collect(procs, results)
+    acked = sorted(name for _p, names, _e in outcomes for name in names)
+    assert acked, "the workload acknowledged nothing before the stop"
+    everywhere = names_everywhere()
+    for alias, names in everywhere.items():
+        assert set(acked) <= set(names), alias
+    assert everywhere["DB1"] == everywhere["default"] == everywhere["DB2"]
+    assert not psutil.pid_exists(handle.supervisor_pid) or gone(handle.supervisor_pid)
+
+
+def test_forked_app_process_gets_its_own_connection(coordinator):
+    Author.objects.create(name="parent")
+    assert Author.objects.count() == 1
+    pid = os.fork()
+    if pid == 0:  # the child, like a gunicorn worker forked after import
+        code = 1
+        try:
+            Author.objects.create(name="child")
+            code = 0 if Author.objects.count() == 2 else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert sorted(Author.objects.values_list("name", flat=True)) == ["child", "parent"]
+
+
+def test_boot_failure_halts_instead_of_restarting(lb_factory):
+    handle = lb_factory("boot", start=False)
+    blocker = socket.socket()
+    blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    blocker.bind(("127.0.0.1", handle.lb["ADDRESS"]["PORT"]))
+    blocker.listen(1)
+    try:
+        started = time.monotonic()
+        result = subprocess.run([sys.executable, str(LAUNCHER), "run"], cwd=str(REPO), env=handle.env(),
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 3, result.stderr
+        assert time.monotonic() - started < 30
+        output = result.stdout + result.stderr
+        assert "cannot serve at" in output and "not restarting" in output
+        assert output.count("cannot serve at") == 1  # no crash loop
+    finally:
+        blocker.close()
+
+
+def test_stalled_coordinator_is_restarted(lb_factory):
+    handle = lb_factory("stall", HEARTBEAT_TIMEOUT=2)
+    old_pid = handle.coordinator_pid()
+    os.kill(old_pid, signal.SIGSTOP)
+    try:
+        status = wait_until(
+            lambda: _status_with_new_pid(handle, old_pid), 30, "a new coordinator after the old one stopped beating"
+        )
+    finally:
+        if not gone(old_pid):
+            os.kill(old_pid, signal.SIGCONT)
+    assert status["coordinator"]["restarts"] >= 1
+    Author.objects.create(name="after-stall")
+    assert Author.objects.filter(name="after-stall").count() == 1
+
+
+def _status_with_new_pid(handle: CoordinatorHandle, old_pid: int):
+    try:
+        status = handle.status(timeout=1)
+    except Exception:
+        return None
+    ready = status["coordinator"]["state"] == "READY" and status["coordinator"]["pid"] != old_pid
+    return status if ready else None
+
+
+def test_status_reports_process_health(coordinator):
+    status = coordinator.status()
+    c = status["coordinator"]
+    assert c["pid"] and c["rss_mb"] > 0 and c["threads"] >= len(ALIASES) and c["heartbeat_age_s"] < 5
+    assert status["supervisor"]["pid"] == coordinator.supervisor_pid
+    for db in status["databases"]:
+        assert db["heartbeat_age_s"] is not None and db["heartbeat_age_s"] < 5
