@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
+from django.db import DEFAULT_DB_ALIAS
+
 from .db_thread import DbConnection, DbThread
 from .descriptors import InsertKeys, Result, Statement
 from .errors import NoDatabaseAvailable, NotSupportedError, TransactionError, WriteNotApplied
@@ -84,11 +86,21 @@ class Sequencer:
         return _Held()
 
     # -- choosing the leader ----------------------------------------------------------
+    def leader_preference(self) -> list[DbThread]:
+        """Databases in LOAD_BALANCER order, 'default' last.
+
+        The app writes its other models (sessions, admin log...) to 'default'
+        directly; with SQLite, a load-balanced transaction holding the write lock
+        of that same file would block them until it ends.
+        """
+        others = [t for t in self.threads if t.alias != DEFAULT_DB_ALIAS]
+        return others + [t for t in self.threads if t.alias == DEFAULT_DB_ALIAS]
+
     def leader(self, exclude: Sequence[DbThread] = ()) -> DbThread:
         deadline = time.monotonic() + self.config.client_timeout
         with self.applied:
             while True:
-                running = [t for t in self.threads if t.state == DbState.RUNNING and t not in exclude]
+                running = [t for t in self.leader_preference() if t.state == DbState.RUNNING and t not in exclude]
                 for thread in running:
                     if thread.applied_seq >= self.last_seq:
                         return thread

@@ -66,14 +66,16 @@ def test_reads_skip_a_down_database_and_it_catches_up(coordinator, replicas, res
     assert len(names_on("DB1")) == 21
 
 
-def test_first_database_down_moves_writes_to_the_next(coordinator, replicas, restore_servers):
+def test_leader_down_moves_writes_to_the_next_database(coordinator, replicas, restore_servers):
+    # DB1 takes writes first (the first database other than 'default'; see Sequencer.leader_preference)
     Author.objects.create(name="a")
-    server("default").stop(mode="immediate")
+    server("DB1").stop(mode="immediate")
     for i in range(10):
         Author.objects.create(name=f"b{i}")
     assert Author.objects.count() == 11
-    server("default").start()
-    coordinator.wait_state("default", "RUNNING", timeout=20)
+    coordinator.wait_state("DB1", "DOWN", timeout=10)
+    server("DB1").start()
+    coordinator.wait_state("DB1", "RUNNING", timeout=20)
     replicas.assert_identical(["testapp_author"])
 
 

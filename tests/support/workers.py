@@ -49,3 +49,21 @@ def mixed_workload(settings_json: str, prefix: str, count: int, results: Any = N
                 break  # the coordinator is gone for good (a stop test): bounded
     if results is not None:
         results.put((prefix, acked, errors))
+
+
+def atomic_blocks(settings_json: str, prefix: str, count: int) -> None:
+    """Alternating committed and rolled-back blocks of several writes each."""
+    setup_child(settings_json)
+    import django_lb_shm
+    from tests.testapp.models import Author
+
+    for i in range(count):
+        with django_lb_shm.atomic():
+            author = Author.objects.create(name=f"{prefix}-{i}")
+            Author.objects.filter(pk=author.pk).update(rating=i)
+        try:
+            with django_lb_shm.atomic():
+                Author.objects.create(name=f"{prefix}-{i}-rolled-back")
+                raise ValueError("roll back")
+        except ValueError:
+            pass

@@ -1,0 +1,48 @@
+"""Transactions over the load-balanced alias.
+
+``django_lb_shm.atomic()`` is ``django.db.transaction.atomic`` on the
+load-balanced alias: the block's writes reach every database as one
+transaction each, in the global write order, or reach none.  Inside the block,
+reads before the first write are balanced as usual; the first write (or a
+``select_for_update()``) opens the transaction on the first database, which
+then serves the block's reads (so they see its writes) and holds the global
+write order until the block ends.  Nested blocks are savepoints, as in Django.
+
+A plain ``transaction.atomic()`` targets settings.DATABASES['default'], not the
+load-balanced alias: LoadBalancerModel writes inside it are applied at once,
+and are not undone if that block rolls back.  The client warns when it sees this.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from django.db import connections, transaction
+
+from .backend.alias import lb_alias
+
+
+class LoadBalancerTransactionWarning(RuntimeWarning):
+    """A load-balanced write inside a transaction of another alias, which cannot include it."""
+
+
+def atomic(using: Any = None, savepoint: bool = True, durable: bool = False) -> Any:
+    """``transaction.atomic`` on the load-balanced alias (usable bare, called, or as a decorator)."""
+    if callable(using):
+        return transaction.atomic(lb_alias(), savepoint, durable)(using)
+    return transaction.atomic(using=using or lb_alias(), savepoint=savepoint, durable=durable)
+
+
+def warn_if_in_foreign_atomic(alias: str) -> None:
+    """Warn when a load-balanced write runs inside another alias's atomic block."""
+    for connection in connections.all(initialized_only=True):
+        if connection.alias != alias and connection.in_atomic_block:
+            warnings.warn(
+                f"a LoadBalancerModel write inside transaction.atomic() on {connection.alias!r} is applied "
+                "through the load balancer at once and is not rolled back with that block; use "
+                "django_lb_shm.atomic() (transaction.atomic(using=<load-balanced alias>)) instead.",
+                LoadBalancerTransactionWarning,
+                stacklevel=8,
+            )
+            return
+
