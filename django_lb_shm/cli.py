@@ -28,7 +28,7 @@ def build_parser(prog: str = "djangoloadbalancer") -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show the coordinator's databases, counters and health")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     migrate = sub.add_parser("migrate", help="apply migrations to every load-balanced database")
-    migrate.add_argument("migrate_args", nargs=argparse.REMAINDER, help="arguments passed to `migrate`")
+    migrate.add_argument("migrate_args", nargs="*", help="arguments passed to `migrate` (not --database)")
     verify = sub.add_parser("verify", help="compare every LoadBalancerModel table across the databases")
     verify.add_argument("--chunk-size", type=int, default=2000)
     verify.add_argument("--show", type=int, default=10, help="how many differing keys to name per table")
@@ -38,9 +38,20 @@ def build_parser(prog: str = "djangoloadbalancer") -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: str = "djangoloadbalancer") -> int:
-    args = build_parser(prog).parse_args(argv)
+    args = parse_args(build_parser(prog), argv)
     setup_django(args.settings, args.pythonpath)
     return dispatch(args)
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    """Everything after `migrate` is migrate's own (`migrate --verbosity 0`, `migrate app 0002`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "migrate" not in argv:
+        return parser.parse_args(argv)
+    at = argv.index("migrate")
+    args = parser.parse_args(argv[: at + 1])
+    args.migrate_args = argv[at + 1:]
+    return args
 
 
 def dispatch(args: argparse.Namespace) -> int:
@@ -163,11 +174,24 @@ def migrate(extra_args: Sequence[str]) -> int:
 
     from .conf import get_config
 
-    extra = [a for a in extra_args if not a.startswith("--database")]
+    extra = without_database_option(extra_args)
     for alias in get_config().databases:
         print(f"== migrating {alias}", flush=True)
         call_command("migrate", *extra, database=alias, interactive=False)
     return EXIT_OK
+
+
+def without_database_option(args: Sequence[str]) -> list[str]:
+    """Drop --database X / --database=X: every load-balanced database is migrated."""
+    kept, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == "--database":
+            skip = True
+        elif not arg.startswith("--database="):
+            kept.append(arg)
+    return kept
 
 
 def entry_point() -> Any:  # pragma: no cover - console_scripts hook

@@ -17,7 +17,7 @@ import time
 import uuid
 from collections import deque
 from multiprocessing import AuthenticationError
-from multiprocessing.managers import BaseProxy
+from multiprocessing.managers import BaseProxy, State
 from typing import Any, Iterable, Optional
 
 from . import descriptors as d
@@ -31,7 +31,7 @@ from .errors import (
     WriteOutcomeUnknown,
     from_dict,
 )
-from .protocol import CoordinatorManager
+from .protocol import CoordinatorManager, timed_client
 
 logger = logging.getLogger("django_lb_shm.client")
 
@@ -73,9 +73,12 @@ class CoordinatorClient:
     def _connect(self):
         address = self.config.address
         manager = CoordinatorManager(address=address.tuple, authkey=address.authkey)
+        manager._Client = timed_client(self.config.connect_timeout)
+        manager._state.value = State.STARTED  # what connect() sets, without its extra round trip
         try:
-            manager.connect()
-            return manager.coordinator()
+            proxy = manager.coordinator()
+            proxy._Client = manager._Client  # each thread's own connection: bounded handshake too
+            return proxy
         except AuthenticationError as exc:
             raise AuthenticationFailed(
                 f"the load balancer coordinator at {address} refused the AUTHKEY ({exc}); "
@@ -131,7 +134,7 @@ class CoordinatorClient:
 
     def request(self, request: d.Request, idempotent: bool) -> d.Result:
         payload = d.encode(request)
-        deadline = time.monotonic() + self.config.connect_timeout + self.config.client_timeout
+        deadline = time.monotonic() + self.config.connect_timeout
         while True:
             try:
                 reply = self.call("execute", payload)
@@ -249,6 +252,10 @@ class ClientSession:
         if self.autocommit:
             if kind == SAVEPOINT:
                 return d.Result()
+            if kind != READ:
+                from .transactions import warn_if_in_foreign_atomic
+
+                warn_if_in_foreign_atomic(self.alias)
             return self._send(d.OP_READ if kind == READ else d.OP_WRITE, statement, False)
         if not self.transaction_open:
             if kind == SAVEPOINT:
@@ -274,6 +281,15 @@ class ClientSession:
                 raise TransactionError(
                     f"the transaction was aborted: {exc}. None of its writes were applied."
                 ) from None
+            raise
+        except Exception:
+            if opening:
+                # The coordinator may have begun the transaction (and taken the write
+                # order) before the statement failed: end it as an open one, so the
+                # rollback (or commit) reaches the coordinator.  Ending a transaction
+                # the coordinator does not hold is harmless.
+                self.transaction_open = True
+                self.prelude.clear()
             raise
         if opening:
             self.transaction_open = True

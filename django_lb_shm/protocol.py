@@ -11,9 +11,11 @@ Exit codes of the coordinator process form a protocol with the supervisor.
 """
 from __future__ import annotations
 
+import functools
+import socket
 from multiprocessing import connection as mp_connection
 from multiprocessing.managers import BaseManager, BaseProxy, convert_to_error
-from typing import Any
+from typing import Any, Optional
 
 from .errors import QueryTimeout
 
@@ -30,6 +32,37 @@ EXIT_CODES = {
     EXIT_BOOT_ERROR: "boot error",
     EXIT_ORPHANED: "orphaned",
 }
+
+
+class _HandshakeConnection(mp_connection.Connection):
+    """A Connection whose reads give up after ``timeout`` seconds (used for the handshake)."""
+
+    timeout: Optional[float] = None
+
+    def _recv_bytes(self, maxsize: Optional[int] = None):
+        if self.timeout is not None and not self._poll(self.timeout):
+            raise TimeoutError(f"no answer within {self.timeout:.2f} s")
+        return super()._recv_bytes(maxsize)
+
+
+def connect(address: tuple, authkey: bytes, timeout: Optional[float] = None) -> mp_connection.Connection:
+    """multiprocessing.connection.Client with a bound on the TCP connect and the authkey handshake."""
+    sock = socket.create_connection(address, timeout=timeout)
+    sock.settimeout(None)
+    conn = _HandshakeConnection(sock.detach())
+    conn.timeout = timeout
+    try:
+        mp_connection.answer_challenge(conn, authkey)
+        mp_connection.deliver_challenge(conn, authkey)
+    except BaseException:
+        conn.close()
+        raise
+    conn.timeout = None
+    return conn
+
+
+def timed_client(timeout: Optional[float]):
+    return functools.partial(connect, timeout=timeout)
 
 
 class CoordinatorProxy(BaseProxy):

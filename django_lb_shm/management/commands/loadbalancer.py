@@ -15,7 +15,7 @@ class Command(BaseCommand):
                             help="run | status [--json] | migrate [...] | verify [...] | check")
 
     def handle(self, *args, **options):
-        parsed = cli.build_parser("manage.py loadbalancer").parse_args(options["subcommand_args"])
+        parsed = cli.parse_args(cli.build_parser("manage.py loadbalancer"), options["subcommand_args"])
         code = cli.dispatch(parsed)
         if code:
             raise SystemExit(code)
