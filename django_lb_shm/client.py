@@ -139,6 +139,8 @@ class CoordinatorClient:
             try:
                 reply = self.call("execute", payload)
                 break
+            except AuthenticationFailed:
+                raise  # a wrong key stays wrong
             except CoordinatorUnavailable:
                 # Reads and writes carrying a request id are safe to send again:
                 # the coordinator answers a repeated write id from its journal.

@@ -242,6 +242,15 @@ class CoordinatorServer(Server):
         except Exception:
             pass
 
+    # The shared coordinator object lives as long as this server: proxies of
+    # exited clients (or of a previous coordinator process, whose object may
+    # have had the same id) must not be able to count it away.
+    def incref(self, c: Any, ident: str) -> None:
+        pass
+
+    def decref(self, c: Any, ident: str) -> None:
+        pass
+
     def accept_forever(self) -> None:
         while not self.stop_event.is_set():
             try:

@@ -83,6 +83,11 @@ class CoordinatorProxy(BaseProxy):
         kind, result = conn.recv()
         if kind == "#RETURN":
             return result
+        if kind == "#TRACEBACK" and "KeyError" in result and "id_to_obj" in result:
+            # This proxy names an object of a previous coordinator process: the
+            # request was not run; reconnect with a fresh proxy.
+            self.drop_connection()
+            raise ConnectionResetError("the coordinator restarted since this connection was made")
         raise convert_to_error(kind, result)
 
     def _connection(self) -> mp_connection.Connection:
