@@ -1,0 +1,175 @@
+"""`djangoloadbalancer status`, and the errors an app sees when the coordinator is not there."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from django.db import OperationalError, connections
+from django.test import override_settings
+
+from django_lb_shm.backend.alias import lb_alias
+from django_lb_shm.errors import AuthenticationFailed, CoordinatorUnavailable
+from tests.support.lb import ALIASES, REPO
+from tests.support.pg_cluster import free_port
+from tests.testapp.models import Author, Destination
+
+STATUS = [sys.executable, "bin/djangoloadbalancer", "status"]
+MANAGE_STATUS = [sys.executable, "-m", "django", "loadbalancer", "status"]
+CONNECT_TIMEOUT = 2
+
+
+def run(args: list[str], env: dict, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(args, env=env, cwd=str(REPO), capture_output=True, text=True, timeout=timeout)
+
+
+def settings_env(tmp_path: Path, name: str, **address) -> tuple[dict, str]:
+    """(env, 'host:port') for a copy of the suite's settings JSON with ADDRESS overrides."""
+    config = json.loads(Path(os.environ["LB_TEST_CONFIG"]).read_text())
+    lb = config["LOAD_BALANCER"]
+    lb["ADDRESS"].update(address)
+    lb["CONNECT_TIMEOUT"] = CONNECT_TIMEOUT  # CLIENT_TIMEOUT stays the suite's 20 s
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(config))
+    env = dict(os.environ, LB_TEST_CONFIG=str(path), DJANGO_SETTINGS_MODULE="tests.testproject.settings")
+    return env, f"{lb['ADDRESS']['HOST']}:{lb['ADDRESS']['PORT']}"
+
+
+@pytest.fixture
+def no_coordinator(tmp_path) -> tuple[dict, str]:
+    return settings_env(tmp_path, "nobody-home", PORT=free_port())
+
+
+def check_status_json(data: dict, handle) -> None:
+    assert [db["name"] for db in data["databases"]] == list(ALIASES)
+    for db in data["databases"]:
+        assert set(db) >= {"name", "state", "reads", "writes", "pending_writes", "latency_ms"}
+        assert db["state"] == "RUNNING"
+        assert isinstance(db["reads"], int) and isinstance(db["writes"], int) and db["writes"] >= 1
+        assert db["pending_writes"] == 0 and isinstance(db["latency_ms"], (int, float))
+    coordinator = data["coordinator"]
+    assert coordinator["pid"] == handle.coordinator_pid() and psutil.pid_exists(coordinator["pid"])
+    assert coordinator["pid"] != handle.supervisor_pid
+    assert isinstance(coordinator["restarts"], int) and coordinator["restarts"] >= 0
+    assert coordinator["uptime_s"] > 0
+
+
+# -- status against the running coordinator -------------------------------------------------------
+def test_status_json_and_table(coordinator):
+    Author.objects.create(name="counted")
+    assert Author.objects.count() == 1
+    coordinator.wait_drained()
+    env = coordinator.env()
+    as_json, table = run(STATUS + ["--json"], env), run(STATUS, env)
+    assert as_json.returncode == 0, as_json.stderr
+    check_status_json(json.loads(as_json.stdout), coordinator)
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("database"))
+    assert lines[header].split()[:5] == ["database", "state", "reads", "writes", "pending"]
+    assert [line.split()[0] for line in lines[header + 1:]] == list(ALIASES)
+    assert all(line.split()[1] == "RUNNING" for line in lines[header + 1:])
+    assert lines[0].startswith("coordinator ") and f"pid {coordinator.coordinator_pid()}" in lines[0]
+
+
+def test_manage_py_loadbalancer_status_json(coordinator):
+    Destination.objects.create(name="Rome", desc="city")
+    coordinator.wait_drained()
+    result = run(MANAGE_STATUS + ["--json"], coordinator.env())
+    assert result.returncode == 0, result.stderr
+    check_status_json(json.loads(result.stdout), coordinator)
+
+
+# -- no coordinator -------------------------------------------------------------------------------
+def test_status_without_coordinator_says_where_and_how_to_start_it(no_coordinator):
+    env, address = no_coordinator
+    started = time.monotonic()
+    result = run(STATUS, env)
+    elapsed = time.monotonic() - started
+    assert result.returncode != 0 and result.stdout == ""
+    assert elapsed < CONNECT_TIMEOUT + 5
+    assert f"no load balancer coordinator answers at {address}" in result.stderr
+    assert "start it with `djangoloadbalancer`" in result.stderr
+
+
+QUERY_SCRIPT = textwrap.dedent("""
+    import json, sys, time
+    import django
+    django.setup()
+    from django.db import OperationalError
+    from tests.testapp.models import Destination
+    started = time.monotonic()
+    try:
+        Destination.objects.count()
+    except Exception as exc:
+        print(json.dumps({"type": type(exc).__name__, "operational": isinstance(exc, OperationalError),
+                          "elapsed": time.monotonic() - started, "message": str(exc)}))
+        raise
+""")
+
+
+def test_model_query_without_coordinator_is_an_operational_error(no_coordinator):
+    env, address = no_coordinator
+    started = time.monotonic()
+    result = run([sys.executable, "-c", QUERY_SCRIPT], env)
+    assert time.monotonic() - started < CONNECT_TIMEOUT + 5 + 5  # + interpreter start and django.setup()
+    assert result.returncode == 1
+    seen = json.loads(result.stdout)
+    assert seen["type"] == "CoordinatorUnavailable" and seen["operational"]
+    # It retries with backoff (steps of at most 1 s) for CONNECT_TIMEOUT, then gives up.
+    assert CONNECT_TIMEOUT - 1 <= seen["elapsed"] < CONNECT_TIMEOUT + 5
+    assert f"no load balancer coordinator answers at {address}" in seen["message"]
+    assert "start it with `djangoloadbalancer`" in seen["message"]
+    assert "CoordinatorUnavailable" in result.stderr and address in result.stderr
+
+
+def wrong_key(handle, **timeouts) -> dict:
+    return dict(handle.lb, ADDRESS=dict(handle.lb["ADDRESS"], AUTHKEY="not-the-authkey"), **timeouts)
+
+
+def test_wrong_authkey_is_refused_clearly(coordinator, tmp_path):
+    with override_settings(LOAD_BALANCER=wrong_key(coordinator, CONNECT_TIMEOUT=1, CLIENT_TIMEOUT=1)):
+        with pytest.raises(AuthenticationFailed) as caught:
+            Destination.objects.count()
+    assert isinstance(caught.value, OperationalError) and isinstance(caught.value, CoordinatorUnavailable)
+    address = f"{coordinator.lb['ADDRESS']['HOST']}:{coordinator.lb['ADDRESS']['PORT']}"
+    assert f"coordinator at {address} refused the AUTHKEY" in str(caught.value)
+    assert "not-the-authkey" not in str(caught.value)  # the secret is not echoed
+
+    env, _ = settings_env(tmp_path, "wrong-key", AUTHKEY="not-the-authkey")
+    started = time.monotonic()
+    result = run(STATUS, env)
+    assert result.returncode != 0 and f"at {address} refused the AUTHKEY" in result.stderr
+    assert time.monotonic() - started < 10
+    # the coordinator shrugged it off
+    assert Destination.objects.count() == 0
+    assert coordinator.status()["coordinator"]["state"] == "READY"
+
+
+def test_refused_authkey_is_not_retried(coordinator):
+    started = time.monotonic()
+    with override_settings(LOAD_BALANCER=wrong_key(coordinator, CONNECT_TIMEOUT=1, CLIENT_TIMEOUT=2)):
+        with pytest.raises(AuthenticationFailed):
+            Destination.objects.count()
+    assert time.monotonic() - started < 1.0  # one refusal is final
+
+
+def test_unpicklable_query_argument_is_a_type_error_and_the_coordinator_keeps_serving(coordinator):
+    lock = threading.Lock()
+    with connections[lb_alias()].cursor() as cursor:
+        with pytest.raises(TypeError, match=r"query parameter .*lock.* cannot be sent"):
+            cursor.execute("SELECT %s", [lock])
+        cursor.execute("SELECT %s", [41])
+        assert cursor.fetchone()[0] in (41, "41")
+    with pytest.raises(TypeError, match=r"of type lock cannot be sent to the load balancer coordinator"):
+        Destination.objects.extra(where=["name = %s"], params=[lock]).count()
+    Destination.objects.create(name="Oslo", desc="city")
+    assert Destination.objects.filter(name="Oslo").count() == 1
+    assert coordinator.status()["coordinator"]["restarts"] == 0
