@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.db import models
+from django.db.models.signals import pre_save
 
 from .backend.alias import lb_alias
 from .query import LoadBalancerManager, refuse_direct_write
@@ -35,3 +36,13 @@ class LoadBalancerModel(models.Model):
     def _load_balanced_using(self, using: str | None, method: str) -> str:
         refuse_direct_write(type(self), using, method)
         return lb_alias()
+
+
+def _refuse_direct_save(sender: type, instance: Any, using: str | None = None, **kwargs: Any) -> None:
+    """Every save of a LoadBalancerModel names its database here, including the ones that
+    bypass save(): serializers (``loaddata``) call ``Model.save_base(obj, using=...)`` directly."""
+    if isinstance(instance, LoadBalancerModel):
+        refuse_direct_write(sender, using, "save_base")
+
+
+pre_save.connect(_refuse_direct_save, dispatch_uid="django_lb_shm.refuse_direct_save")

@@ -58,11 +58,14 @@ class LoadBalancedInsertMixin:
         self.returning_fields = returning_fields
         plain = self.as_sql()
         returns_rows = bool(returning_fields) and self.connection.features.can_return_columns_from_insert
-        if not returns_rows and len(plain) != len(objs):
+        # Without RETURNING the only key is the cursor's lastrowid: one per statement, and
+        # meaningless when ON CONFLICT skipped or updated the row instead of inserting it.
+        on_conflict = getattr(self.query, "on_conflict", None)
+        if not returns_rows and (len(plain) != len(objs) or on_conflict is not None):
             raise NotSupportedError(
-                f"inserting {len(objs)} {opts.label} rows in one statement without the keys coming back "
-                "(bulk_create(ignore_conflicts=True) on a model whose primary key the database generates) "
-                "cannot give every database the same keys; set the primary keys explicitly."
+                f"inserting {len(objs)} {opts.label} rows without the keys coming back "
+                "(bulk_create() with ignore_conflicts or update_conflicts on a model whose primary key "
+                "the database generates) cannot give every database the same keys; set the primary keys explicitly."
             )
         explicit = self._explicit_key_statements(returning_fields)
         if len(explicit) != len(plain):
