@@ -191,6 +191,7 @@ def _check_algorithms(raw: Mapping[str, Any]) -> list[Problem]:
             f"LOAD_BALANCER['R_ALGORITHM']['NAME'] is {name!r}, not a known read algorithm.",
             f"Use one of: {', '.join(BUILTIN_READ_ALGORITHMS)}, or a dotted path to a ReadAlgorithm subclass.",
         ))
+    problems += _check_read_options(r_alg, raw.get("DATABASES"))
     interval = r_alg.get("INTERVAL", 5)
     if not _is_number(interval) or interval <= 0:
         problems.append(Problem(
@@ -199,6 +200,54 @@ def _check_algorithms(raw: Mapping[str, Any]) -> list[Problem]:
             "For example 'INTERVAL': 5.",
         ))
     return problems
+
+
+def _check_read_options(r_alg: Mapping[str, Any], databases: Any) -> list[Problem]:
+    names = set(databases) if isinstance(databases, (list, tuple)) else set()
+    problems = []
+    weights = r_alg.get("WEIGHTS", {})
+    if not isinstance(weights, Mapping) or any(
+        k not in names or not isinstance(v, int) or isinstance(v, bool) or v < 0 for k, v in weights.items()
+    ):
+        problems.append(Problem(
+            "django_lb_shm.E018",
+            f"LOAD_BALANCER['R_ALGORITHM']['WEIGHTS'] must map names from LOAD_BALANCER['DATABASES'] to "
+            f"whole numbers >= 0, got {weights!r}.",
+            "For example 'WEIGHTS': {'DB1': 3, 'DB2': 1}; a weight of 0 keeps a database out of reads.",
+        ))
+    excluded = r_alg.get("EXCLUDE", ())
+    if not isinstance(excluded, (list, tuple)) or any(n not in names for n in excluded):
+        problems.append(Problem(
+            "django_lb_shm.E019",
+            f"LOAD_BALANCER['R_ALGORITHM']['EXCLUDE'] must list names from LOAD_BALANCER['DATABASES'], got {excluded!r}.",
+            "Excluded databases get every write but serve no reads.",
+        ))
+    elif names and set(excluded) >= names:
+        problems.append(Problem(
+            "django_lb_shm.E019",
+            "LOAD_BALANCER['R_ALGORITHM']['EXCLUDE'] keeps every database out of reads.",
+            "Leave at least one database to serve reads.",
+        ))
+    name = r_alg.get("NAME")
+    if isinstance(name, str) and "." in name:
+        problems += _check_custom_algorithm(name)
+    return problems
+
+
+def _check_custom_algorithm(path: str) -> list[Problem]:
+    from django.utils.module_loading import import_string
+
+    try:
+        cls = import_string(path)
+    except ImportError as exc:
+        return [Problem("django_lb_shm.E020", f"LOAD_BALANCER['R_ALGORITHM']['NAME'] {path!r} cannot be imported: {exc}",
+                        "Give the dotted path of a django_lb_shm.balancing.ReadAlgorithm subclass.")]
+    from .balancing import ReadAlgorithm
+
+    if not (isinstance(cls, type) and issubclass(cls, ReadAlgorithm)):
+        return [Problem("django_lb_shm.E020", f"LOAD_BALANCER['R_ALGORITHM']['NAME'] {path!r} is not a ReadAlgorithm subclass.",
+                        "Subclass django_lb_shm.balancing.ReadAlgorithm and implement choose().")]
+    return []
 
 
 def _check_address(raw: Mapping[str, Any]) -> list[Problem]:

@@ -35,10 +35,12 @@ def base_settings() -> dict:
 class CoordinatorHandle:
     """A real `djangoloadbalancer run` process (supervisor + coordinator) for the tests."""
 
-    def __init__(self, name: str = "default", **overrides: Any):
+    def __init__(self, name: str = "default", databases: Optional[dict] = None, **overrides: Any):
         from tests.support.pg_cluster import free_port
 
         settings = base_settings()
+        for alias, changes in (databases or {}).items():
+            settings["DATABASES"][alias] = dict(settings["DATABASES"][alias], **changes)
         lb = settings["LOAD_BALANCER"]
         if name != "default":
             lb["ADDRESS"] = dict(lb["ADDRESS"], PORT=free_port())
@@ -245,8 +247,9 @@ def lb_factory() -> Iterator[Any]:
     """Start coordinators with LOAD_BALANCER overrides; this process's client follows the last one."""
     started: list[tuple[CoordinatorHandle, Any]] = []
 
-    def make(name: str = "custom", start: bool = True, **overrides: Any) -> CoordinatorHandle:
-        handle = CoordinatorHandle(name, **overrides)
+    def make(name: str = "custom", start: bool = True, databases: Optional[dict] = None,
+             **overrides: Any) -> CoordinatorHandle:
+        handle = CoordinatorHandle(name, databases=databases, **overrides)
         if start:
             handle.start()
         ctx = handle.active()
