@@ -27,6 +27,7 @@ from .errors import (
     CoordinatorUnavailable,
     NotSupportedError,
     QueryTimeout,
+    RequestRejected,
     TransactionError,
     WriteOutcomeUnknown,
     from_dict,
@@ -134,6 +135,11 @@ class CoordinatorClient:
 
     def request(self, request: d.Request, idempotent: bool) -> d.Result:
         payload = d.encode(request)
+        if len(payload) > self.config.max_request_bytes:
+            raise RequestRejected(
+                f"the query is {len(payload)} bytes once serialized, over LOAD_BALANCER['MAX_REQUEST_BYTES'] "
+                f"({self.config.max_request_bytes}); send it in smaller parts or raise the limit"
+            )
         deadline = time.monotonic() + self.config.connect_timeout
         while True:
             try:

@@ -30,7 +30,7 @@ KNOWN_KEYS = {
     "CUD_ALGORITHM", "R_ALGORITHM", "DATABASES", "WAIT_TIME", "ADDRESS", "ALIAS",
     "JOURNAL_DIR", "JOURNAL_FSYNC", "WRITE_ACK", "CLIENT_TIMEOUT", "CONNECT_TIMEOUT",
     "HEARTBEAT_TIMEOUT", "GRACEFUL_TIMEOUT", "MAX_RSS_MB", "MAX_REQUEST_BYTES",
-    "STATEMENT_TIMEOUT", "LOG_LEVEL",
+    "STATEMENT_TIMEOUT", "READ_TIMEOUT", "LOG_LEVEL",
 }
 # Optional numeric settings: name -> (default, zero allowed)
 NUMERIC_DEFAULTS: dict[str, tuple[float, bool]] = {
@@ -41,6 +41,7 @@ NUMERIC_DEFAULTS: dict[str, tuple[float, bool]] = {
     "MAX_RSS_MB": (0.0, True),  # 0 disables the RSS limit
     "MAX_REQUEST_BYTES": (64 * 1024 * 1024, False),
     "STATEMENT_TIMEOUT": (0.0, True),  # 0 disables the per-statement timeout
+    "READ_TIMEOUT": (0.0, True),  # 0: half of CLIENT_TIMEOUT
 }
 
 
@@ -59,13 +60,36 @@ class Address:
     host: str
     port: int
     authkey: bytes = field(repr=False)
+    path: str = ""   # a Unix socket instead of TCP
 
     @property
-    def tuple(self) -> tuple[str, int]:
-        return (self.host, self.port)
+    def tuple(self) -> Any:
+        """What multiprocessing.connection takes: (host, port), or the socket's path."""
+        return self.path or (self.host, self.port)
+
+    @property
+    def is_loopback(self) -> bool:
+        return bool(self.path) or is_loopback_host(self.host)
 
     def __str__(self) -> str:
-        return f"{self.host}:{self.port}"
+        return self.path or f"{self.host}:{self.port}"
+
+
+def is_loopback_host(host: str) -> bool:
+    import ipaddress
+    import socket
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return False
+
+
+def authkey_is_strong(key: bytes) -> bool:
+    """At least MIN_REMOTE_AUTHKEY_LENGTH bytes and 10 distinct ones (e.g. secrets.token_urlsafe(32))."""
+    return len(key) >= MIN_REMOTE_AUTHKEY_LENGTH and len(set(key)) >= 10
 
 
 @dataclass(frozen=True)
@@ -93,7 +117,13 @@ class LoadBalancerConfig:
     max_rss_mb: float = 0.0
     max_request_bytes: int = 64 * 1024 * 1024
     statement_timeout: float = 0.0
+    read_timeout: float = 0.0
     log_level: str = "INFO"
+
+    @property
+    def database_answer_timeout(self) -> float:
+        """How long one database may take to answer a read before it is treated as DOWN."""
+        return self.read_timeout or self.client_timeout / 2
 
 
 def _is_number(value: Any) -> bool:
@@ -258,6 +288,47 @@ def _check_address(raw: Mapping[str, Any]) -> list[Problem]:
             f"LOAD_BALANCER['ADDRESS'] must be a dict with HOST, PORT and AUTHKEY, got {address!r}.",
             "For example {'HOST': 'localhost', 'PORT': 6000, 'AUTHKEY': '<a long random secret>'}.",
         )]
+    problems = _check_path(address) if "PATH" in address else _check_host_port(address)
+    authkey = resolve_authkey(address)
+    if not authkey:
+        env_name = address.get("AUTHKEY_ENV")
+        problems.append(Problem(
+            "django_lb_shm.E010",
+            "LOAD_BALANCER['ADDRESS']['AUTHKEY'] is missing or empty"
+            + (f" (environment variable {env_name!r} is not set)." if env_name else "."),
+            "Set AUTHKEY to a secret string (or AUTHKEY_ENV to the name of an environment "
+            "variable holding it); whoever knows it can run code in the coordinator.",
+        ))
+    elif "PATH" not in address and isinstance(address.get("HOST", "localhost"), str) \
+            and not is_loopback_host(address.get("HOST", "localhost")) and not authkey_is_strong(authkey):
+        problems.append(Problem(
+            "django_lb_shm.E021",
+            f"LOAD_BALANCER['ADDRESS']['HOST'] {address.get('HOST')!r} is not a loopback address and the AUTHKEY "
+            f"is weak (needs {MIN_REMOTE_AUTHKEY_LENGTH}+ characters, 10+ distinct).",
+            "Bind to 'localhost' or a Unix socket PATH, or use a key from "
+            "`python -c 'import secrets; print(secrets.token_urlsafe(32))'` (best kept in AUTHKEY_ENV).",
+        ))
+    return problems
+
+
+def _check_path(address: Mapping[str, Any]) -> list[Problem]:
+    path = address.get("PATH")
+    if not isinstance(path, (str, os.PathLike)) or not os.path.isabs(str(path)):
+        return [Problem(
+            "django_lb_shm.E022",
+            f"LOAD_BALANCER['ADDRESS']['PATH'] must be an absolute filesystem path for a Unix socket, got {path!r}.",
+            "For example '/run/djangoloadbalancer/lb.sock' (the directory must exist); or use HOST and PORT.",
+        )]
+    if not os.path.isdir(os.path.dirname(str(path))):
+        return [Problem(
+            "django_lb_shm.E022",
+            f"the directory of LOAD_BALANCER['ADDRESS']['PATH'] {str(path)!r} does not exist.",
+            "Create it, owned by the user that runs djangoloadbalancer.",
+        )]
+    return []
+
+
+def _check_host_port(address: Mapping[str, Any]) -> list[Problem]:
     problems = []
     host = address.get("HOST", "localhost")
     if not isinstance(host, str) or not host:
@@ -272,14 +343,6 @@ def _check_address(raw: Mapping[str, Any]) -> list[Problem]:
             "django_lb_shm.E009",
             f"LOAD_BALANCER['ADDRESS']['PORT'] must be an integer from 1 to 65535, got {port!r}.",
             "Pick a free TCP port, e.g. 6000.",
-        ))
-    authkey = resolve_authkey(address)
-    if not authkey:
-        problems.append(Problem(
-            "django_lb_shm.E010",
-            "LOAD_BALANCER['ADDRESS']['AUTHKEY'] is missing or empty.",
-            "Set AUTHKEY to a secret string (or AUTHKEY_ENV to the name of an environment "
-            "variable holding it); whoever knows it can run code in the coordinator.",
         ))
     return problems
 
@@ -369,11 +432,20 @@ def find_problems(raw: Any, django_dbs: Mapping[str, Any]) -> list[Problem]:
     return problems
 
 
-def _default_journal_dir(port: int) -> str:
+def _default_journal_dir(address: Address) -> str:
     from django.conf import settings
 
     base = getattr(settings, "BASE_DIR", None) or os.getcwd()
-    return str(Path(base) / ".loadbalancer-journal" / str(port))
+    return str(Path(base) / ".loadbalancer-journal" / address_key(address))
+
+
+def address_key(address: Address) -> str:
+    """A short name for an address (shared memory segment, default journal directory)."""
+    if address.path:
+        import zlib
+
+        return f"u{zlib.crc32(address.path.encode()):08x}"
+    return str(address.port)
 
 
 def build_config(raw: Any, django_dbs: Mapping[str, Any]) -> LoadBalancerConfig:
@@ -384,7 +456,12 @@ def build_config(raw: Any, django_dbs: Mapping[str, Any]) -> LoadBalancerConfig:
             "Invalid settings.LOAD_BALANCER:\n" + "\n".join(f"  {p.id}: {p.msg} HINT: {p.hint}" for p in errors)
         )
     address_raw = raw["ADDRESS"]
-    address = Address(str(address_raw.get("HOST", "localhost")), int(address_raw["PORT"]), resolve_authkey(address_raw))
+    address = Address(
+        host=str(address_raw.get("HOST", "localhost")),
+        port=int(address_raw.get("PORT") or 0),
+        authkey=resolve_authkey(address_raw),
+        path=str(address_raw.get("PATH") or ""),
+    )
     r_raw = dict(raw.get("R_ALGORITHM", {"NAME": "ROUND_ROBIN"}))
     read_algorithm = ReadAlgorithmConfig(
         name=r_raw.pop("NAME"), interval=float(r_raw.pop("INTERVAL", 5)), options=r_raw
@@ -398,7 +475,7 @@ def build_config(raw: Any, django_dbs: Mapping[str, Any]) -> LoadBalancerConfig:
         cud_algorithm=raw.get("CUD_ALGORITHM", "MULTITHREADING"),
         wait_time=float(raw.get("WAIT_TIME", 2)),
         alias=raw.get("ALIAS", DEFAULT_ALIAS),
-        journal_dir=str(raw.get("JOURNAL_DIR") or _default_journal_dir(address.port)),
+        journal_dir=str(raw.get("JOURNAL_DIR") or _default_journal_dir(address)),
         journal_fsync=bool(raw.get("JOURNAL_FSYNC", True)),
         write_ack=raw.get("WRITE_ACK", "FIRST"),
         log_level=str(raw.get("LOG_LEVEL", "INFO")),

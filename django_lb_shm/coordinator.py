@@ -18,8 +18,11 @@ import signal
 import sys
 import threading
 import time
+import socket
 from multiprocessing import AuthenticationError
+from multiprocessing import connection as mp_connection
 from multiprocessing.managers import Server
+from traceback import format_exc
 from typing import Any, Optional
 
 from . import descriptors as d
@@ -32,12 +35,24 @@ from .errors import (
     TransactionError,
     to_dict,
 )
-from .protocol import EXIT_BOOT_ERROR, EXIT_CONFIG_ERROR, EXIT_OK, EXIT_ORPHANED, EXPOSED, TYPEID
+from .protocol import (
+    EXIT_BOOT_ERROR,
+    EXIT_CONFIG_ERROR,
+    EXIT_OK,
+    EXIT_ORPHANED,
+    EXPOSED,
+    TYPEID,
+    FrameTooLarge,
+    GuardedConnection,
+)
 from .shared_state import CoordinatorState, DbState, Header, SharedState, Slot
 
 logger = logging.getLogger("django_lb_shm.coordinator")
 
 TICK = 0.5
+HANDSHAKE_TIMEOUT = 10.0      # a connection that does not authenticate by then is dropped
+HANDSHAKE_MAX_BYTES = 4096    # no handshake frame is bigger
+FRAME_OVERHEAD = 4096         # the Manager's envelope around a request
 TRIM_EVERY = 5.0
 BOOT_CONNECT_WAIT = 10.0
 
@@ -185,6 +200,7 @@ class Coordinator:
     def read(self, statement: d.Statement) -> d.Result:
         reply = self._reply_queue()
         tried: list[str] = []
+        deadline = time.monotonic() + self.config.client_timeout
         while True:
             candidates = [t.index for t in self.threads if t.state == DbState.RUNNING and t.alias not in tried]
             if not candidates:
@@ -195,7 +211,13 @@ class Coordinator:
             thread = self.threads[self.algorithm.choose(self.algorithm.eligible(candidates))]
             token = next(self._tokens)
             thread.submit_read(statement, reply, token)
-            ok, value = self._await(reply, token, thread.alias)
+            try:
+                ok, value = self._await(reply, token, thread.alias, deadline)
+            except QueryTimeout as timeout:
+                if time.monotonic() >= deadline:
+                    raise
+                thread.mark_unresponsive(str(timeout))
+                ok, value = False, DatabaseDown(str(timeout))
             if ok:
                 return value
             if isinstance(value, DatabaseDown):
@@ -209,19 +231,46 @@ class Coordinator:
             reply = self._local.reply = queue.SimpleQueue()
         return reply
 
-    def _await(self, reply: "queue.SimpleQueue", token: int, alias: str) -> tuple:
-        deadline = time.monotonic() + self.config.client_timeout
+    def _await(self, reply: "queue.SimpleQueue", token: int, alias: str, deadline: float) -> tuple:
+        """The answer to ``token``; QueryTimeout after the database's answer timeout (or the deadline)."""
+        started = time.monotonic()
+        limit = min(deadline, started + self.config.database_answer_timeout)
         while True:
-            remaining = deadline - time.monotonic()
+            remaining = limit - time.monotonic()
             try:
                 got_token, ok, value = reply.get(timeout=max(remaining, 0.001))
             except queue.Empty:
                 raise QueryTimeout(
-                    f"database {alias!r} did not answer within {self.config.client_timeout:.2f} s"
+                    f"database {alias!r} did not answer a read within {limit - started:.2f} s"
                 ) from None
             if got_token == token:
                 return ok, value
             # a late answer to an earlier request that timed out: drop it
+
+
+def _remove_stale_socket(path: str) -> None:
+    """A socket file left by a crashed coordinator; refuse to take over a live one."""
+    if not os.path.exists(path):
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1)
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)
+        return
+    finally:
+        probe.close()
+    raise OSError(f"another process is listening on {path}")
+
+
+def _peer_of(conn: Any) -> str:
+    try:
+        with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+            peer = sock.getpeername()
+        return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else (peer or "a local socket")
+    except OSError:
+        return "an unknown peer"
 
 
 def _is_caller_error(exc: BaseException) -> bool:
@@ -233,8 +282,12 @@ def _is_caller_error(exc: BaseException) -> bool:
 class CoordinatorServer(Server):
     """The Manager server, with a bounded accept loop, a larger backlog and client clean-up."""
 
-    def __init__(self, registry: dict, address: tuple, authkey: bytes, owner: Any):
+    def __init__(self, registry: dict, address: Any, authkey: bytes, owner: Any):
+        if isinstance(address, str):
+            _remove_stale_socket(address)
         super().__init__(registry, address, authkey, "pickle")
+        if isinstance(address, str):
+            os.chmod(address, 0o600)  # owner only: the socket is the door to the coordinator
         self.owner = owner
         self.stop_event = threading.Event()
         try:
@@ -258,21 +311,52 @@ class CoordinatorServer(Server):
             except OSError:
                 if self.stop_event.is_set():
                     return
+                time.sleep(0.01)  # e.g. out of file descriptors: do not spin
                 continue
             except AuthenticationError:
                 continue
             threading.Thread(target=self.handle_request, args=(conn,), daemon=True, name="client").start()
 
     def _handle_request(self, conn: Any) -> None:
+        """The stdlib's, with a bounded handshake and a log line for every refusal."""
+        conn.__class__ = GuardedConnection
+        conn.timeout, conn.max_bytes = HANDSHAKE_TIMEOUT, HANDSHAKE_MAX_BYTES
+        peer = _peer_of(conn)
         try:
-            super()._handle_request(conn)
+            mp_connection.deliver_challenge(conn, self.authkey)
+            mp_connection.answer_challenge(conn, self.authkey)
+            ignore, funcname, args, kwds = conn.recv()
+            if funcname not in self.public:
+                raise ValueError(f"unknown manager call {funcname!r}")
         except AuthenticationError as exc:
-            logger.warning("refused a connection: %s", exc)
+            logger.warning("refused a connection from %s: %s (wrong AUTHKEY?)", peer, exc)
+            return
+        except TimeoutError:
+            logger.warning("dropped a connection from %s: no handshake within %.0f s", peer, HANDSHAKE_TIMEOUT)
+            return
+        except Exception as exc:
+            logger.warning("dropped a connection from %s: bad handshake (%s: %s)", peer, type(exc).__name__, exc)
+            return
+        conn.timeout, conn.max_bytes = None, self.owner.config.max_request_bytes + FRAME_OVERHEAD
+        try:
+            msg = ("#RETURN", getattr(self, funcname)(conn, *args, **kwds))
+        except FrameTooLarge as exc:
+            logger.warning("dropped a connection from %s: %s", peer, exc)
+            return
+        except Exception:
+            msg = ("#TRACEBACK", format_exc())
+        try:
+            conn.send(msg)
+        except Exception:
+            pass
 
     def serve_client(self, conn: Any) -> None:
         try:
             super().serve_client(conn)
         finally:
+            if getattr(conn, "too_large", False):
+                logger.warning("dropped a client connection that sent a frame over %d bytes (MAX_REQUEST_BYTES)",
+                               conn.max_bytes)
             self.owner.client_gone()
 
     def close(self) -> None:

@@ -201,6 +201,12 @@ class DbThread(threading.Thread):
         self.shared.set(self.index, Slot.APPLIED_SEQ, seq)
         self.shared.add(self.index, Slot.WRITES, 1)
 
+    def mark_unresponsive(self, reason: str) -> None:
+        """A read waited too long here: no more reads until it answers a probe again."""
+        self.shared.add(self.index, Slot.ERRORS, 1)
+        self.set_state(DbState.DOWN, reason)
+        self.next_probe = time.monotonic() + self.hub.config.wait_time
+
     def go_down(self, exc: BaseException) -> None:
         self.shared.add(self.index, Slot.ERRORS, 1)
         self.set_state(DbState.DOWN, f"{type(exc).__name__}: {exc}".strip())

@@ -34,22 +34,52 @@ EXIT_CODES = {
 }
 
 
-class _HandshakeConnection(mp_connection.Connection):
-    """A Connection whose reads give up after ``timeout`` seconds (used for the handshake)."""
+class GuardedConnection(mp_connection.Connection):
+    """A Connection whose reads give up after ``timeout`` seconds and refuse frames over ``max_bytes``.
+
+    Used for every handshake (both sides) and for the coordinator's side of
+    every client connection, so that silent peers, garbage and huge length
+    prefixes cost a bounded time and memory.
+    """
 
     timeout: Optional[float] = None
+    max_bytes: Optional[int] = None
+    too_large = False
 
     def _recv_bytes(self, maxsize: Optional[int] = None):
         if self.timeout is not None and not self._poll(self.timeout):
             raise TimeoutError(f"no answer within {self.timeout:.2f} s")
-        return super()._recv_bytes(maxsize)
+        limit = maxsize if maxsize is not None else self.max_bytes
+        try:
+            return super()._recv_bytes(limit)
+        except OSError as exc:
+            if "bad message length" in str(exc):
+                self.too_large = True
+                raise FrameTooLarge(f"a frame over {limit} bytes") from None
+            raise
 
 
-def connect(address: tuple, authkey: bytes, timeout: Optional[float] = None) -> mp_connection.Connection:
-    """multiprocessing.connection.Client with a bound on the TCP connect and the authkey handshake."""
-    sock = socket.create_connection(address, timeout=timeout)
+class FrameTooLarge(EOFError):
+    """Raised as an EOF: the stream cannot be resynchronised, so the connection ends."""
+
+
+def connect(address: Any, authkey: bytes, timeout: Optional[float] = None) -> mp_connection.Connection:
+    """multiprocessing.connection.Client with a bound on the connect and the authkey handshake.
+
+    ``address`` is (host, port) for TCP or a filesystem path for a Unix socket.
+    """
+    if isinstance(address, str):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(address)
+        except BaseException:
+            sock.close()
+            raise
+    else:
+        sock = socket.create_connection(address, timeout=timeout)
     sock.settimeout(None)
-    conn = _HandshakeConnection(sock.detach())
+    conn = GuardedConnection(sock.detach())
     conn.timeout = timeout
     try:
         mp_connection.answer_challenge(conn, authkey)

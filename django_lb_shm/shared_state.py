@@ -12,7 +12,7 @@ import enum
 import os
 import time
 from multiprocessing import resource_tracker, shared_memory
-from typing import Optional
+from typing import Any, Optional
 
 MAGIC = 0x4C42_5348  # "LBSH"
 LAYOUT_VERSION = 1
@@ -73,8 +73,11 @@ class Slot(enum.IntEnum):
 SLOT_SIZE = 12
 
 
-def segment_name(port: int, host: str = "") -> str:
-    return f"django_lb_shm_{port}"
+def segment_name(address: Any) -> str:
+    """One segment per coordinator address: django_lb_shm_<port> (or _u<hash of the socket path>)."""
+    from .conf import address_key
+
+    return f"django_lb_shm_{address_key(address)}"
 
 
 class SharedState:

@@ -51,7 +51,7 @@ class Supervisor:
     # -- life cycle ---------------------------------------------------------------------
     def run(self) -> int:
         self._install_signals()
-        self.shared = SharedState.create(segment_name(self.config.address.port), len(self.config.databases))
+        self.shared = SharedState.create(segment_name(self.config.address), len(self.config.databases))
         try:
             code = self._boot()
             if code is not None:
@@ -158,7 +158,8 @@ class Supervisor:
                 logger.warning("database thread %r has not beaten for %.1f s", name, now - beat)
 
     def _restart(self, reason: str, graceful: bool) -> None:
-        logger.error("%s; restarting it in %.1f s", reason, self.backoff) if not graceful else None
+        if not graceful:
+            logger.error("%s; restarting it in %.1f s", reason, self.backoff)
         self._stop_coordinator(force=not graceful)
         if not graceful:
             if self._take_signal(self.backoff) in (signal.SIGTERM, signal.SIGINT):

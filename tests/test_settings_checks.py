@@ -24,7 +24,6 @@ from django.test import override_settings
 
 from django_lb_shm.checks import check_load_balancer_settings
 from django_lb_shm.conf import find_problems
-from django_lb_shm.shared_state import segment_name
 from tests.support.lb import REPO
 from tests.support.pg_cluster import free_port
 
@@ -251,5 +250,5 @@ def test_launcher_refuses_to_start_with_bad_settings(bad_wait_time):
     except psutil.AccessDenied:  # not root: the connection attempt above must do
         listening = []
     assert listening == []
-    assert not Path("/dev/shm", segment_name(port)).exists()
+    assert not Path("/dev/shm", f"django_lb_shm_{port}").exists()
     assert not Path(lb["JOURNAL_DIR"]).exists()
