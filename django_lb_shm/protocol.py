@@ -50,13 +50,11 @@ class GuardedConnection(mp_connection.Connection):
         if self.timeout is not None and not self._poll(self.timeout):
             raise TimeoutError(f"no answer within {self.timeout:.2f} s")
         limit = maxsize if maxsize is not None else self.max_bytes
-        try:
-            return super()._recv_bytes(limit)
-        except OSError as exc:
-            if "bad message length" in str(exc):
-                self.too_large = True
-                raise FrameTooLarge(f"a frame over {limit} bytes") from None
-            raise
+        buf = super()._recv_bytes(limit)
+        if buf is None:  # the length prefix is over the limit: the payload is never read
+            self.too_large = True
+            raise FrameTooLarge(f"a frame over {limit} bytes")
+        return buf
 
 
 class FrameTooLarge(EOFError):

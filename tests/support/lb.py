@@ -49,9 +49,10 @@ class CoordinatorHandle:
         self.settings = settings
         self.lb = lb
         base = Path(os.environ["LB_TEST_CONFIG"]).parent
-        self.config_path = base / f"settings-{name}-{lb['ADDRESS']['PORT']}.json"
+        tag = lb["ADDRESS"].get("PORT") or "unix"
+        self.config_path = base / f"settings-{name}-{tag}.json"
         self.config_path.write_text(json.dumps(settings, indent=1))
-        self.log_path = base / f"coordinator-{name}-{lb['ADDRESS']['PORT']}.log"
+        self.log_path = base / f"coordinator-{name}-{tag}.log"
         self.proc: Optional[subprocess.Popen] = None
 
     # -- processes -------------------------------------------------------------------
