@@ -52,3 +52,20 @@ def test_read_after_acknowledged_write_sees_it(coordinator):
         # round robin sends consecutive reads to different databases
         for _ in range(len(ALIASES)):
             assert Author.objects.filter(pk=author.pk).exists()
+
+
+def _has_author(alias, pk):
+    from django.db import connections
+
+    with connections[alias].cursor() as cursor:
+        cursor.execute("SELECT COUNT(*) FROM testapp_author WHERE id = %s", [pk])
+        return cursor.fetchone()[0] == 1
+
+
+@pytest.mark.parametrize("policy, at_least", [("ALL", 3), ("QUORUM", 2)])
+def test_write_ack_policy_waits_for_enough_databases(lb_factory, policy, at_least):
+    lb_factory(f"ack-{policy.lower()}", WRITE_ACK=policy)
+    for i in range(15):
+        author = Author.objects.create(name=f"ack{i}")
+        # read each copy directly, the moment the write is acknowledged
+        assert sum(_has_author(alias, author.pk) for alias in ALIASES) >= at_least
