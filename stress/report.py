@@ -207,8 +207,10 @@ def chart(path: str, data: dict) -> Optional[str]:
     summary = data.get("summary") or []
     scale = data.get("scale") or []
     soak = data.get("soak")
-    panels = 1 + (1 if scale else 0) + (1 if soak else 0)
-    fig, axes = plt.subplots(panels, 2 if panels else 1, figsize=(13, 4.2 * panels), squeeze=False)
+    panels = (1 if summary else 0) + (1 if scale else 0) + (1 if soak else 0)
+    if not panels:
+        return "nothing to chart (no phases, scale or soak): no chart written"
+    fig, axes = plt.subplots(panels, 2, figsize=(13, 4.2 * panels), squeeze=False)
     workloads = []
     for r in summary:
         if r["workload"] not in workloads:
@@ -218,6 +220,7 @@ def chart(path: str, data: dict) -> Optional[str]:
         if r["label"] not in labels:
             labels.append(r["label"])
     width = 0.8 / max(1, len(labels))
+    row = 0
     for j, label in enumerate(labels):
         thr = [next((r["metrics"].get("ops_per_s", 0) for r in summary
                      if r["workload"] == w and r["label"] == label), 0) for w in workloads]
@@ -226,12 +229,13 @@ def chart(path: str, data: dict) -> Optional[str]:
         xs = [i + j * width for i in range(len(workloads))]
         axes[0][0].bar(xs, thr, width, label=label)
         axes[0][1].bar(xs, p99, width, label=label)
-    for ax, title in ((axes[0][0], "throughput (ops/s, median)"), (axes[0][1], "p99 latency (ms, median)")):
-        ax.set_xticks([i + width * (len(labels) - 1) / 2 for i in range(len(workloads))])
-        ax.set_xticklabels(workloads)
-        ax.set_title(title)
-        ax.legend(fontsize=8)
-    row = 1
+    if summary:
+        for ax, title in ((axes[0][0], "throughput (ops/s, median)"), (axes[0][1], "p99 latency (ms, median)")):
+            ax.set_xticks([i + width * (len(labels) - 1) / 2 for i in range(len(workloads))])
+            ax.set_xticklabels(workloads)
+            ax.set_title(title)
+            ax.legend(fontsize=8)
+        row = 1
     if scale:
         by_label: dict[str, list] = {}
         for p in scale:

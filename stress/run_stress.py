@@ -52,6 +52,10 @@ class Terminated(BaseException):
     """SIGTERM: stop like on Ctrl-C."""
 
 
+def on_term(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
 # -- options ---------------------------------------------------------------------------------
 def parse_mix(text: str) -> tuple[float, float]:
     try:
@@ -287,6 +291,8 @@ class Driver:
         pool_size = self.pool_size()
         # direct clients + pgpool children + the coordinator's two connections per database
         self.databases = self.env.make_databases(extra_pg_connections=2 * pool_size + 20)
+        # PgCluster installs a SIGTERM handler of its own (stop postgres, die): ours stops everything
+        signal.signal(signal.SIGTERM, on_term)
         self.port = free_port()
         if self.use_pgpool:
             self.env.pgpool = harness.Pgpool(
@@ -453,7 +459,7 @@ class Driver:
         if soak:
             samples.append({"t_s": 0.0, "rss_mb": rss0, "ops_per_s": None})
         phase_deadline = start + duration + 90 + clients
-        last_progress = 0.0
+        last_progress = 0.0 if self.tty else time.monotonic()  # logs: a line every 30 s of long phases
         while len(results) < clients:
             msg = pool.get(0.2)
             now = time.monotonic()
@@ -477,7 +483,7 @@ class Driver:
                 el = max(0.0, now - start)
                 self.progress(f"{counter} {work:9s} {label:16s} {clients:3d} clients  "
                               f"{min(el, duration):6.1f}/{duration:.0f} s  {ops_now:8d} ops  "
-                              f"{ops_now / max(el, 1e-9):8.0f} ops/s")
+                              f"{ops_now / max(el, 1e-9):8.0f} ops/s", periodic=True)
             if now > phase_deadline:
                 missing = [i for i in range(clients) if i not in results]
                 log(f"phase {work}/{label}: no result from clients {missing} after {now - start:.0f}s")
@@ -585,11 +591,11 @@ class Driver:
             proc.wait(5)
 
     # -- output ---------------------------------------------------------------------------------
-    def progress(self, text: str) -> None:
+    def progress(self, text: str, periodic: bool = False) -> None:
         if self.tty:
             sys.stderr.write("\r\033[K[stress] " + text)
             sys.stderr.flush()
-        elif "warming" in text:
+        else:
             log(text)
 
     def progress_done(self, text: str) -> None:
@@ -914,16 +920,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     os.chmod(tmp, 0o755)  # the postgres user must traverse it (PgCluster, pgpool)
     driver = Driver(args, tmp)
 
-    def on_term(signum: int, frame: Any) -> None:
-        raise Terminated()
-
     signal.signal(signal.SIGTERM, on_term)
     code = 0
     data: dict = {}
     try:
         driver.setup()
-        # PgCluster installs a SIGTERM handler of its own (stop postgres, die): ours stops everything
-        signal.signal(signal.SIGTERM, on_term)
         driver.run_all()
         if args.breakdown:
             log("breakdown: timing a point read's parts in this process (1 client, sequential)")
@@ -991,11 +992,16 @@ def main(argv: Optional[list[str]] = None) -> int:
             log("coordinator log tail:\n" + driver.env.coordinator_log(2000))
         code = 1
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
-        if driver.pool is not None:
-            driver.pool.close()
-        driver.env.close()
+        # a second Ctrl-C or SIGTERM must not cut the clean-up short
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            if driver.pool is not None:
+                driver.pool.close()
+        finally:
+            driver.env.close()
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     return code
 
 
