@@ -280,6 +280,7 @@ class ClientSession:
                             request_id=client.new_request_id())
         opening = in_transaction and not self.transaction_open
         if opening:
+            request.opens = True
             request.prelude = tuple(sql for _name, sql in self.prelude)
         try:
             result = client.request(request, idempotent=(op == d.OP_READ or not in_transaction))

@@ -28,6 +28,7 @@ from typing import Any, Optional
 from . import descriptors as d
 from .errors import (
     ConfigurationError,
+    CoordinatorUnavailable,
     DatabaseDown,
     NoDatabaseAvailable,
     QueryTimeout,
@@ -57,6 +58,10 @@ TRIM_EVERY = 5.0
 BOOT_CONNECT_WAIT = 10.0
 
 
+class CoordinatorStopping(CoordinatorUnavailable):
+    """Sent as CoordinatorUnavailable: nothing was done, the client may retry elsewhere or later."""
+
+
 class Coordinator:
     """The object app processes call through the Manager (``execute``, ``status``, ``hello``)."""
 
@@ -69,6 +74,7 @@ class Coordinator:
         self._local = threading.local()
         self._tokens = itertools.count()
         self._active = 0
+        self.stopping = False
         self._active_lock = threading.Lock()
         self.idle = threading.Condition(self._active_lock)
 
@@ -96,7 +102,10 @@ class Coordinator:
         return snapshot
 
     def execute(self, payload: bytes) -> bytes:
-        self._enter()
+        try:
+            self._enter()
+        except CoordinatorStopping as exc:
+            return pickle.dumps((False, to_dict(exc)), protocol=pickle.HIGHEST_PROTOCOL)
         try:
             if len(payload) > self.config.max_request_bytes:
                 raise RequestRejected(
@@ -116,6 +125,10 @@ class Coordinator:
     # -- bookkeeping ---------------------------------------------------------------------
     def _enter(self) -> None:
         with self._active_lock:
+            if self.stopping:
+                raise CoordinatorStopping(
+                    "the coordinator is stopping; the request was not applied (retry once it is back)"
+                )
             self._active += 1
             self.shared.set_header(Header.ACTIVE_REQUESTS, self._active)
             self.shared.add_header(Header.REQUESTS, 1)
@@ -128,8 +141,10 @@ class Coordinator:
                 self.idle.notify_all()
 
     def wait_idle(self, timeout: float) -> bool:
+        """Refuse new requests, then wait for those in flight."""
         deadline = time.monotonic() + timeout
         with self._active_lock:
+            self.stopping = True
             while self._active:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -156,8 +171,13 @@ class Coordinator:
     def dispatch(self, request: d.Request) -> d.Result:
         txn = getattr(self._local, "txn", None)
         op = request.op
+        if request.in_transaction and op in (d.OP_READ, d.OP_WRITE) and txn is None and not request.opens:
+            raise TransactionError(
+                "this connection holds no open transaction on the coordinator (it restarted, or the "
+                "connection was replaced); none of the transaction's writes were applied"
+            )
         if op == d.OP_READ:
-            if request.in_transaction and txn is not None:
+            if request.in_transaction:
                 return self.sequencer.run_in(txn, request.statement, records=False)
             return self.read(request.statement)
         if op == d.OP_WRITE:

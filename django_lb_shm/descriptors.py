@@ -56,6 +56,7 @@ class Request:
     op: str
     statement: Optional[Statement] = None
     in_transaction: bool = False
+    opens: bool = False               # this statement opens the caller's transaction on the coordinator
     prelude: tuple = ()               # savepoint statements issued before the transaction reached the coordinator
     request_id: str = ""
     version: int = PROTOCOL_VERSION

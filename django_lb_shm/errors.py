@@ -88,8 +88,11 @@ _DJANGO_ERRORS: dict[str, type[Exception]] = {
         db_utils.ProgrammingError,
         db_utils.NotSupportedError,
         FieldError,
+        # Drivers raise these builtins for a parameter they cannot bind (sqlite3: an int
+        # over 64 bits is an OverflowError); plain Django lets them through unwrapped.
         TypeError,
         ValueError,
+        OverflowError,
     )
 }
 _OWN_ERRORS: dict[str, type[Exception]] = {
@@ -134,6 +137,8 @@ def from_dict(data: dict[str, Any]) -> Exception:
 def _nearest_known_name(exc: BaseException) -> str:
     # PEP 249 class names are the same in every driver (sqlite3, psycopg...).
     for klass in type(exc).__mro__:
+        if klass.__name__ in _OWN_ERRORS and klass.__module__ == __name__:
+            return klass.__name__
         if klass.__name__ in _DJANGO_ERRORS:
             return klass.__name__
     return "DatabaseError"

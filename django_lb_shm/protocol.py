@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import socket
+import threading
 from multiprocessing import connection as mp_connection
 from multiprocessing.managers import BaseManager, BaseProxy, convert_to_error
 from typing import Any, Optional
@@ -97,6 +98,13 @@ class CoordinatorProxy(BaseProxy):
     """Proxy for the coordinator object, with a client-side timeout on every call."""
 
     _exposed_ = EXPOSED
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        # Its own per-thread sockets: BaseProxy shares one socket per thread among all
+        # proxies of an address, so closing another client's connection (a status
+        # check, a client with other settings) would cut this one's transaction.
+        self._tls = threading.local()
 
     def call(self, method: str, args: tuple = (), timeout: float | None = None) -> Any:
         conn = self._connection()
