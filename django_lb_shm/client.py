@@ -276,8 +276,9 @@ class ClientSession:
 
     def _send(self, op: str, statement: d.Statement, in_transaction: bool) -> d.Result:
         client = get_client()
-        request = d.Request(op=op, statement=statement, in_transaction=in_transaction,
-                            request_id=client.new_request_id())
+        # Only writes need an id: a repeated one is answered from the journal.
+        request_id = "" if op == d.OP_READ else client.new_request_id()
+        request = d.Request(op=op, statement=statement, in_transaction=in_transaction, request_id=request_id)
         opening = in_transaction and not self.transaction_open
         if opening:
             request.opens = True

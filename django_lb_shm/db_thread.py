@@ -31,6 +31,7 @@ logger = logging.getLogger("django_lb_shm.db")
 
 MARKER_TABLE = "django_lb_shm_applied"
 TRANSIENT_RETRIES = 5
+WRITE_BATCH = 64   # queued follower writes applied in one transaction
 
 
 class DbConnection:
@@ -255,13 +256,34 @@ class DbThread(threading.Thread):
             item = self.queue.get(timeout=self._poll_timeout() if timeout is None else timeout)
         except queue.Empty:
             item = None
+        while item is not None:
+            item = self._handle(item)
+        self._maintain()
+
+    def _handle(self, item: Any) -> Any:
+        """Do one work item; returns the next one when a batch of writes read ahead."""
         if item is STOP:
             self.running = False
         elif isinstance(item, ReadWork):
             self._read(item)
         elif isinstance(item, WriteWork):
-            self._write(item.entry)
-        self._maintain()
+            entries, following = self._writes_queued_after(item.entry)
+            self._write(entries)
+            return following
+        return None
+
+    def _writes_queued_after(self, first: JournalEntry) -> tuple[list, Any]:
+        """The writes queued right behind ``first`` (up to WRITE_BATCH), and the item after them."""
+        entries = [first]
+        while len(entries) < WRITE_BATCH:
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                return entries, None
+            if not isinstance(item, WriteWork):
+                return entries, item
+            entries.append(item.entry)
+        return entries, None
 
     def _poll_timeout(self) -> float:
         return 0.5
@@ -306,10 +328,33 @@ class DbThread(threading.Thread):
         work.reply.put((work.token, True, result))
 
     # -- writes -----------------------------------------------------------------------
-    def _write(self, entry: JournalEntry) -> None:
-        if self.state in (DbState.RUNNING, DbState.RECOVERING):
-            self.apply(entry)
-        # DOWN / DIVERGED: dropped here; the journal keeps it for the replay.
+    def _write(self, entries: list) -> None:
+        if self.state not in (DbState.RUNNING, DbState.RECOVERING):
+            return  # DOWN / DIVERGED: dropped here; the journal keeps them for the replay
+        pending = [e for e in entries if e.seq > self.applied_seq]
+        if len(pending) > 1 and self._apply_batch(pending):
+            return
+        for entry in pending:
+            if not self.apply(entry):
+                return
+
+    def _apply_batch(self, entries: list) -> bool:
+        """Group commit: several queued writes in one transaction, one marker update.
+
+        False (nothing applied) on any failure: the entries are then applied one
+        by one, which names the one that fails.
+        """
+        try:
+            self.conn.apply_block([s for e in entries for s in e.statements], entries[-1].seq)
+        except Exception as exc:
+            if is_connection_error(exc):
+                self.go_down(exc)
+                return True
+            return False
+        for entry in entries:
+            self.mark_applied(entry.seq)
+        self.hub.notify_applied()
+        return True
 
     def apply(self, entry: JournalEntry) -> bool:
         if entry.seq <= self.applied_seq:
