@@ -12,7 +12,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 from .protocol import EXIT_CONFIG_ERROR, EXIT_OK
 
@@ -192,7 +192,3 @@ def without_database_option(args: Sequence[str]) -> list[str]:
         elif not arg.startswith("--database="):
             kept.append(arg)
     return kept
-
-
-def entry_point() -> Any:  # pragma: no cover - console_scripts hook
-    sys.exit(main())

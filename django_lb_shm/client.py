@@ -26,7 +26,6 @@ from .errors import (
     AuthenticationFailed,
     CoordinatorUnavailable,
     NotSupportedError,
-    QueryTimeout,
     RequestRejected,
     TransactionError,
     WriteOutcomeUnknown,

@@ -14,7 +14,6 @@ import psutil
 _PG_DOWN_CLASSES = ("08", "53", "58", "XX")
 _PG_DOWN_CODES = {"57P01", "57P02", "57P03", "57P04", "57P05"}
 _PG_TRANSIENT_CODES = {"40001", "40P01", "55P03"}
-_PG_TIMEOUT_CODES = {"57014"}  # canceled by statement_timeout
 _SQLITE_DOWN = ("SQLITE_CANTOPEN", "SQLITE_IOERR", "SQLITE_NOTADB", "SQLITE_CORRUPT", "SQLITE_FULL")
 _SQLITE_TRANSIENT = ("SQLITE_BUSY", "SQLITE_LOCKED")
 
@@ -54,13 +53,6 @@ def is_transient(exc: BaseException) -> bool:
     if type(exc).__module__ == "sqlite3":
         return getattr(exc, "sqlite_errorname", "").startswith(_SQLITE_TRANSIENT)
     return False
-
-
-def is_statement_timeout(exc: BaseException) -> bool:
-    exc = _driver_error(exc)
-    return getattr(exc, "sqlstate", None) in _PG_TIMEOUT_CODES or (
-        type(exc).__module__ == "sqlite3" and "interrupted" in str(exc)
-    )
 
 
 def django_error_name(exc: BaseException) -> str:

@@ -170,10 +170,6 @@ class Journal:
         last = max(self.entries) if self.entries else 0
         return max([last] + [s.last_seq for s in self.segments] + list(self.aborted or [0]))
 
-    @property
-    def first_seq(self) -> int:
-        return min(self.entries) if self.entries else self.last_seq + 1
-
     def entries_after(self, seq: int) -> list[JournalEntry]:
         with self._lock:
             return [self.entries[s] for s in sorted(self.entries) if s > seq]

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import psutil
-import pytest
 from django.db import connections
 
 from tests.support.lb import ALIASES, LAUNCHER, REPO, CoordinatorHandle, table_rows

@@ -19,7 +19,6 @@ from datetime import date
 from decimal import Decimal
 from pathlib import Path
 
-import pytest
 from django.db import connections
 from django.test.utils import CaptureQueriesContext
 

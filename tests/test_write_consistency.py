@@ -6,7 +6,7 @@ from django.db import IntegrityError
 
 from tests.support.lb import ALIASES
 from tests.support.workers import insert_authors
-from tests.testapp.models import Author, Book, Tag
+from tests.testapp.models import Author
 
 
 def test_create_reaches_every_database_with_the_same_key(replicas):
