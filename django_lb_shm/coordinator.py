@@ -14,6 +14,7 @@ import logging
 import os
 import pickle
 import queue
+import re
 import signal
 import sys
 import threading
@@ -73,6 +74,7 @@ class Coordinator:
         self.algorithm = algorithm
         self._local = threading.local()
         self._tokens = itertools.count()
+        self.write_guard = WriteGuard.for_installed_models()
         self._active = 0
         self.stopping = False
         self._active_lock = threading.Lock()
@@ -176,6 +178,9 @@ class Coordinator:
                 "this connection holds no open transaction on the coordinator (it restarted, or the "
                 "connection was replaced); none of the transaction's writes were applied"
             )
+        if op == d.OP_WRITE:
+            for sql in (*request.prelude, request.statement.sql):
+                self.write_guard.check(sql)
         if op == d.OP_READ:
             if request.in_transaction:
                 return self.sequencer.run_in(txn, request.statement, records=False)
@@ -266,6 +271,46 @@ class Coordinator:
             if got_token == token:
                 return ok, value
             # a late answer to an earlier request that timed out: drop it
+
+
+class WriteGuard:
+    """Writes may only change LoadBalancerModel tables (and their many-to-many tables).
+
+    Anything else sent as a write (another app's table, DDL, connection
+    settings) is refused: it would change copies the load balancer does not own.
+    """
+
+    _TARGET = re.compile(r'\s*(?:INSERT\s+(?:OR\s+\w+\s+)?INTO|UPDATE|DELETE\s+FROM)\s+"?([^\s"(]+)', re.IGNORECASE)
+    _ALLOWED_HEADS = ("SAVEPOINT", "RELEASE", "ROLLBACK", "SELECT")  # savepoints; locking reads
+
+    def __init__(self, tables: frozenset):
+        self.tables = tables
+
+    @classmethod
+    def for_installed_models(cls) -> "WriteGuard":
+        from django.apps import apps
+
+        from .db_thread import MARKER_TABLE
+        from .routers import is_load_balanced
+
+        models = apps.get_models(include_auto_created=True)
+        return cls(frozenset(m._meta.db_table for m in models if is_load_balanced(m)) - {MARKER_TABLE})
+
+    def check(self, sql: str) -> None:
+        match = self._TARGET.match(sql)
+        if match:
+            if match.group(1) not in self.tables:
+                raise RequestRejected(
+                    f"write to table {match.group(1)!r} refused: it belongs to no LoadBalancerModel "
+                    "(only their tables are written through the load balancer)"
+                )
+            return
+        head = sql.lstrip(" \t\r\n(").split(None, 1)[0].upper() if sql.strip() else ""
+        if head not in self._ALLOWED_HEADS:
+            raise RequestRejected(
+                f"{head or 'an empty statement'} statement refused: the load balancer applies only INSERT, "
+                "UPDATE and DELETE on LoadBalancerModel tables (run schema changes with `djangoloadbalancer migrate`)"
+            )
 
 
 def _remove_stale_socket(path: str) -> None:

@@ -175,3 +175,15 @@ def test_a_hung_database_is_treated_as_down_for_reads(lb_factory):
                 pass
     handle.wait_state("DB2", "RUNNING", timeout=30)
     assert Author.objects.filter(pk=author.pk).exists()
+
+
+def test_only_load_balanced_tables_can_be_written(coordinator):
+    with connections[lb_alias()].cursor() as cursor:
+        with pytest.raises(RequestRejected, match="auth_user"):
+            cursor.execute("UPDATE auth_user SET is_superuser = %s", [True])
+        with pytest.raises(RequestRejected, match="CREATE"):
+            cursor.execute("CREATE TABLE sneaky (id integer)")
+        with pytest.raises(RequestRejected, match="django_lb_shm_applied"):
+            cursor.execute("UPDATE django_lb_shm_applied SET seq = 0")
+        cursor.execute('UPDATE "testapp_author" SET rating = rating + 1')  # a load-balanced table
+    still_serving(coordinator)
