@@ -160,6 +160,8 @@ class Sequencer:
     def _publish(self, leader: DbThread, entry: JournalEntry) -> None:
         self.last_seq = entry.seq
         self.shared.set_header(Header.LAST_SEQ, entry.seq)
+        self.shared.set_header(Header.JOURNAL_ENTRIES, len(self.journal.entries))
+        self.shared.set_header(Header.JOURNAL_BYTES, self.journal.size_bytes)
         leader.mark_applied(entry.seq)
         for thread in self.threads:
             if thread is not leader:
