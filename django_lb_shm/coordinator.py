@@ -46,6 +46,7 @@ from .protocol import (
     TYPEID,
     FrameTooLarge,
     GuardedConnection,
+    no_delay,
 )
 from .shared_state import CoordinatorState, DbState, Header, SharedState, Slot
 
@@ -330,8 +331,11 @@ def _remove_stale_socket(path: str) -> None:
 
 
 def _peer_of(conn: Any) -> str:
+    """The peer's address, for log lines (and TCP_NODELAY on the way: same socket)."""
     try:
         with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+            if sock.family != socket.AF_UNIX:
+                no_delay(sock)
             peer = sock.getpeername()
         return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else (peer or "a local socket")
     except OSError:

@@ -77,6 +77,7 @@ def connect(address: Any, authkey: bytes, timeout: Optional[float] = None) -> mp
             raise
     else:
         sock = socket.create_connection(address, timeout=timeout)
+        no_delay(sock)
     sock.settimeout(None)
     conn = GuardedConnection(sock.detach())
     conn.timeout = timeout
@@ -88,6 +89,14 @@ def connect(address: Any, authkey: bytes, timeout: Optional[float] = None) -> mp
         raise
     conn.timeout = None
     return conn
+
+
+def no_delay(sock: socket.socket) -> None:
+    """Small request/answer frames: don't let Nagle's algorithm hold them for the peer's delayed ACK."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        pass
 
 
 def timed_client(timeout: Optional[float]):

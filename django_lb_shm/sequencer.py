@@ -256,8 +256,9 @@ class Sequencer:
             conn.rollback_quietly()
             if journaled:
                 self.journal.abort(seq)
-            if is_connection_error(exc):
-                txn.leader.go_down(exc)
+            if not is_connection_error(exc):
+                raise  # e.g. a deferred foreign key checked at COMMIT: the caller's IntegrityError
+            txn.leader.go_down(exc)
             raise TransactionError(f"the transaction was not committed ({exc}); none of its writes were applied") from None
         finally:
             self._release(txn)

@@ -32,7 +32,7 @@ from typing import Any, Callable, Optional
 from unittest import mock
 
 import pytest
-from django.db import DatabaseError, IntegrityError, connections, models, transaction
+from django.db import DatabaseError, connections, models, transaction
 from django.db.models import Avg, Count, F, Max, Min, Sum
 from django.test.utils import CaptureQueriesContext
 from hypothesis import HealthCheck, given, note, settings
@@ -42,7 +42,6 @@ from hypothesis import strategies as st
 import django_lb_shm
 from django_lb_shm.backend.alias import lb_alias
 from django_lb_shm.client import get_client
-from django_lb_shm.errors import TransactionError
 from tests.support.lb import BACKEND, app_tables, clear_tables
 from tests.testapp.models import Author, Book, Review, Tag, Token
 
@@ -106,15 +105,7 @@ def outcome(fn: Callable[[], Any]) -> tuple:
 
 
 def same_outcome(got: tuple, expected: tuple) -> bool:
-    if got[:2] == expected[:2]:
-        return True
-    # KNOWN COORDINATOR ISSUE (reported, sequencer.py is not ours to edit): a foreign key
-    # checked at COMMIT (Django's constraints are DEFERRABLE INITIALLY DEFERRED) fails the
-    # commit of a load-balanced transaction -- atomic(), and the implicit ones of
-    # bulk_create() and many-to-many add() -- and Sequencer.commit() turns that
-    # IntegrityError into TransactionError.  Plain Django raises IntegrityError.  Nothing
-    # is applied in either case (the rows are still compared).  Remove once fixed.
-    return (got[1] is TransactionError and expected[1] is IntegrityError and "not committed" in got[2])
+    return got[:2] == expected[:2]
 
 
 def read_state() -> dict:

@@ -131,3 +131,13 @@ def test_block_while_a_database_is_down_arrives_whole(coordinator, replicas):
     coordinator.wait_state("DB2", "RUNNING", timeout=20)
     replicas.assert_identical()
     assert len(replicas.rows("testapp_book")["DB2"]) == 5
+
+
+def test_foreign_key_failing_at_commit_is_an_integrity_error(replicas):
+    # Django's foreign keys are checked at COMMIT (deferred): plain Django raises IntegrityError there too
+    with pytest.raises(IntegrityError):
+        with django_lb_shm.atomic():
+            Book.objects.create(author_id=10**9, title="orphan")
+    Author.objects.create(name="still-writable")  # the write order was given back
+    replicas.assert_identical()
+    assert replicas.rows("testapp_book")["DB1"] == []
