@@ -119,7 +119,9 @@ class Coordinator:
             result = self.dispatch(request)
             return pickle.dumps((True, result), protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:
-            if not isinstance(exc, (RequestRejected,)) and not _is_caller_error(exc):
+            if isinstance(exc, RequestRejected):
+                logger.warning("refused a request: %s", exc)
+            elif not _is_caller_error(exc):
                 logger.debug("request failed", exc_info=True)
             return pickle.dumps((False, to_dict(exc)), protocol=pickle.HIGHEST_PROTOCOL)
         finally:

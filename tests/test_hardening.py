@@ -187,3 +187,7 @@ def test_only_load_balanced_tables_can_be_written(coordinator):
             cursor.execute("UPDATE django_lb_shm_applied SET seq = 0")
         cursor.execute('UPDATE "testapp_author" SET rating = rating + 1')  # a load-balanced table
     still_serving(coordinator)
+    deadline = time.monotonic() + 5
+    while "refused a request: write to table 'auth_user'" not in coordinator.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "refused a request: write to table 'auth_user'" in coordinator.log()
