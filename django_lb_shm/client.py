@@ -283,7 +283,10 @@ class ClientSession:
             request.opens = True
             request.prelude = tuple(sql for _name, sql in self.prelude)
         try:
-            result = client.request(request, idempotent=(op == d.OP_READ or not in_transaction))
+            # Safe to send again on a new connection: reads, autocommit writes (the journal
+            # answers a repeated id) and a statement opening a transaction (nothing of a
+            # transaction is applied before its commit).
+            result = client.request(request, idempotent=(op == d.OP_READ or not in_transaction or opening))
         except CoordinatorUnavailable as exc:
             if in_transaction and self.transaction_open:
                 self.transaction_open = False

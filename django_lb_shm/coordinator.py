@@ -514,6 +514,7 @@ class CoordinatorProcess:
             if getattr(self, "server", None) is not None:
                 self.server.close()
             return EXIT_BOOT_ERROR
+        self.shared.set_header(Header.HEARTBEAT, time.monotonic())  # beating from READY on
         self.shared.set_header(Header.COORDINATOR_STATE, CoordinatorState.READY)
         logger.info("coordinator pid %d serving %s for databases %s", os.getpid(), self.config.address,
                     ", ".join(f"{t.alias} ({t.state.name})" for t in self.threads))

@@ -47,6 +47,7 @@ class Supervisor:
         self.restarts = 0
         self.backoff = 0.5
         self.stopping = False
+        self.stuck_threads: set[str] = set()
 
     # -- life cycle ---------------------------------------------------------------------
     def run(self) -> int:
@@ -152,10 +153,16 @@ class Supervisor:
         return None
 
     def _report_stuck_threads(self, now: float) -> None:
+        """Once per stall: a database thread stuck in a query (the coordinator replaces dead ones)."""
         for i, name in enumerate(self.config.databases):
             beat = self.shared.get(i, Slot.HEARTBEAT)
-            if beat and now - beat > self.config.heartbeat_timeout and self.shared.state(i) != DbState.STOPPED:
-                logger.warning("database thread %r has not beaten for %.1f s", name, now - beat)
+            stuck = bool(beat) and now - beat > self.config.heartbeat_timeout and self.shared.state(i) != DbState.STOPPED
+            if stuck and name not in self.stuck_threads:
+                self.stuck_threads.add(name)
+                logger.warning("database thread %r has not beaten for %.1f s (stuck in a query?)", name, now - beat)
+            elif not stuck and name in self.stuck_threads:
+                self.stuck_threads.discard(name)
+                logger.info("database thread %r is beating again", name)
 
     def _restart(self, reason: str, graceful: bool) -> None:
         if not graceful:
