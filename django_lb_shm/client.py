@@ -122,15 +122,23 @@ class CoordinatorClient:
 
     # -- calls ------------------------------------------------------------
     def call(self, method: str, *args: Any, timeout: Optional[float] = None) -> Any:
-        """One call to the coordinator, reconnecting once if the coordinator restarted."""
+        """One call to the coordinator.
+
+        ``execute`` is not re-sent here (``request`` decides what is safe to send
+        again); the read-only calls (status, hello, ping) get one more try on a
+        new connection when the old one died with a restarted coordinator.
+        """
         timeout = self.config.client_timeout if timeout is None else timeout
-        try:
-            return self.proxy().call(method, args, timeout)
-        except _CONNECTION_LOST:
-            self.forget_connection()
-            raise CoordinatorUnavailable(
-                f"lost the connection to the load balancer coordinator at {self.config.address}"
-            ) from None
+        attempts = 1 if method == "execute" else 2
+        for attempt in range(attempts):
+            try:
+                return self.proxy().call(method, args, timeout)
+            except _CONNECTION_LOST:
+                self.forget_connection()
+                if attempt + 1 == attempts:
+                    raise CoordinatorUnavailable(
+                        f"lost the connection to the load balancer coordinator at {self.config.address}"
+                    ) from None
 
     def request(self, request: d.Request, idempotent: bool) -> d.Result:
         payload = d.encode(request)
