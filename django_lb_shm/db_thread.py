@@ -224,7 +224,7 @@ class DbThread(threading.Thread):
         self.queue.put(WriteWork(entry))
 
     def stop(self) -> None:
-        self.running = False
+        """Finish the work queued before this call, then stop (STOP is handled in queue order)."""
         self.queue.put(STOP)
 
     # -- the loop -------------------------------------------------------------------
