@@ -82,16 +82,16 @@ class RoundRobin(ReadAlgorithm):
 class IntervalTime(ReadAlgorithm):
     """The fastest database by measured latency (probed every INTERVAL seconds, fed by real reads).
 
-    Databases within ``TOLERANCE`` (default 25%, and at least ``TOLERANCE_MS``,
-    default 0.2 ms) of the fastest share the reads in turn, so equal databases
+    Databases within ``TOLERANCE`` (default 50%, and at least ``TOLERANCE_MS``,
+    default 0.5 ms) of the fastest share the reads in turn, so equal databases
     split the load instead of one taking all of it.
     """
 
     def __init__(self, names: Sequence[str], shared: SharedState, options: Mapping[str, Any], interval: float = 5.0):
         super().__init__(names, shared, options)
         self.probe_interval = interval
-        self.tolerance = float(self.options.get("TOLERANCE", 0.25))
-        self.tolerance_ms = float(self.options.get("TOLERANCE_MS", 0.2))
+        self.tolerance = float(self.options.get("TOLERANCE", 0.5))
+        self.tolerance_ms = float(self.options.get("TOLERANCE_MS", 0.5))
 
     def choose(self, candidates: Sequence[int]) -> int:
         latencies = {i: self.shared.get(i, Slot.LATENCY_MS) for i in candidates}
