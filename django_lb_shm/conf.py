@@ -199,14 +199,7 @@ def _check_vendors(aliases: list[str], django_dbs: Mapping[str, Any]) -> list[Pr
 
 
 def _check_algorithms(raw: Mapping[str, Any]) -> list[Problem]:
-    problems = []
-    cud = raw.get("CUD_ALGORITHM", "MULTITHREADING")
-    if cud not in CUD_ALGORITHMS:
-        problems.append(Problem(
-            "django_lb_shm.E004",
-            f"LOAD_BALANCER['CUD_ALGORITHM'] is {cud!r}, not a known write algorithm.",
-            f"Use one of: {', '.join(CUD_ALGORITHMS)}.",
-        ))
+    problems = _check_choice(raw, "CUD_ALGORITHM", CUD_ALGORITHMS, "django_lb_shm.E004", "write algorithm")
     r_alg = raw.get("R_ALGORITHM", {"NAME": "ROUND_ROBIN"})
     if not isinstance(r_alg, Mapping) or not isinstance(r_alg.get("NAME"), str):
         return problems + [Problem(
@@ -378,14 +371,17 @@ def _check_numbers(raw: Mapping[str, Any]) -> list[Problem]:
                 f"LOAD_BALANCER[{key!r}] must be {bound}, got {value!r}.",
                 f"Remove it to use the default ({NUMERIC_DEFAULTS[key][0]:g}).",
             ))
-    ack = raw.get("WRITE_ACK", "FIRST")
-    if ack not in WRITE_ACK_POLICIES:
-        problems.append(Problem(
-            "django_lb_shm.E014",
-            f"LOAD_BALANCER['WRITE_ACK'] is {ack!r}, not a known acknowledgement policy.",
-            f"Use one of: {', '.join(WRITE_ACK_POLICIES)}.",
-        ))
-    return problems
+    return problems + _check_choice(raw, "WRITE_ACK", WRITE_ACK_POLICIES, "django_lb_shm.E014",
+                                    "acknowledgement policy")
+
+
+def _check_choice(raw: Mapping[str, Any], key: str, choices: tuple, check_id: str, what: str) -> list[Problem]:
+    """An optional key whose value must be one of ``choices`` (the first is the default)."""
+    value = raw.get(key, choices[0])
+    if value in choices:
+        return []
+    return [Problem(check_id, f"LOAD_BALANCER[{key!r}] is {value!r}, not a known {what}.",
+                    f"Use one of: {', '.join(choices)}.")]
 
 
 def _check_alias(raw: Mapping[str, Any], django_dbs: Mapping[str, Any]) -> list[Problem]:
