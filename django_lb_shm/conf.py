@@ -215,14 +215,7 @@ def _check_algorithms(raw: Mapping[str, Any]) -> list[Problem]:
             f"Use one of: {', '.join(BUILTIN_READ_ALGORITHMS)}, or a dotted path to a ReadAlgorithm subclass.",
         ))
     problems += _check_read_options(r_alg, raw.get("DATABASES"))
-    interval = r_alg.get("INTERVAL", 5)
-    if not _is_number(interval) or interval <= 0:
-        problems.append(Problem(
-            "django_lb_shm.E006",
-            f"LOAD_BALANCER['R_ALGORITHM']['INTERVAL'] must be a positive number of seconds, got {interval!r}.",
-            "For example 'INTERVAL': 5.",
-        ))
-    return problems
+    return problems + _check_seconds(r_alg.get("INTERVAL", 5), "['R_ALGORITHM']['INTERVAL']", "django_lb_shm.E006", 5)
 
 
 def _check_read_options(r_alg: Mapping[str, Any], databases: Any) -> list[Problem]:
@@ -352,14 +345,7 @@ def resolve_authkey(address: Mapping[str, Any]) -> bytes:
 
 
 def _check_numbers(raw: Mapping[str, Any]) -> list[Problem]:
-    problems = []
-    wait_time = raw.get("WAIT_TIME", 2)
-    if not _is_number(wait_time) or wait_time <= 0:
-        problems.append(Problem(
-            "django_lb_shm.E007",
-            f"LOAD_BALANCER['WAIT_TIME'] must be a positive number of seconds, got {wait_time!r}.",
-            "For example 'WAIT_TIME': 2.",
-        ))
+    problems = _check_seconds(raw.get("WAIT_TIME", 2), "['WAIT_TIME']", "django_lb_shm.E007", 2)
     for key, (_default, zero_ok) in NUMERIC_DEFAULTS.items():
         if key not in raw:
             continue
@@ -373,6 +359,15 @@ def _check_numbers(raw: Mapping[str, Any]) -> list[Problem]:
             ))
     return problems + _check_choice(raw, "WRITE_ACK", WRITE_ACK_POLICIES, "django_lb_shm.E014",
                                     "acknowledgement policy")
+
+
+def _check_seconds(value: Any, key: str, check_id: str, example: float) -> list[Problem]:
+    """A required-positive number of seconds."""
+    if _is_number(value) and value > 0:
+        return []
+    name = key.strip("[]'").split("']['")[-1]
+    return [Problem(check_id, f"LOAD_BALANCER{key} must be a positive number of seconds, got {value!r}.",
+                    f"For example '{name}': {example:g}.")]
 
 
 def _check_choice(raw: Mapping[str, Any], key: str, choices: tuple, check_id: str, what: str) -> list[Problem]:
