@@ -15,11 +15,12 @@ others as one journal entry applied as one transaction.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from django.db import DEFAULT_DB_ALIAS
 
@@ -73,17 +74,13 @@ class Sequencer:
                 f"{self.config.client_timeout:.2f} s; nothing was applied"
             )
 
-    def _ordered(self, what: str):
-        sequencer = self
-
-        class _Held:
-            def __enter__(self_inner):
-                sequencer.acquire(what)
-
-            def __exit__(self_inner, *exc: Any) -> None:
-                sequencer.lock.release()
-
-        return _Held()
+    @contextlib.contextmanager
+    def _ordered(self, what: str) -> Iterator[None]:
+        self.acquire(what)
+        try:
+            yield
+        finally:
+            self.lock.release()
 
     # -- choosing the leader ----------------------------------------------------------
     def leader_preference(self) -> list[DbThread]:
