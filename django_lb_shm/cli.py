@@ -156,10 +156,12 @@ def format_status(data: dict) -> str:
         f"last write #{c.get('last_seq')}  journal {c.get('journal_entries')} entries / {c.get('journal_bytes')} B",
         "",
     ]
-    header = ("database", "state", "reads", "writes", "pending", "latency ms", "in flight", "errors", "heartbeat")
+    header = ("database", "state", "reads", "writes", "pending", "latency ms", "in flight", "read conns",
+              "errors", "heartbeat")
     rows = [
         (db["name"], db["state"], str(db["reads"]), str(db["writes"]), str(db["pending_writes"]),
-         f"{db['latency_ms']:.3f}", str(db.get("inflight_reads", 0)), str(db.get("errors", 0)),
+         f"{db['latency_ms']:.3f}", str(db.get("inflight_reads", 0)), _read_connections(db),
+         str(db.get("errors", 0)),
          "-" if db.get("heartbeat_age_s") is None else f"{db['heartbeat_age_s']:.1f}s ago")
         for db in data["databases"]
     ]
@@ -167,6 +169,11 @@ def format_status(data: dict) -> str:
     for row in [header] + rows:
         lines.append("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
     return "\n".join(lines)
+
+
+def _read_connections(db: dict) -> str:
+    pool = db.get("read_connections")
+    return f"{pool['busy']}/{pool['open']}/{pool['size']}" if pool else "-"
 
 
 def migrate(extra_args: Sequence[str]) -> int:

@@ -31,7 +31,7 @@ from .errors import (
     WriteOutcomeUnknown,
     from_dict,
 )
-from .protocol import CoordinatorManager, timed_client
+from .protocol import CoordinatorManager, private_directory, timed_client
 
 logger = logging.getLogger("django_lb_shm.client")
 
@@ -73,7 +73,10 @@ class CoordinatorClient:
     def _connect(self):
         address = self.config.address
         manager = CoordinatorManager(address=address.tuple, authkey=address.authkey)
-        manager._Client = timed_client(self.config.connect_timeout)
+        local_path = address.local_socket_path
+        if local_path and not private_directory(local_path):
+            local_path = ""
+        manager._Client = timed_client(self.config.connect_timeout, local_path)
         manager._state.value = State.STARTED  # what connect() sets, without its extra round trip
         try:
             proxy = manager.coordinator()

@@ -30,7 +30,7 @@ KNOWN_KEYS = {
     "CUD_ALGORITHM", "R_ALGORITHM", "DATABASES", "WAIT_TIME", "ADDRESS", "ALIAS",
     "JOURNAL_DIR", "JOURNAL_FSYNC", "WRITE_ACK", "CLIENT_TIMEOUT", "CONNECT_TIMEOUT",
     "HEARTBEAT_TIMEOUT", "GRACEFUL_TIMEOUT", "MAX_RSS_MB", "MAX_REQUEST_BYTES",
-    "STATEMENT_TIMEOUT", "READ_TIMEOUT", "LOG_LEVEL",
+    "STATEMENT_TIMEOUT", "READ_TIMEOUT", "READ_CONNECTIONS", "LOG_LEVEL",
 }
 # Optional numeric settings: name -> (default, zero allowed)
 NUMERIC_DEFAULTS: dict[str, tuple[float, bool]] = {
@@ -42,7 +42,9 @@ NUMERIC_DEFAULTS: dict[str, tuple[float, bool]] = {
     "MAX_REQUEST_BYTES": (64 * 1024 * 1024, False),
     "STATEMENT_TIMEOUT": (0.0, True),  # 0 disables the per-statement timeout
     "READ_TIMEOUT": (0.0, True),  # 0: half of CLIENT_TIMEOUT
+    "READ_CONNECTIONS": (4, True),  # per database, for reads run on the server threads; 0: none
 }
+INTEGER_KEYS = ("MAX_REQUEST_BYTES", "READ_CONNECTIONS")
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class Address:
     port: int
     authkey: bytes = field(repr=False)
     path: str = ""   # a Unix socket instead of TCP
+    local_socket: bool = True   # loopback TCP: also serve same-host clients on a private Unix socket
 
     @property
     def tuple(self) -> Any:
@@ -70,6 +73,15 @@ class Address:
     @property
     def is_loopback(self) -> bool:
         return bool(self.path) or is_loopback_host(self.host)
+
+    @property
+    def local_socket_path(self) -> str:
+        """The same-host Unix socket next to a loopback TCP address ('' when there is none)."""
+        if self.path or not self.local_socket or not self.is_loopback:
+            return ""
+        from .protocol import local_socket_path
+
+        return local_socket_path(self.host, self.port)
 
     def __str__(self) -> str:
         return self.path or f"{self.host}:{self.port}"
@@ -118,6 +130,7 @@ class LoadBalancerConfig:
     max_request_bytes: int = 64 * 1024 * 1024
     statement_timeout: float = 0.0
     read_timeout: float = 0.0
+    read_connections: int = 4
     log_level: str = "INFO"
 
     @property
@@ -350,8 +363,10 @@ def _check_numbers(raw: Mapping[str, Any]) -> list[Problem]:
         if key not in raw:
             continue
         value = raw[key]
-        if not _is_number(value) or value < 0 or (value == 0 and not zero_ok):
+        whole = key not in INTEGER_KEYS or (_is_number(value) and float(value).is_integer())
+        if not _is_number(value) or value < 0 or (value == 0 and not zero_ok) or not whole:
             bound = "zero or a positive number" if zero_ok else "a positive number"
+            bound = bound if key not in INTEGER_KEYS else bound.replace("number", "integer")
             problems.append(Problem(
                 "django_lb_shm.E017",
                 f"LOAD_BALANCER[{key!r}] must be {bound}, got {value!r}.",
@@ -452,13 +467,15 @@ def build_config(raw: Any, django_dbs: Mapping[str, Any]) -> LoadBalancerConfig:
         port=int(address_raw.get("PORT") or 0),
         authkey=resolve_authkey(address_raw),
         path=str(address_raw.get("PATH") or ""),
+        local_socket=bool(address_raw.get("LOCAL_SOCKET", True)),
     )
     r_raw = dict(raw.get("R_ALGORITHM", {"NAME": "ROUND_ROBIN"}))
     read_algorithm = ReadAlgorithmConfig(
         name=r_raw.pop("NAME"), interval=float(r_raw.pop("INTERVAL", 5)), options=r_raw
     )
     numbers = {key.lower(): raw.get(key, default) for key, (default, _z) in NUMERIC_DEFAULTS.items()}
-    numbers["max_request_bytes"] = int(numbers["max_request_bytes"])
+    for key in INTEGER_KEYS:
+        numbers[key.lower()] = int(numbers[key.lower()])
     return LoadBalancerConfig(
         databases=tuple(raw["DATABASES"]),
         address=address,

@@ -47,6 +47,7 @@ from .protocol import (
     FrameTooLarge,
     GuardedConnection,
     no_delay,
+    private_directory,
 )
 from .shared_state import CoordinatorState, DbState, Header, SharedState, Slot
 
@@ -95,6 +96,8 @@ class Coordinator:
         from .health import process_vitals
 
         snapshot = self.shared.snapshot(list(self.config.databases))
+        for database, thread in zip(snapshot["databases"], self.threads):
+            database["read_connections"] = thread.read_pool.stats()
         snapshot["coordinator"].update(process_vitals(os.getpid()))
         snapshot["coordinator"]["address"] = str(self.config.address)
         snapshot["coordinator"]["read_algorithm"] = self.config.read_algorithm.name
@@ -226,7 +229,6 @@ class Coordinator:
             self.sequencer.abandon(txn)
 
     def read(self, statement: d.Statement) -> d.Result:
-        reply = self._reply_queue()
         tried: list[str] = []
         deadline = time.monotonic() + self.config.client_timeout
         while True:
@@ -237,21 +239,39 @@ class Coordinator:
                     f"no database can serve the read ({states})" + (f"; tried {', '.join(tried)}" if tried else "")
                 )
             thread = self.threads[self.algorithm.choose(self.algorithm.eligible(candidates))]
-            token = next(self._tokens)
-            thread.submit_read(statement, reply, token)
-            try:
-                ok, value = self._await(reply, token, thread.alias, deadline)
-            except QueryTimeout as timeout:
-                if time.monotonic() >= deadline:
-                    raise
-                thread.mark_unresponsive(str(timeout))
-                ok, value = False, DatabaseDown(str(timeout))
+            ok, value = self._read_on(thread, statement, deadline)
             if ok:
                 return value
             if isinstance(value, DatabaseDown):
                 tried.append(thread.alias)
                 continue
             raise value
+
+    def _read_on(self, thread: Any, statement: d.Statement, deadline: float) -> tuple:
+        """Here, on a pooled connection, when the database has every write; else through its queue."""
+        if thread.applied_seq >= self.sequencer.last_seq:
+            pooled = thread.read_pool.checkout()
+            if pooled is not None:
+                return thread.read_here(pooled, statement)
+        reply = self._reply_queue()
+        token = next(self._tokens)
+        thread.submit_read(statement, reply, token)
+        try:
+            return self._await(reply, token, thread.alias, deadline)
+        except QueryTimeout as timeout:
+            if time.monotonic() >= deadline:
+                raise
+            thread.mark_unresponsive(str(timeout))
+            return False, DatabaseDown(str(timeout))
+
+    def cut_overdue_reads(self) -> None:
+        """Watchdog: a read running on a server thread longer than READ_TIMEOUT is cut; its database is DOWN."""
+        limit = self.config.database_answer_timeout
+        for thread in self.threads:
+            for pooled in thread.read_pool.overdue(limit):
+                pooled.interrupted = True
+                pooled.conn.interrupt()
+                thread.mark_unresponsive(f"a read did not finish within {limit:.2f} s")
 
     def _reply_queue(self) -> "queue.SimpleQueue":
         reply = getattr(self._local, "reply", None)
@@ -332,6 +352,21 @@ def _remove_stale_socket(path: str) -> None:
     raise OSError(f"another process is listening on {path}")
 
 
+def _listen_locally(path: str) -> Optional[mp_connection.Listener]:
+    """The same-host Unix socket (see protocol.local_socket_path); None, and TCP only, when it cannot be made."""
+    try:
+        if not private_directory(path, create=True):
+            logger.warning("not serving %s: its directory is not private to this user; same-host clients use TCP", path)
+            return None
+        _remove_stale_socket(path)
+        listener = mp_connection.Listener(path, family="AF_UNIX", backlog=256)
+        os.chmod(path, 0o600)
+        return listener
+    except OSError as exc:
+        logger.warning("not serving %s (%s); same-host clients use TCP", path, exc)
+        return None
+
+
 def _peer_of(conn: Any) -> str:
     """The peer's address, for log lines (and TCP_NODELAY on the way: same socket)."""
     try:
@@ -353,7 +388,7 @@ def _is_caller_error(exc: BaseException) -> bool:
 class CoordinatorServer(Server):
     """The Manager server, with a bounded accept loop, a larger backlog and client clean-up."""
 
-    def __init__(self, registry: dict, address: Any, authkey: bytes, owner: Any):
+    def __init__(self, registry: dict, address: Any, authkey: bytes, owner: Any, local_path: str = ""):
         if isinstance(address, str):
             _remove_stale_socket(address)
         super().__init__(registry, address, authkey, "pickle")
@@ -365,6 +400,11 @@ class CoordinatorServer(Server):
             self.listener._listener._socket.listen(256)  # type: ignore[attr-defined]
         except Exception:
             pass
+        self.listeners = [self.listener]
+        if local_path:
+            local = _listen_locally(local_path)
+            if local is not None:
+                self.listeners.append(local)
 
     # The shared coordinator object lives as long as this server: proxies of
     # exited clients (or of a previous coordinator process, whose object may
@@ -375,10 +415,14 @@ class CoordinatorServer(Server):
     def decref(self, c: Any, ident: str) -> None:
         pass
 
-    def accept_forever(self) -> None:
+    def serve_forever_on_all(self) -> None:
+        for listener in self.listeners:
+            threading.Thread(target=self.accept_forever, args=(listener,), daemon=True, name="accept").start()
+
+    def accept_forever(self, listener: Any) -> None:
         while not self.stop_event.is_set():
             try:
-                conn = self.listener.accept()
+                conn = listener.accept()
             except OSError:
                 if self.stop_event.is_set():
                     return
@@ -432,10 +476,11 @@ class CoordinatorServer(Server):
 
     def close(self) -> None:
         self.stop_event.set()
-        try:
-            self.listener.close()
-        except Exception:
-            pass
+        for listener in self.listeners:
+            try:
+                listener.close()
+            except Exception:
+                pass
 
 
 class CoordinatorProcess:
@@ -457,7 +502,7 @@ class CoordinatorProcess:
         # Bind first: a taken port is a boot error before any database is touched.
         address = self.config.address
         registry = {TYPEID: (lambda: self.coordinator, EXPOSED, None, None)}
-        self.server = CoordinatorServer(registry, address.tuple, address.authkey, self)
+        self.server = CoordinatorServer(registry, address.tuple, address.authkey, self, address.local_socket_path)
         self.journal = Journal(self.config.journal_dir, fsync=self.config.journal_fsync).open()
         self.algorithm = build_read_algorithm(self.config, self.shared)
         self.hub = Hub(self.shared, self.config, self._entries_to_replay, self._notify_applied,
@@ -471,7 +516,7 @@ class CoordinatorProcess:
         self._wait_for_databases()
         self._settle_last_seq()
         self.coordinator = Coordinator(self.config, self.shared, self.threads, self.sequencer, self.algorithm)
-        threading.Thread(target=self.server.accept_forever, daemon=True, name="accept").start()
+        self.server.serve_forever_on_all()
 
     def client_gone(self) -> None:
         self.coordinator.client_gone()
@@ -536,6 +581,7 @@ class CoordinatorProcess:
                 self.exit_code = EXIT_ORPHANED
                 return
             self._replace_dead_threads()
+            self.coordinator.cut_overdue_reads()
             if time.monotonic() >= next_trim:
                 next_trim = time.monotonic() + TRIM_EVERY
                 self._trim_journal()

@@ -13,7 +13,9 @@ and DIVERGED when a write the first database accepted fails here.
 from __future__ import annotations
 
 import logging
+import os
 import queue
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ from .descriptors import Result, Statement
 from .errors import DatabaseDown
 from .health import is_connection_error, is_transient
 from .journal import JournalEntry
+from .read_pool import PooledConnection, ReadPool
 from .shared_state import DbState, SharedState, Slot
 
 logger = logging.getLogger("django_lb_shm.db")
@@ -62,6 +65,23 @@ class DbConnection:
                 wrapper.close()
             except Exception:
                 pass
+
+    def interrupt(self) -> None:
+        """Cut the statement another thread is running here (the watchdog's tool for a hung database)."""
+        wrapper = self.wrapper
+        raw = getattr(wrapper, "connection", None)
+        if raw is None:
+            return
+        if wrapper.vendor == "sqlite":
+            raw.interrupt()
+            return
+        try:
+            # Shutting the socket down wakes the driver with an error even when the
+            # server never answers again (SIGSTOPped, network gone).
+            with socket.socket(fileno=os.dup(raw.fileno())) as sock:
+                sock.shutdown(socket.SHUT_RDWR)
+        except (OSError, AttributeError, ValueError):
+            pass
 
     def execute(self, statement: Statement) -> Result:
         if not self.is_open:
@@ -151,6 +171,7 @@ class WriteWork:
 
 
 STOP = object()
+GROW_READ_POOL = object()
 
 
 class Hub:
@@ -180,6 +201,8 @@ class DbThread(threading.Thread):
         self.queue: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
         self.conn = DbConnection(alias, timeout)      # this thread's: reads and follower writes
         self.writer = DbConnection(alias, timeout)    # the write-order holder's, while this is the first database
+        self.read_pool = ReadPool(hub.config.read_connections, lambda: DbConnection(alias, timeout),
+                                  grow=lambda: self.queue.put(GROW_READ_POOL))
         self.applied_seq = 0
         self.server_info: Optional[dict] = None
         self.running = True
@@ -206,6 +229,7 @@ class DbThread(threading.Thread):
         """A read waited too long here: no more reads until it answers a probe again."""
         self.shared.add(self.index, Slot.ERRORS, 1)
         self.set_state(DbState.DOWN, reason)
+        self.read_pool.reset()
         self.next_probe = time.monotonic() + self.hub.config.wait_time
 
     def go_down(self, exc: BaseException) -> None:
@@ -213,6 +237,7 @@ class DbThread(threading.Thread):
         self.set_state(DbState.DOWN, f"{type(exc).__name__}: {exc}".strip())
         self.conn.close()
         self.writer.close()
+        self.read_pool.reset()
         self.next_probe = time.monotonic() + self.hub.config.wait_time
 
     # -- work submission (called from server threads) --------------------------
@@ -233,6 +258,7 @@ class DbThread(threading.Thread):
         fresh = DbThread(self.index, self.alias, self.hub)
         fresh.queue = self.queue
         fresh.writer = self.writer
+        fresh.read_pool = self.read_pool
         fresh.applied_seq = self.applied_seq
         self.conn.close()
         return fresh
@@ -248,6 +274,7 @@ class DbThread(threading.Thread):
                 self.shared.add(self.index, Slot.ERRORS, 1)
         self.conn.close()
         self.writer.close()
+        self.read_pool.reset()
         self.set_state(DbState.STOPPED)
 
     def run_once(self, timeout: Optional[float] = None) -> None:
@@ -266,6 +293,8 @@ class DbThread(threading.Thread):
             self.running = False
         elif isinstance(item, ReadWork):
             self._read(item)
+        elif item is GROW_READ_POOL:
+            self._grow_read_pool()
         elif isinstance(item, WriteWork):
             entries, following = self._writes_queued_after(item.entry)
             self._write(entries)
@@ -311,21 +340,51 @@ class DbThread(threading.Thread):
     # -- reads ------------------------------------------------------------------------
     def _read(self, work: ReadWork) -> None:
         self.shared.add(self.index, Slot.INFLIGHT, -1)
-        if self.state != DbState.RUNNING:
-            work.reply.put((work.token, False, DatabaseDown(f"database {self.alias!r} is {self.state.name}")))
-            return
-        start = time.perf_counter()
+        ok, value = self._run_read(self.conn, work.statement)
+        work.reply.put((work.token, ok, value))
+
+    def _grow_read_pool(self) -> None:
         try:
-            result = self.conn.execute(work.statement)
+            self.read_pool.open_one()
         except Exception as exc:
             if is_connection_error(exc):
                 self.go_down(exc)
-                exc = DatabaseDown(f"database {self.alias!r} failed: {exc}")
-            work.reply.put((work.token, False, exc))
-            return
+            else:
+                logger.warning("database %r: could not open a read connection: %s", self.alias, exc)
+
+    def read_here(self, pooled: PooledConnection, statement: Statement) -> tuple[bool, Any]:
+        """Run a read on the calling (server) thread, on a connection borrowed from ``read_pool``."""
+        self.shared.add(self.index, Slot.INFLIGHT, 1)
+        broken = True
+        try:
+            ok, value = self._run_read(pooled.conn, statement, on_lost=self.mark_unresponsive)
+            broken = not ok and (isinstance(value, DatabaseDown) or pooled.interrupted)
+            if pooled.interrupted and not ok:
+                value = DatabaseDown(f"database {self.alias!r} did not answer a read in time")
+            return ok, value
+        finally:
+            self.shared.add(self.index, Slot.INFLIGHT, -1)
+            self.read_pool.checkin(pooled, broken=broken)
+
+    def _run_read(self, conn: DbConnection, statement: Statement,
+                  on_lost: Optional[Callable[[str], None]] = None) -> tuple[bool, Any]:
+        """(True, Result) or (False, the exception); DatabaseDown when the database is gone."""
+        if self.state != DbState.RUNNING:
+            return False, DatabaseDown(f"database {self.alias!r} is {self.state.name}")
+        start = time.perf_counter()
+        try:
+            result = conn.execute(statement)
+        except Exception as exc:
+            if not is_connection_error(exc):
+                return False, exc
+            if on_lost is None:
+                self.go_down(exc)
+            else:
+                on_lost(f"{type(exc).__name__}: {exc}".strip())
+            return False, DatabaseDown(f"database {self.alias!r} failed: {exc}")
         self.shared.record_latency(self.index, (time.perf_counter() - start) * 1000)
         self.shared.add(self.index, Slot.READS, 1)
-        work.reply.put((work.token, True, result))
+        return True, result
 
     # -- writes -----------------------------------------------------------------------
     def _write(self, entries: list) -> None:

@@ -50,6 +50,9 @@ class Statement:
     many: bool = False                # executemany: params is a list of parameter sets
     insert_keys: Optional[InsertKeys] = None
 
+    def __reduce__(self) -> tuple:  # a constructor call pickles and loads twice as fast as a __dict__
+        return Statement, (self.sql, self.params, self.many, self.insert_keys)
+
 
 @dataclass
 class Request:
@@ -61,6 +64,10 @@ class Request:
     request_id: str = ""
     version: int = PROTOCOL_VERSION
 
+    def __reduce__(self) -> tuple:
+        return Request, (self.op, self.statement, self.in_transaction, self.opens, self.prelude,
+                         self.request_id, self.version)
+
 
 @dataclass
 class Result:
@@ -69,6 +76,9 @@ class Result:
     rowcount: int = -1
     lastrowid: Any = None
     database: str = ""                # which database answered (for tests and status)
+
+    def __reduce__(self) -> tuple:
+        return Result, (self.rows, self.description, self.rowcount, self.lastrowid, self.database)
 
 
 def encode(obj: Any) -> bytes:

@@ -153,9 +153,16 @@ def test_unpicklable_argument_does_not_touch_the_coordinator(coordinator):
 
 
 @pytest.mark.postgres_only
-def test_a_hung_database_is_treated_as_down_for_reads(lb_factory):
+@pytest.mark.parametrize("read_path", ["database thread", "pooled connection"])
+def test_a_hung_database_is_treated_as_down_for_reads(lb_factory, read_path):
     handle = lb_factory("hung", READ_TIMEOUT=1, CLIENT_TIMEOUT=8)
     author = Author.objects.create(name="h")
+    if read_path == "pooled connection":  # reads open the pools; the hung read is cut by the watchdog
+        handle.wait_drained()
+        deadline = time.monotonic() + 10
+        while not all(d["read_connections"]["open"] for d in handle.status()["databases"]):
+            assert Author.objects.filter(pk=author.pk).exists()
+            assert time.monotonic() < deadline
     server = pytest.lb_pg_cluster.servers[ALIASES.index("DB2")]
     postmaster = psutil.Process(server.postmaster_pid())
     frozen = [postmaster] + postmaster.children(recursive=True)
@@ -175,6 +182,8 @@ def test_a_hung_database_is_treated_as_down_for_reads(lb_factory):
                 pass
     handle.wait_state("DB2", "RUNNING", timeout=30)
     assert Author.objects.filter(pk=author.pk).exists()
+    if read_path == "pooled connection":
+        assert "database 'DB2' is DOWN: a read did not finish within 1.00 s" in handle.log()
 
 
 def test_only_load_balanced_tables_can_be_written(coordinator):

@@ -1,0 +1,129 @@
+"""Issue 6: the short read path, checked for behaviour (timings live in the stress suite).
+
+* reads run on the coordinator's server thread, on a few pooled connections
+  per database (READ_CONNECTIONS), and fall back to the database thread's queue;
+* same-host clients reach a loopback TCP coordinator over a private Unix socket;
+* a read stuck on a pooled connection is cut by the watchdog after READ_TIMEOUT.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import time
+
+import pytest
+
+from django_lb_shm.client import get_client
+from django_lb_shm.conf import find_problems, get_config
+from django_lb_shm.errors import LoadBalancerError
+from django_lb_shm.protocol import private_directory
+from tests.support.lb import base_settings
+from tests.testapp.models import Author
+
+SLOW_READ = (  # ~6 s of CPU on SQLite: a read that only the watchdog ends early
+    "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 20000000) SELECT count(*) FROM c"
+)
+
+
+def read_connections(status: dict) -> dict:
+    return {d["name"]: d["read_connections"] for d in status["databases"]}
+
+
+def reads(status: dict) -> int:
+    return sum(d["reads"] for d in status["databases"])
+
+
+def test_reads_run_on_pooled_connections_and_give_them_back(coordinator):
+    Author.objects.create(name="pooled")
+    coordinator.wait_drained()
+    before = reads(coordinator.status())
+    for _ in range(30):
+        assert Author.objects.get(name="pooled").name == "pooled"
+    status = coordinator.status()
+    assert reads(status) - before == 30
+    pools = read_connections(status)
+    assert sum(p["open"] for p in pools.values()) >= 1, pools
+    assert all(p["busy"] == 0 and p["open"] <= p["size"] == 4 for p in pools.values()), pools
+
+
+def test_without_read_connections_every_read_goes_through_the_database_thread(lb_factory):
+    handle = lb_factory("queued-reads", READ_CONNECTIONS=0)
+    Author.objects.create(name="queued")
+    handle.wait_drained()
+    before = reads(handle.status())
+    for _ in range(12):
+        assert Author.objects.filter(name="queued").count() == 1
+    status = handle.status()
+    assert reads(status) - before == 12
+    assert all(p == {"size": 0, "open": 0, "busy": 0} for p in read_connections(status).values())
+
+
+def test_same_host_clients_use_a_private_unix_socket(coordinator):
+    Author.objects.create(name="local")
+    path = get_config().address.local_socket_path
+    assert path and os.path.exists(path)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700
+    connection = get_client().proxy()._connection()
+    with socket.socket(fileno=os.dup(connection.fileno())) as sock:
+        assert sock.family == socket.AF_UNIX
+
+
+def test_the_unix_socket_can_be_turned_off(lb_factory):
+    address = dict(base_settings()["LOAD_BALANCER"]["ADDRESS"], LOCAL_SOCKET=False)
+    handle = lb_factory("tcp-only", ADDRESS=address)
+    address = dict(handle.lb["ADDRESS"])
+    assert Author.objects.filter(name="nobody").count() == 0
+    assert get_config().address.local_socket_path == ""
+    connection = get_client().proxy()._connection()
+    with socket.socket(fileno=os.dup(connection.fileno())) as sock:
+        assert sock.family == socket.AF_INET
+        assert sock.getpeername()[1] == address["PORT"]
+
+
+def test_a_socket_directory_open_to_others_is_not_trusted(tmp_path):
+    path = str(tmp_path / "sockets" / "127.0.0.1-6000.sock")
+    assert not private_directory(path)                    # missing
+    assert private_directory(path, create=True)            # made 0700, ours
+    os.chmod(os.path.dirname(path), 0o777)
+    assert not private_directory(path)                    # anyone could plant a socket there
+    os.chmod(os.path.dirname(path), 0o700)
+    if os.getuid() == 0:
+        os.chown(os.path.dirname(path), 65534, 65534)
+        assert not private_directory(path)                # not ours
+
+
+@pytest.mark.parametrize("value", [-1, 2.5, "4", True])
+def test_read_connections_must_be_a_whole_number(value):
+    lb = dict(base_settings()["LOAD_BALANCER"], READ_CONNECTIONS=value)
+    problems = [p for p in find_problems(lb, base_settings()["DATABASES"]) if "READ_CONNECTIONS" in p.msg]
+    assert [p.id for p in problems] == ["django_lb_shm.E017"], problems
+    assert "zero or a positive integer" in problems[0].msg
+
+
+@pytest.mark.sqlite_only
+def test_a_read_running_past_read_timeout_is_cut_and_the_coordinator_goes_on(lb_factory):
+    handle = lb_factory("slow-read", READ_TIMEOUT=0.5, CLIENT_TIMEOUT=20, WAIT_TIME=0.5)
+    Author.objects.create(name="after")
+    handle.wait_drained()
+    deadline = time.monotonic() + 10
+    while not all(p["open"] for p in read_connections(handle.status()).values()):
+        assert Author.objects.filter(name="after").exists()  # first reads open the pools
+        assert time.monotonic() < deadline, read_connections(handle.status())
+    pid = handle.coordinator_pid()
+    started = time.monotonic()
+    with pytest.raises(LoadBalancerError):
+        from django.db import connections
+
+        from django_lb_shm.backend.alias import lb_alias
+
+        with connections[lb_alias()].cursor() as cursor:
+            cursor.execute(SLOW_READ)
+    # cut on every database in turn (0.5 s + at most one 0.5 s watchdog tick each), before the query's ~6 s
+    assert time.monotonic() - started < 4.5
+    for name in handle.lb["DATABASES"]:
+        handle.wait_state(name, "RUNNING", timeout=20)
+    assert Author.objects.get(name="after").name == "after"
+    assert handle.coordinator_pid() == pid
+    assert "a read did not finish within 0.50 s" in handle.log()
