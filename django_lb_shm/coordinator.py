@@ -467,12 +467,46 @@ class CoordinatorServer(Server):
 
     def serve_client(self, conn: Any) -> None:
         try:
-            super().serve_client(conn)
+            self._serve_calls(conn)
         finally:
             if getattr(conn, "too_large", False):
                 logger.warning("dropped a client connection that sent a frame over %d bytes (MAX_REQUEST_BYTES)",
                                conn.max_bytes)
             self.owner.client_gone()
+        raise SystemExit  # as the stdlib's serve_client: handle_request then closes the connection, sending nothing
+
+    def _serve_calls(self, conn: Any) -> None:
+        """The Manager's serve_client, trimmed to what CoordinatorProxy sends: calls of exposed methods.
+
+        Same replies (#RETURN, #ERROR, #TRACEBACK), with plain pickle both ways
+        instead of the ForkingPickler's per-message buffer and reducer lookups.
+        """
+        dumps, loads, protocol = pickle.dumps, pickle.loads, pickle.HIGHEST_PROTOCOL
+        while not self.stop_event.is_set():
+            try:
+                request = conn.recv_bytes()
+            except (EOFError, OSError):
+                return  # the client went away (or sent a frame over the limit: FrameTooLarge)
+            try:
+                ident, method, args, kwds = loads(request)
+                if ident not in self.id_to_obj:
+                    # CoordinatorProxy reads this as "a proxy of a previous coordinator process".
+                    msg: tuple = ("#TRACEBACK", f"KeyError: {ident!r} is not in id_to_obj of this coordinator")
+                else:
+                    obj, exposed, _typeids = self.id_to_obj[ident]
+                    if method not in exposed:
+                        raise AttributeError(f"method {method!r} of {type(obj)} object is not exposed")
+                    msg = ("#RETURN", getattr(obj, method)(*args, **kwds))
+            except Exception as exc:
+                msg = ("#ERROR", exc)
+            try:
+                conn.send_bytes(dumps(msg, protocol))
+            except Exception as exc:
+                try:
+                    conn.send_bytes(dumps(("#UNSERIALIZABLE", format_exc()), protocol))
+                except Exception:
+                    logger.debug("could not answer a client: %s", exc)
+                    return
 
     def close(self) -> None:
         self.stop_event.set()

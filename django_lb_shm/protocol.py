@@ -12,6 +12,8 @@ Exit codes of the coordinator process form a protocol with the supervisor.
 from __future__ import annotations
 
 import os
+import pickle
+import select
 import socket
 import stat
 import tempfile
@@ -48,6 +50,15 @@ class GuardedConnection(mp_connection.Connection):
     timeout: Optional[float] = None
     max_bytes: Optional[int] = None
     too_large = False
+    _poller: Any = None
+
+    def readable_within(self, timeout: float) -> bool:
+        """poll() on one registered poller: Connection.poll builds a selector per call."""
+        poller = self._poller
+        if poller is None:
+            poller = self._poller = select.poll()
+            poller.register(self.fileno(), select.POLLIN)
+        return bool(poller.poll(max(timeout, 0.0) * 1000))
 
     def _recv_bytes(self, maxsize: Optional[int] = None):
         if self.timeout is not None and not self._poll(self.timeout):
@@ -148,8 +159,8 @@ class CoordinatorProxy(BaseProxy):
 
     def call(self, method: str, args: tuple = (), timeout: float | None = None) -> Any:
         conn = self._connection()
-        conn.send((self._id, method, args, {}))
-        if timeout is not None and not conn.poll(timeout):
+        conn.send_bytes(pickle.dumps((self._id, method, args, {}), pickle.HIGHEST_PROTOCOL))
+        if timeout is not None and not conn.readable_within(timeout):
             # The reply may still come; this connection is out of step now, drop it.
             self.drop_connection()
             raise QueryTimeout(
