@@ -97,11 +97,14 @@ def test_follower_block_is_one_round_trip(conn):
         Statement("INSERT INTO rt_item (name, note) VALUES ('b', '100%') -- trailing comment"),
         Statement("INSERT INTO rt_item (name) VALUES (%s)", [("c",), ("d",)], many=True),
         Statement("UPDATE rt_item SET note = %(n)s WHERE name = %(k)s", {"n": "x%%y", "k": "b"}),
+        Statement("UPDATE rt_item SET note = note WHERE name = %s; ", ("zz",)),     # own semicolon
+        Statement("UPDATE rt_item SET note = '%%' WHERE name = 'd'", ()),   # %% with empty params
+        Statement("INSERT INTO rt_item (name) VALUES (%s)", [], many=True),
     ], 7)
     assert len(counter.calls) == 1
     assert names(conn) == ["a", "b", "c", "d"]
     notes = dict(conn.run("SELECT name, note FROM rt_item").rows)
-    assert notes["a"] == "50% off; -- not a comment" and notes["b"] == "x%%y"
+    assert notes["a"] == "50% off; -- not a comment" and notes["b"] == "x%%y" and notes["d"] == "%"
     assert marker(conn) == 7 and idle(conn)
 
 
