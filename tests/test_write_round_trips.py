@@ -187,3 +187,47 @@ def test_begin_without_statements_sends_nothing(conn):
     conn.execute(Statement("INSERT INTO rt_item (name) VALUES (%s)", [("a",), ("b",)], many=True))
     conn.commit_after_journal(2)
     assert names(conn) == ["a", "b"] and marker(conn) == 2
+
+
+class _Leader:
+    """Just what Sequencer.begin needs of a database thread."""
+
+    def __init__(self, conn: DbConnection):
+        from django_lb_shm.shared_state import DbState
+        self.alias, self.writer, self.state, self.applied_seq = conn.alias, conn, DbState.RUNNING, 0
+        self.went_down = None
+
+    def go_down(self, exc):
+        self.went_down = exc
+        self.writer.close()
+
+
+def _sequencer(conn: DbConnection):
+    from types import SimpleNamespace
+    from django_lb_shm.sequencer import Sequencer
+    leader = _Leader(conn)
+    return Sequencer([leader], journal=None, shared=None, config=SimpleNamespace(client_timeout=2)), leader
+
+
+def test_begin_prelude_error_releases_the_order_once(conn):
+    sequencer, _leader = _sequencer(conn)
+    with pytest.raises(Exception) as caught:
+        sequencer.begin(["SAVEPOINT s1", "THIS IS NOT SQL"])
+    assert type(caught.value).__name__ == "SyntaxError"
+    assert sequencer.lock.acquire(blocking=False)     # given back, exactly once
+    sequencer.lock.release()
+    assert idle(conn)                                 # not left inside an aborted transaction
+
+
+def test_begin_prelude_connection_error_releases_the_order_once(conn, scratch_alias):
+    from django_lb_shm.errors import TransactionError
+    sequencer, leader = _sequencer(conn)
+    other = DbConnection(scratch_alias)
+    other.open()
+    other.run("SELECT pg_terminate_backend(%s)", (conn.wrapper.connection.info.backend_pid,))
+    other.close()
+    with pytest.raises(TransactionError):
+        sequencer.begin(["SAVEPOINT s1"])
+    assert leader.went_down is not None and is_connection_error(leader.went_down)
+    assert sequencer.lock.acquire(blocking=False)
+    sequencer.lock.release()
