@@ -44,6 +44,10 @@ class DbConnection:
         self.alias = alias
         self.statement_timeout = statement_timeout
         self.wrapper: Any = None
+        # PostgreSQL with Django's default client-side binding cursor: statements are
+        # sent with the simple query protocol, so several can share one round trip.
+        self.batched = False
+        self._begin_pending = False   # BEGIN not sent yet: it goes with the next statement
 
     @property
     def is_open(self) -> bool:
@@ -55,11 +59,13 @@ class DbConnection:
         wrapper.inc_thread_sharing()  # used by whichever thread holds the write order
         wrapper.ensure_connection()
         self.wrapper = wrapper
+        self.batched = _sends_simple_queries(wrapper)
         if self.statement_timeout and wrapper.vendor == "postgresql":
             self.run(f"SET statement_timeout = {int(self.statement_timeout * 1000)}")
 
     def close(self) -> None:
         wrapper, self.wrapper = self.wrapper, None
+        self._begin_pending = False
         if wrapper is not None:
             try:
                 wrapper.close()
@@ -88,7 +94,17 @@ class DbConnection:
             self.open()
         cursor = self.wrapper.create_cursor()
         try:
-            if statement.many:
+            if self._begin_pending:
+                # The deferred BEGIN shares the statement's round trip ("BEGIN;<sql>"
+                # is one simple query; the statement's result is the second one).
+                self._begin_pending = False
+                if statement.many:
+                    cursor.execute("BEGIN")
+                    cursor.executemany(statement.sql, statement.params)
+                else:
+                    cursor.execute(_BEGIN_PREFIX + statement.sql, statement.params)
+                    cursor.nextset()
+            elif statement.many:
                 cursor.executemany(statement.sql, statement.params)
             elif statement.params is None:
                 cursor.execute(statement.sql)
@@ -111,12 +127,41 @@ class DbConnection:
         return self.execute(Statement(sql, params))
 
     def begin(self) -> None:
-        self.run("BEGIN")
+        """Open a transaction; on PostgreSQL the BEGIN is sent with the next statement."""
+        if self.batched:
+            if not self.is_open:
+                self.open()
+            self._begin_pending = True
+        else:
+            self.run("BEGIN")
 
     def commit(self) -> None:
+        if self._begin_pending:
+            self._begin_pending = False   # nothing was sent: nothing to commit
+            return
         self.run("COMMIT")
 
+    # The leader's commit: the marker is in the transaction, the journal append comes
+    # before COMMIT.  SQLite (in-process, nothing to save) keeps its order: marker,
+    # journal, COMMIT; PostgreSQL sends marker + COMMIT in one round trip after the journal.
+    def marker_before_journal(self, seq: int) -> None:
+        if not self.batched:
+            self.set_marker(seq)
+
+    def commit_after_journal(self, seq: int) -> None:
+        if not self.batched:
+            self.commit()
+            return
+        sql = _marker_sql(seq) + _SEP + "COMMIT"
+        if self._begin_pending:
+            self._begin_pending = False
+            sql = _BEGIN_PREFIX + sql
+        self.run(sql)
+
     def rollback_quietly(self) -> None:
+        if self._begin_pending:
+            self._begin_pending = False   # the server never saw the BEGIN
+            return
         try:
             if self.is_open:
                 self.run("ROLLBACK")
@@ -144,9 +189,19 @@ class DbConnection:
         self.run(f"UPDATE {MARKER_TABLE} SET seq = %s WHERE id = 1", (seq,))
 
     def apply_block(self, statements: list, seq: int) -> None:
-        """Apply one journal entry as one transaction, marker included."""
+        """Apply one journal entry (or a group of them) as one transaction, marker included.
+
+        On PostgreSQL the whole block -- BEGIN, the statements (their parameters
+        merged client-side exactly as the cursor would), the marker UPDATE and
+        COMMIT -- is one simple query, one round trip.  The server stops at the
+        first failing statement, so nothing of the block is committed; the
+        transaction is then rolled back and the error raised as before.
+        """
         if not self.is_open:
             self.open()
+        if self.batched:
+            self._apply_block_at_once(statements, seq)
+            return
         self.begin()
         try:
             for statement in statements:
@@ -156,6 +211,49 @@ class DbConnection:
         except BaseException:
             self.rollback_quietly()
             raise
+
+    def _apply_block_at_once(self, statements: list, seq: int) -> None:
+        self._begin_pending = False
+        cursor = self.wrapper.create_cursor()
+        try:
+            parts = ["BEGIN"]
+            for statement in statements:
+                if statement.many:
+                    parts.extend(cursor.mogrify(statement.sql, params) for params in statement.params)
+                elif statement.params is None:
+                    parts.append(statement.sql)
+                else:
+                    parts.append(cursor.mogrify(statement.sql, statement.params))
+            parts.append(_marker_sql(seq))
+            parts.append("COMMIT")
+            cursor.execute(_SEP.join(parts))
+        except BaseException:
+            self.rollback_quietly()
+            raise
+        finally:
+            cursor.close()
+
+
+# Statements joined into one simple query: the newline ends a trailing "--" comment
+# of the previous statement before the separating semicolon.
+_SEP = "\n;\n"
+_BEGIN_PREFIX = "BEGIN" + _SEP
+
+
+def _marker_sql(seq: int) -> str:
+    return f"UPDATE {MARKER_TABLE} SET seq = {int(seq)} WHERE id = 1"
+
+
+def _sends_simple_queries(wrapper: Any) -> bool:
+    """PostgreSQL through psycopg 3 with client-side binding (Django's default cursor)."""
+    if wrapper.vendor != "postgresql":
+        return False
+    try:
+        import psycopg
+    except ImportError:  # psycopg2: its own cursor, keep one statement per round trip
+        return False
+    factory = getattr(wrapper.connection, "cursor_factory", None)
+    return isinstance(factory, type) and issubclass(factory, psycopg.ClientCursor)
 
 
 @dataclass

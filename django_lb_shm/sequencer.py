@@ -134,16 +134,16 @@ class Sequencer:
         try:
             if not conn.is_open:
                 conn.open()
-            conn.begin()
+            conn.begin()   # PostgreSQL: sent with the first statement, one round trip
             follower, result = [], Result()
             for statement in statements:
                 result = self._execute(conn, statement, follower)
-            conn.set_marker(seq)
+            conn.marker_before_journal(seq)
             result.database = leader.alias
             entry = JournalEntry(seq, request_id, follower, result if single else None, leader.alias)
             self.journal.append(entry)
             journaled = True
-            conn.commit()
+            conn.commit_after_journal(seq)   # PostgreSQL: marker + COMMIT in one round trip
         except Exception as exc:
             conn.rollback_quietly()
             if journaled:
@@ -202,17 +202,21 @@ class Sequencer:
     # -- a caller's transaction ---------------------------------------------------------------
     def begin(self, prelude: Sequence[str]) -> OpenTransaction:
         self.acquire("transaction")
+        txn = None
         try:
             leader = self.leader()
             if not leader.writer.is_open:
                 leader.writer.open()
-            leader.writer.begin()
+            leader.writer.begin()   # PostgreSQL: sent with the first statement
             txn = OpenTransaction(leader)
             for sql in prelude:
                 self.run_in(txn, Statement(sql))
             return txn
         except BaseException as exc:
-            self.lock.release()
+            if txn is None:
+                self.lock.release()
+            elif txn.holds_order:   # (run_in gave the order back itself when the leader failed)
+                self.abandon(txn)
             if is_connection_error(exc):
                 raise TransactionError(f"could not start the transaction: {exc}") from None
             raise
@@ -243,11 +247,11 @@ class Sequencer:
             if not txn.statements:
                 conn.commit()
                 return
-            conn.set_marker(seq)
+            conn.marker_before_journal(seq)
             entry = JournalEntry(seq, request_id, txn.statements, Result(), txn.leader.alias)
             self.journal.append(entry)
             journaled = True
-            conn.commit()
+            conn.commit_after_journal(seq)   # a deferred constraint fails here: nothing committed
             self._publish(txn.leader, entry)
         except Exception as exc:
             conn.rollback_quietly()

@@ -1,0 +1,233 @@
+"""DbConnection's write path on PostgreSQL: fewer round trips, the same error semantics.
+
+A follower block (BEGIN, statements, marker UPDATE, COMMIT) is one simple query;
+the leader sends BEGIN with its first statement and the marker UPDATE with its
+COMMIT.  These tests use a scratch database on the suite's first server (never
+the load-balanced ones, whose marker the coordinator owns).
+"""
+from __future__ import annotations
+
+import pytest
+from django.db import connections
+
+from django_lb_shm.db_thread import MARKER_TABLE, DbConnection
+from django_lb_shm.descriptors import Statement
+from django_lb_shm.health import is_connection_error
+
+pytestmark = pytest.mark.postgres_only
+
+SCRATCH = "lb_round_trips"
+ALIAS = "lb_round_trips"
+
+
+@pytest.fixture(scope="module")
+def scratch_alias():
+    admin = connections.create_connection("default")
+    admin.ensure_connection()
+    admin.connection.autocommit = True
+    with admin.connection.cursor() as cur:
+        cur.execute(f"DROP DATABASE IF EXISTS {SCRATCH}")
+        cur.execute(f"CREATE DATABASE {SCRATCH}")
+    connections.settings[ALIAS] = dict(connections.settings["default"], NAME=SCRATCH)
+    yield ALIAS
+    del connections.settings[ALIAS]
+    with admin.connection.cursor() as cur:
+        cur.execute(f"DROP DATABASE IF EXISTS {SCRATCH} WITH (FORCE)")
+    admin.close()
+
+
+class Counting:
+    """Counts the cursor calls (one call = one round trip) a DbConnection makes."""
+
+    def __init__(self, conn: DbConnection):
+        self.calls: list[str] = []
+        create = conn.wrapper.create_cursor
+
+        def create_cursor(*args, **kwargs):
+            cursor = create(*args, **kwargs)
+            execute, executemany = cursor.execute, cursor.executemany
+
+            def counted_execute(sql, *a, **kw):
+                self.calls.append(str(sql))
+                return execute(sql, *a, **kw)
+
+            def counted_executemany(sql, *a, **kw):
+                self.calls.append(str(sql))
+                return executemany(sql, *a, **kw)
+
+            cursor.execute, cursor.executemany = counted_execute, counted_executemany
+            return cursor
+
+        conn.wrapper.create_cursor = create_cursor
+
+
+@pytest.fixture()
+def conn(scratch_alias):
+    c = DbConnection(scratch_alias)
+    c.open()
+    c.ensure_marker()
+    c.run("DROP TABLE IF EXISTS rt_child")
+    c.run("DROP TABLE IF EXISTS rt_item")
+    c.run("CREATE TABLE rt_item (id BIGSERIAL PRIMARY KEY, name TEXT UNIQUE NOT NULL, note TEXT)")
+    c.run("CREATE TABLE rt_child (id INT PRIMARY KEY, item_id BIGINT REFERENCES rt_item (id) "
+          "DEFERRABLE INITIALLY DEFERRED)")
+    c.run(f"UPDATE {MARKER_TABLE} SET seq = 0 WHERE id = 1")
+    assert c.batched
+    yield c
+    c.close()
+
+
+def names(c: DbConnection) -> list:
+    return [r[0] for r in c.run("SELECT name FROM rt_item ORDER BY id").rows]
+
+
+def marker(c: DbConnection) -> int:
+    return c.run(f"SELECT seq FROM {MARKER_TABLE} WHERE id = 1").rows[0][0]
+
+
+def idle(c: DbConnection) -> bool:
+    import psycopg
+    return c.wrapper.connection.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+
+
+def test_follower_block_is_one_round_trip(conn):
+    counter = Counting(conn)
+    conn.apply_block([
+        Statement("INSERT INTO rt_item (name, note) VALUES (%s, %s)", ("a", "50% off; -- not a comment")),
+        Statement("INSERT INTO rt_item (name, note) VALUES ('b', '100%') -- trailing comment"),
+        Statement("INSERT INTO rt_item (name) VALUES (%s)", [("c",), ("d",)], many=True),
+        Statement("UPDATE rt_item SET note = %(n)s WHERE name = %(k)s", {"n": "x%%y", "k": "b"}),
+        Statement("UPDATE rt_item SET note = note WHERE name = %s; ", ("zz",)),     # own semicolon
+        Statement("UPDATE rt_item SET note = '%%' WHERE name = 'd'", ()),   # %% with empty params
+        Statement("INSERT INTO rt_item (name) VALUES (%s)", [], many=True),
+    ], 7)
+    assert len(counter.calls) == 1
+    assert names(conn) == ["a", "b", "c", "d"]
+    notes = dict(conn.run("SELECT name, note FROM rt_item").rows)
+    assert notes["a"] == "50% off; -- not a comment" and notes["b"] == "x%%y" and notes["d"] == "%"
+    assert marker(conn) == 7 and idle(conn)
+
+
+def test_follower_block_error_applies_nothing(conn):
+    conn.apply_block([Statement("INSERT INTO rt_item (name) VALUES ('a')")], 1)
+    with pytest.raises(Exception) as caught:
+        conn.apply_block([
+            Statement("INSERT INTO rt_item (name) VALUES ('b')"),
+            Statement("INSERT INTO rt_item (name) VALUES ('a')"),    # duplicate
+            Statement("INSERT INTO rt_item (name) VALUES ('c')"),
+        ], 2)
+    assert type(caught.value).__name__ == "UniqueViolation"
+    assert not is_connection_error(caught.value)
+    assert idle(conn)
+    assert names(conn) == ["a"] and marker(conn) == 1
+
+
+def test_follower_block_deferred_error_at_commit(conn):
+    with pytest.raises(Exception) as caught:
+        conn.apply_block([Statement("INSERT INTO rt_child (id, item_id) VALUES (1, 999)")], 3)
+    assert type(caught.value).__name__ == "ForeignKeyViolation"
+    assert idle(conn) and marker(conn) == 0
+    assert conn.run("SELECT count(*) FROM rt_child").rows[0][0] == 0
+
+
+def test_follower_block_connection_error(conn, scratch_alias):
+    pid = conn.wrapper.connection.info.backend_pid
+    other = DbConnection(scratch_alias)
+    other.open()
+    other.run("SELECT pg_terminate_backend(%s)", (pid,))
+    other.close()
+    with pytest.raises(Exception) as caught:
+        conn.apply_block([Statement("INSERT INTO rt_item (name) VALUES ('a')")], 1)
+    assert is_connection_error(caught.value)
+    conn.open()
+    assert names(conn) == [] and marker(conn) == 0
+
+
+def test_leader_write_two_round_trips(conn):
+    counter = Counting(conn)
+    conn.begin()
+    result = conn.execute(Statement("INSERT INTO rt_item (name) VALUES (%s) RETURNING id", ("a",)))
+    assert len(result.rows) == 1 and result.description[0][0] == "id" and result.rowcount == 1
+    conn.marker_before_journal(5)
+    assert not idle(conn)                     # in the transaction, marker not yet written
+    conn.commit_after_journal(5)
+    assert len(counter.calls) == 2
+    assert idle(conn) and marker(conn) == 5 and names(conn) == ["a"]
+
+
+def test_leader_statement_error_rolls_back(conn):
+    conn.apply_block([Statement("INSERT INTO rt_item (name) VALUES ('a')")], 1)
+    conn.begin()
+    with pytest.raises(Exception) as caught:
+        conn.execute(Statement("INSERT INTO rt_item (name) VALUES (%s)", ("a",)))
+    assert type(caught.value).__name__ == "UniqueViolation"
+    conn.rollback_quietly()
+    assert idle(conn) and names(conn) == ["a"] and marker(conn) == 1
+
+
+def test_leader_transaction_deferred_error_at_commit(conn):
+    conn.begin()
+    conn.execute(Statement("INSERT INTO rt_item (name) VALUES ('a')"))
+    conn.execute(Statement("INSERT INTO rt_child (id, item_id) VALUES (1, 999)"))
+    with pytest.raises(Exception) as caught:
+        conn.commit_after_journal(4)
+    assert type(caught.value).__name__ == "ForeignKeyViolation"
+    conn.rollback_quietly()
+    assert idle(conn) and names(conn) == [] and marker(conn) == 0
+
+
+def test_begin_without_statements_sends_nothing(conn):
+    counter = Counting(conn)
+    conn.begin()
+    conn.commit()
+    conn.begin()
+    conn.rollback_quietly()
+    assert counter.calls == [] and idle(conn)
+    conn.begin()
+    conn.execute(Statement("INSERT INTO rt_item (name) VALUES (%s)", [("a",), ("b",)], many=True))
+    conn.commit_after_journal(2)
+    assert names(conn) == ["a", "b"] and marker(conn) == 2
+
+
+class _Leader:
+    """Just what Sequencer.begin needs of a database thread."""
+
+    def __init__(self, conn: DbConnection):
+        from django_lb_shm.shared_state import DbState
+        self.alias, self.writer, self.state, self.applied_seq = conn.alias, conn, DbState.RUNNING, 0
+        self.went_down = None
+
+    def go_down(self, exc):
+        self.went_down = exc
+        self.writer.close()
+
+
+def _sequencer(conn: DbConnection):
+    from types import SimpleNamespace
+    from django_lb_shm.sequencer import Sequencer
+    leader = _Leader(conn)
+    return Sequencer([leader], journal=None, shared=None, config=SimpleNamespace(client_timeout=2)), leader
+
+
+def test_begin_prelude_error_releases_the_order_once(conn):
+    sequencer, _leader = _sequencer(conn)
+    with pytest.raises(Exception) as caught:
+        sequencer.begin(["SAVEPOINT s1", "THIS IS NOT SQL"])
+    assert type(caught.value).__name__ == "SyntaxError"
+    assert sequencer.lock.acquire(blocking=False)     # given back, exactly once
+    sequencer.lock.release()
+    assert idle(conn)                                 # not left inside an aborted transaction
+
+
+def test_begin_prelude_connection_error_releases_the_order_once(conn, scratch_alias):
+    from django_lb_shm.errors import TransactionError
+    sequencer, leader = _sequencer(conn)
+    other = DbConnection(scratch_alias)
+    other.open()
+    other.run("SELECT pg_terminate_backend(%s)", (conn.wrapper.connection.info.backend_pid,))
+    other.close()
+    with pytest.raises(TransactionError):
+        sequencer.begin(["SAVEPOINT s1"])
+    assert leader.went_down is not None and is_connection_error(leader.went_down)
+    assert sequencer.lock.acquire(blocking=False)
+    sequencer.lock.release()
