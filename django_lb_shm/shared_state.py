@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import os
+import threading
 import time
 from multiprocessing import resource_tracker, shared_memory
 from typing import Any, Optional
@@ -90,6 +91,9 @@ class SharedState:
         self.shm = shm
         self.owner = owner
         self.values = shm.buf.cast("d")
+        # Counters are bumped by many threads of the coordinator (server threads run
+        # reads): "+=" on the buffer is a read and a write, so it takes a lock.
+        self._add_lock = threading.Lock()
 
     # -- life cycle --------------------------------------------------------
     @classmethod
@@ -165,7 +169,8 @@ class SharedState:
         self.values[field] = value
 
     def add_header(self, field: Header, delta: float) -> None:
-        self.values[field] += delta
+        with self._add_lock:
+            self.values[field] += delta
 
     def _index(self, db: int, field: Slot) -> int:
         return HEADER_SIZE + db * SLOT_SIZE + field
@@ -177,7 +182,9 @@ class SharedState:
         self.values[self._index(db, field)] = value
 
     def add(self, db: int, field: Slot, delta: float) -> None:
-        self.values[self._index(db, field)] += delta
+        index = HEADER_SIZE + db * SLOT_SIZE + field
+        with self._add_lock:
+            self.values[index] += delta
 
     def state(self, db: int) -> DbState:
         return _DB_STATES[int(self.values[HEADER_SIZE + db * SLOT_SIZE + Slot.STATE])]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import stat
+import threading
 import time
 
 import pytest
@@ -45,6 +46,34 @@ def test_reads_run_on_pooled_connections_and_give_them_back(coordinator):
     pools = read_connections(status)
     assert sum(p["open"] for p in pools.values()) >= 1, pools
     assert all(p["busy"] == 0 and p["open"] <= p["size"] == 4 for p in pools.values()), pools
+
+
+def test_read_counters_stay_exact_when_server_threads_read_at_once(coordinator):
+    from django.db import connections
+
+    Author.objects.create(name="counted")
+    coordinator.wait_drained()
+    before = reads(coordinator.status())
+    failures: list = []
+
+    def worker() -> None:  # its own Django connection, so its own socket and server thread
+        try:
+            for _ in range(50):
+                assert Author.objects.filter(name="counted").count() == 1
+        except Exception as exc:  # pragma: no cover - reported below
+            failures.append(exc)
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not failures and not any(t.is_alive() for t in threads)
+    status = coordinator.status()
+    assert reads(status) - before == 200
+    assert all(d["inflight_reads"] == 0 for d in status["databases"]), status["databases"]
 
 
 def test_without_read_connections_every_read_goes_through_the_database_thread(lb_factory):
