@@ -288,6 +288,12 @@ def _check_address(raw: Mapping[str, Any]) -> list[Problem]:
             "For example {'HOST': 'localhost', 'PORT': 6000, 'AUTHKEY': '<a long random secret>'}.",
         )]
     problems = _check_path(address) if "PATH" in address else _check_host_port(address)
+    if not isinstance(address.get("LOCAL_SOCKET", True), bool):
+        problems.append(Problem(
+            "django_lb_shm.E008",
+            f"LOAD_BALANCER['ADDRESS']['LOCAL_SOCKET'] must be True or False, got {address['LOCAL_SOCKET']!r}.",
+            "Leave it out (True: same-host apps use a private Unix socket) or set False to use TCP only.",
+        ))
     authkey = resolve_authkey(address)
     if not authkey:
         env_name = address.get("AUTHKEY_ENV")

@@ -156,3 +156,10 @@ def test_a_read_running_past_read_timeout_is_cut_and_the_coordinator_goes_on(lb_
     assert Author.objects.get(name="after").name == "after"
     assert handle.coordinator_pid() == pid
     assert "a read did not finish within 0.50 s" in handle.log()
+
+
+def test_local_socket_must_be_a_boolean():
+    lb = base_settings()["LOAD_BALANCER"]
+    lb["ADDRESS"] = dict(lb["ADDRESS"], LOCAL_SOCKET="no")
+    problems = [p for p in find_problems(lb, base_settings()["DATABASES"]) if "LOCAL_SOCKET" in p.msg]
+    assert [p.id for p in problems] == ["django_lb_shm.E008"], problems
