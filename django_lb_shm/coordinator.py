@@ -37,6 +37,7 @@ from .errors import (
     TransactionError,
     to_dict,
 )
+from .health import is_transient
 from .protocol import (
     EXIT_BOOT_ERROR,
     EXIT_CONFIG_ERROR,
@@ -230,6 +231,7 @@ class Coordinator:
 
     def read(self, statement: d.Statement) -> d.Result:
         tried: list[str] = []
+        timed_out_on = ""
         deadline = time.monotonic() + self.config.client_timeout
         while True:
             candidates = [t.index for t in self.threads if t.state == DbState.RUNNING and t.alias not in tried]
@@ -242,36 +244,46 @@ class Coordinator:
             ok, value = self._read_on(thread, statement, deadline)
             if ok:
                 return value
+            if isinstance(value, QueryTimeout):
+                # The first database that times out is treated as hung; a second one means
+                # the query itself is slow: it must not take every database down with it.
+                if timed_out_on:
+                    raise QueryTimeout(
+                        f"{value}, after {timed_out_on!r} did too: the query takes longer than READ_TIMEOUT "
+                        f"({self.config.database_answer_timeout:.2f} s); raise READ_TIMEOUT or make the query faster"
+                    )
+                if time.monotonic() >= deadline:
+                    raise value
+                timed_out_on = thread.alias
+                thread.mark_unresponsive(str(value))
+                value = DatabaseDown(str(value))
             if isinstance(value, DatabaseDown):
                 tried.append(thread.alias)
                 continue
             raise value
 
     def _read_on(self, thread: Any, statement: d.Statement, deadline: float) -> tuple:
-        """Here, on a pooled connection, when the database has every write; else through its queue."""
+        """(ok, Result or error): here on a pooled connection when the database has every write, else queued."""
         if thread.applied_seq >= self.sequencer.last_seq:
             pooled = thread.read_pool.checkout()
             if pooled is not None:
-                return thread.read_here(pooled, statement)
+                ok, value = thread.read_here(pooled, statement)
+                if ok or not is_transient(value):
+                    return ok, value
+                # Busy (SQLite: a follower write holds the file): queue it behind that write.
         reply = self._reply_queue()
         token = next(self._tokens)
         thread.submit_read(statement, reply, token)
         try:
             return self._await(reply, token, thread.alias, deadline)
         except QueryTimeout as timeout:
-            if time.monotonic() >= deadline:
-                raise
-            thread.mark_unresponsive(str(timeout))
-            return False, DatabaseDown(str(timeout))
+            return False, timeout
 
     def cut_overdue_reads(self) -> None:
-        """Watchdog: a read running on a server thread longer than READ_TIMEOUT is cut; its database is DOWN."""
+        """Watchdog: cut reads running on a pooled connection for longer than READ_TIMEOUT."""
         limit = self.config.database_answer_timeout
         for thread in self.threads:
-            for pooled in thread.read_pool.overdue(limit):
-                pooled.interrupted = True
-                pooled.conn.interrupt()
-                thread.mark_unresponsive(f"a read did not finish within {limit:.2f} s")
+            thread.read_pool.cut_overdue(limit)
 
     def _reply_queue(self) -> "queue.SimpleQueue":
         reply = getattr(self._local, "reply", None)
@@ -615,7 +627,10 @@ class CoordinatorProcess:
                 self.exit_code = EXIT_ORPHANED
                 return
             self._replace_dead_threads()
-            self.coordinator.cut_overdue_reads()
+            try:
+                self.coordinator.cut_overdue_reads()
+            except Exception:  # never let the watchdog stop the main loop
+                logger.exception("cutting overdue reads failed")
             if time.monotonic() >= next_trim:
                 next_trim = time.monotonic() + TRIM_EVERY
                 self._trim_journal()

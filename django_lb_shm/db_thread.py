@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 from django.db import connections
 
 from .descriptors import Result, Statement
-from .errors import DatabaseDown
+from .errors import DatabaseDown, QueryTimeout
 from .health import is_connection_error, is_transient
 from .journal import JournalEntry
 from .read_pool import PooledConnection, ReadPool
@@ -48,6 +48,9 @@ class DbConnection:
         # sent with the simple query protocol, so several can share one round trip.
         self.batched = False
         self._begin_pending = False   # BEGIN not sent yet: it goes with the next statement
+        # Inside a transaction a lost connection must not be replaced silently: the
+        # statements after it would run outside the transaction (see execute()).
+        self._in_transaction = False
 
     @property
     def is_open(self) -> bool:
@@ -79,31 +82,28 @@ class DbConnection:
         if raw is None:
             return
         if wrapper.vendor == "sqlite":
-            raw.interrupt()
+            try:
+                raw.interrupt()
+            except Exception:  # closed meanwhile
+                pass
             return
         try:
             # Shutting the socket down wakes the driver with an error even when the
             # server never answers again (SIGSTOPped, network gone).
             with socket.socket(fileno=os.dup(raw.fileno())) as sock:
                 sock.shutdown(socket.SHUT_RDWR)
-        except (OSError, AttributeError, ValueError):
+        except Exception:  # closed meanwhile (psycopg raises OperationalError): nothing to cut
             pass
 
     def execute(self, statement: Statement) -> Result:
         if not self.is_open:
+            if self._in_transaction:
+                raise DatabaseDown(f"the connection to {self.alias!r} was closed inside a transaction")
             self.open()
         cursor = self.wrapper.create_cursor()
         try:
             if self._begin_pending:
-                # The deferred BEGIN shares the statement's round trip ("BEGIN;<sql>"
-                # is one simple query; the statement's result is the second one).
-                self._begin_pending = False
-                if statement.many:
-                    cursor.execute("BEGIN")
-                    cursor.executemany(statement.sql, statement.params)
-                else:
-                    cursor.execute(_BEGIN_PREFIX + statement.sql, statement.params)
-                    cursor.nextset()
+                self._execute_with_begin(cursor, statement)
             elif statement.many:
                 cursor.executemany(statement.sql, statement.params)
             elif statement.params is None:
@@ -123,6 +123,29 @@ class DbConnection:
         finally:
             cursor.close()
 
+    def _execute_with_begin(self, cursor: Any, statement: Statement) -> None:
+        """The deferred BEGIN shares the statement's round trip ("BEGIN;<sql>" is one
+        simple query; the statement's result is the second one)."""
+        try:
+            if statement.many:
+                cursor.execute("BEGIN")
+                cursor.executemany(statement.sql, statement.params)
+            else:
+                cursor.execute(_BEGIN_PREFIX + statement.sql, statement.params)
+                cursor.nextset()
+        except BaseException:
+            # Refused before it was sent (a NUL in a string, a wrong parameter count):
+            # the server saw no BEGIN, so the next statement must still carry it.
+            self._begin_pending = self._server_idle()
+            raise
+        self._begin_pending = False
+
+    def _server_idle(self) -> bool:
+        """PostgreSQL: the session is outside any transaction."""
+        from psycopg.pq import TransactionStatus
+
+        return self.wrapper.connection.info.transaction_status == TransactionStatus.IDLE
+
     def run(self, sql: str, params: Any = None) -> Result:
         return self.execute(Statement(sql, params))
 
@@ -134,12 +157,14 @@ class DbConnection:
             self._begin_pending = True
         else:
             self.run("BEGIN")
+        self._in_transaction = True
 
     def commit(self) -> None:
         if self._begin_pending:
-            self._begin_pending = False   # nothing was sent: nothing to commit
+            self._begin_pending = self._in_transaction = False   # nothing was sent: nothing to commit
             return
         self.run("COMMIT")
+        self._in_transaction = False
 
     # The leader's commit: the marker is in the transaction, the journal append comes
     # before COMMIT.  SQLite (in-process, nothing to save) keeps its order: marker,
@@ -157,8 +182,10 @@ class DbConnection:
             self._begin_pending = False
             sql = _BEGIN_PREFIX + sql
         self.run(sql)
+        self._in_transaction = False
 
     def rollback_quietly(self) -> None:
+        self._in_transaction = False
         if self._begin_pending:
             self._begin_pending = False   # the server never saw the BEGIN
             return
@@ -442,23 +469,35 @@ class DbThread(threading.Thread):
         work.reply.put((work.token, ok, value))
 
     def _grow_read_pool(self) -> None:
+        # A failure here says nothing about the database's own connection (a server at
+        # max_connections refuses only the new one): it never changes the state.
         try:
-            self.read_pool.open_one()
+            self.read_pool.open_one(retry_after=max(self.hub.config.wait_time, 1.0))
         except Exception as exc:
-            if is_connection_error(exc):
-                self.go_down(exc)
-            else:
-                logger.warning("database %r: could not open a read connection: %s", self.alias, exc)
+            logger.warning("database %r: could not open a read connection (%s); its reads go through "
+                           "the database thread meanwhile", self.alias, exc)
 
     def read_here(self, pooled: PooledConnection, statement: Statement) -> tuple[bool, Any]:
         """Run a read on the calling (server) thread, on a connection borrowed from ``read_pool``."""
+        if self.state != DbState.RUNNING:
+            self.read_pool.checkin(pooled)
+            return False, DatabaseDown(f"database {self.alias!r} is {self.state.name}")
+        current = self.read_pool.is_current(pooled)
+
+        def on_lost(reason: str) -> None:
+            # Not when the watchdog cut it (the caller decides), nor for a connection lent
+            # before the database last went down (it must not take it down again).
+            if current and not pooled.interrupted:
+                self.mark_unresponsive(reason)
+
         self.shared.add(self.index, Slot.INFLIGHT, 1)
         broken = True
         try:
-            ok, value = self._run_read(pooled.conn, statement, on_lost=self.mark_unresponsive)
-            broken = not ok and (isinstance(value, DatabaseDown) or pooled.interrupted)
-            if pooled.interrupted and not ok:
-                value = DatabaseDown(f"database {self.alias!r} did not answer a read in time")
+            ok, value = self._run_read(pooled.conn, statement, on_lost=on_lost)
+            if not ok and pooled.interrupted:
+                limit = self.hub.config.database_answer_timeout
+                value = QueryTimeout(f"database {self.alias!r} did not finish a read within {limit:.2f} s; it was cut")
+            broken = not ok and isinstance(value, (DatabaseDown, QueryTimeout))
             return ok, value
         finally:
             self.shared.add(self.index, Slot.INFLIGHT, -1)

@@ -33,6 +33,10 @@ def _driver_error(exc: BaseException) -> BaseException:
 
 
 def is_connection_error(exc: BaseException) -> bool:
+    from .errors import DatabaseDown
+
+    if isinstance(exc, DatabaseDown):
+        return True
     exc = _driver_error(exc)
     module = type(exc).__module__
     if module.startswith("psycopg"):

@@ -118,8 +118,8 @@ def timed_client(timeout: Optional[float], local_path: Optional[str] = None):
         if local_path and not isinstance(address, str):
             try:
                 return connect(local_path, authkey, timeout)
-            except (FileNotFoundError, ConnectionRefusedError, PermissionError):
-                pass  # no local socket (yet, or not ours): TCP
+            except OSError:
+                pass  # no local socket (yet), not ours, or its backlog is full: TCP
         return connect(address, authkey, timeout)
     return client
 
@@ -129,8 +129,13 @@ def timed_client(timeout: Optional[float], local_path: Optional[str] = None):
 # directory (the tmux pattern: /tmp/django_lb_shm-<uid>, mode 0700, owned by the
 # user); clients of the same user find it there and skip the TCP stack, whose
 # round trip costs about twice as much on small virtual machines.
+UNIX_PATH_MAX = 103  # sockaddr_un.sun_path: 108 bytes on Linux, 104 on macOS, the NUL included
+
+
 def local_socket_path(host: str, port: int) -> str:
-    return os.path.join(tempfile.gettempdir(), f"django_lb_shm-{os.getuid()}", f"{host}-{port}.sock")
+    """'' when the path would be too long for a Unix socket (a long TMPDIR): TCP only then."""
+    path = os.path.join(tempfile.gettempdir(), f"django_lb_shm-{os.getuid()}", f"{host}-{port}.sock")
+    return path if len(os.fsencode(path)) <= UNIX_PATH_MAX else ""
 
 
 def private_directory(path: str, create: bool = False) -> bool:

@@ -10,7 +10,7 @@ writes queued before it).
 Connections are opened by the database thread (``grow`` asks it to), never by
 a server thread: connecting to a server that accepts but never answers cannot
 be cut from outside.  A borrowed connection stuck on a hung database is cut by
-the coordinator's watchdog after READ_TIMEOUT (:meth:`ReadPool.overdue`, then
+the coordinator's watchdog after READ_TIMEOUT (:meth:`ReadPool.cut_overdue`,
 ``DbConnection.interrupt``): the server thread gets an error and retries the
 read elsewhere.
 """
@@ -42,7 +42,9 @@ class ReadPool:
         self._busy: set[PooledConnection] = set()
         self._count = 0
         self._opening = False
+        self._no_growth_until = 0.0   # after a failed open: reads use the queue meanwhile
         self._generation = 0
+        self._lent = 0                # reads run on these connections, for status
         self._lock = threading.Lock()
 
     def checkout(self) -> Optional[PooledConnection]:
@@ -52,20 +54,30 @@ class ReadPool:
                 pooled = self._idle.pop()
                 pooled.busy_since = time.monotonic()
                 self._busy.add(pooled)
+                self._lent += 1
                 return pooled
-            wants_more = not self._opening and self._count < self.size
+            wants_more = (not self._opening and self._count < self.size
+                          and time.monotonic() >= self._no_growth_until)
             self._opening = self._opening or wants_more
         if wants_more:
             self.grow()
         return None
 
-    def open_one(self) -> None:
-        """Open one more connection (on the database thread); the driver's error if it cannot."""
+    def open_one(self, retry_after: float = 5.0) -> None:
+        """Open one more connection (on the database thread); the driver's error if it cannot.
+
+        After a failure no more are asked for during ``retry_after`` seconds (a server
+        at max_connections must not be hammered); the pool stays at its size.
+        """
         with self._lock:
             generation = self._generation
         conn = self.new_connection()
         try:
             conn.open()
+        except BaseException:
+            with self._lock:
+                self._no_growth_until = time.monotonic() + retry_after
+            raise
         finally:
             with self._lock:
                 self._opening = False
@@ -94,12 +106,26 @@ class ReadPool:
         for pooled in idle:
             pooled.conn.close()
 
-    def overdue(self, limit: float) -> list[PooledConnection]:
-        """Borrowed connections running one statement for more than ``limit`` seconds."""
+    def cut_overdue(self, limit: float) -> int:
+        """Interrupt the statements borrowed connections have been running for over ``limit`` seconds.
+
+        Under the lock: a connection given back (and perhaps lent again) meanwhile
+        is never cut by mistake, nor closed while it is being cut.
+        """
         now = time.monotonic()
+        cut = 0
         with self._lock:
-            return [p for p in self._busy if not p.interrupted and now - p.busy_since > limit]
+            for pooled in self._busy:
+                if not pooled.interrupted and now - pooled.busy_since > limit:
+                    pooled.interrupted = True
+                    pooled.conn.interrupt()
+                    cut += 1
+        return cut
+
+    def is_current(self, pooled: PooledConnection) -> bool:
+        """Lent before the last reset (the database went down since)?"""
+        return pooled.generation == self._generation
 
     def stats(self) -> dict:
         with self._lock:
-            return {"size": self.size, "open": self._count, "busy": len(self._busy)}
+            return {"size": self.size, "open": self._count, "busy": len(self._busy), "reads": self._lent}

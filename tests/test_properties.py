@@ -477,9 +477,10 @@ def _bind_m2m(op: tuple, p: Program) -> Callable[[], Any]:
             book.tags.set(tags)
         elif action == "clear":
             book.tags.clear()
-        else:  # from the other side
-            for tag in tags:
-                (Tag.objects.get(pk=tag) if by_pk else tag).books.add(book)
+        else:  # from the other side; every tag is looked up first: the reference runs a step as
+            # one transaction, so a step must not write and then raise (here: a missing tag)
+            for tag in [Tag.objects.get(pk=t) for t in tags] if by_pk else tags:
+                tag.books.add(book)
         return sorted(book.tags.values_list("label", flat=True))
     return run
 

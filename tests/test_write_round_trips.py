@@ -231,3 +231,30 @@ def test_begin_prelude_connection_error_releases_the_order_once(conn, scratch_al
     assert leader.went_down is not None and is_connection_error(leader.went_down)
     assert sequencer.lock.acquire(blocking=False)
     sequencer.lock.release()
+
+
+@pytest.mark.parametrize("bad", [
+    Statement("INSERT INTO rt_item (name) VALUES (%s)", ("a\x00b",)),            # psycopg refuses the NUL
+    Statement("INSERT INTO rt_item (name, note) VALUES (%s, %s)", ("a",)),       # wrong parameter count
+])
+def test_a_statement_refused_before_sending_keeps_the_deferred_begin(conn, bad):
+    conn.begin()
+    with pytest.raises(Exception):
+        conn.execute(bad)
+    conn.execute(Statement("INSERT INTO rt_item (name) VALUES (%s)", ("x",)))   # the caller goes on
+    assert not idle(conn)            # ...inside the transaction
+    conn.rollback_quietly()          # and rolls back
+    assert names(conn) == [] and idle(conn)
+
+
+def test_a_connection_closed_inside_a_transaction_is_not_silently_replaced(conn):
+    from django_lb_shm.errors import DatabaseDown
+
+    conn.begin()
+    conn.execute(Statement("INSERT INTO rt_item (name) VALUES (%s)", ("in-txn",)))
+    conn.close()  # what DbThread.go_down does to the writer while a transaction uses it
+    with pytest.raises(DatabaseDown, match="closed inside a transaction") as caught:
+        conn.execute(Statement("INSERT INTO rt_item (name) VALUES (%s)", ("after",)))
+    assert is_connection_error(caught.value)  # the sequencer then aborts the transaction
+    conn.rollback_quietly()
+    assert names(conn) == []  # reopened outside any transaction: nothing of it committed
