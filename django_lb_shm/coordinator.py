@@ -567,8 +567,8 @@ class CoordinatorProcess:
     def client_gone(self) -> None:
         self.coordinator.client_gone()
 
-    def _entries_to_replay(self, after_seq: int):
-        return self.sequencer.entries_to_replay(after_seq)
+    def _entries_to_replay(self, read_applied: Any):
+        return self.sequencer.entries_to_replay(read_applied)
 
     def _notify_applied(self) -> None:
         self.sequencer.notify_applied()

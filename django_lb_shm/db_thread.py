@@ -303,7 +303,7 @@ class Hub:
     """What a database thread needs from the coordinator (kept small for tests)."""
 
     def __init__(self, shared: SharedState, config: Any,
-                 entries_to_replay: Callable[[int], tuple[list, bool]],
+                 entries_to_replay: Callable[[Callable[[], int]], tuple[list, bool]],
                  notify_applied: Callable[[], None],
                  probe_interval: Optional[float] = None):
         self.shared = shared
@@ -578,20 +578,26 @@ class DbThread(threading.Thread):
         return True
 
     # -- recovery -----------------------------------------------------------------------
+    def _read_applied_seq(self) -> int:
+        """The marker, read while the write order is held: a write this database commits as
+        the leader (on its writer connection) cannot be published between the read and the
+        assignment, which would otherwise set ``applied_seq`` back and replay that write."""
+        self.applied_seq = self.conn.ensure_marker()
+        self.shared.set(self.index, Slot.APPLIED_SEQ, self.applied_seq)
+        return self.applied_seq
+
     def recover(self) -> None:
         """Connect, then apply every journaled write this database missed; then RUNNING."""
         try:
             self.conn.open()
-            self.applied_seq = self.conn.ensure_marker()
             self.server_info = self.conn.describe_server()
+            self.set_state(DbState.RECOVERING)
+            entries, complete = self.hub.entries_to_replay(self._read_applied_seq)
         except Exception as exc:
             if self.state != DbState.DOWN:
                 self.go_down(exc)
             self.next_probe = time.monotonic() + self.hub.config.wait_time
             return
-        self.shared.set(self.index, Slot.APPLIED_SEQ, self.applied_seq)
-        self.set_state(DbState.RECOVERING)
-        entries, complete = self.hub.entries_to_replay(self.applied_seq)
         if not complete:
             self.set_state(
                 DbState.DIVERGED,

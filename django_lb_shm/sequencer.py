@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from django.db import DEFAULT_DB_ALIAS
 
@@ -57,9 +57,11 @@ class Sequencer:
         self.last_seq = last_seq
         self.shared.set_header(Header.LAST_SEQ, last_seq)
 
-    def entries_to_replay(self, after_seq: int) -> tuple[list, bool]:
-        """Journal entries after ``after_seq``, read while no write is half done."""
+    def entries_to_replay(self, read_applied: Callable[[], int]) -> tuple[list, bool]:
+        """Journal entries after what ``read_applied()`` says a database has, both read while
+        no write is half done (WriteNotApplied if the order stays held past CLIENT_TIMEOUT)."""
         with self._ordered("replay"):
+            after_seq = read_applied()
             return self.journal.entries_after(after_seq), self.journal.covers(after_seq)
 
     def notify_applied(self) -> None:
