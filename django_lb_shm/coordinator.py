@@ -27,6 +27,7 @@ from traceback import format_exc
 from typing import Any, Optional
 
 from . import descriptors as d
+from .__about__ import __version__
 from .errors import (
     ConfigurationError,
     CoordinatorUnavailable,
@@ -166,7 +167,10 @@ class Coordinator:
         try:
             request = d.decode(payload)
         except Exception as exc:
-            raise RequestRejected(f"request could not be decoded ({type(exc).__name__}: {exc})") from None
+            raise RequestRejected(
+                f"request could not be decoded ({type(exc).__name__}: {exc}); is the app running the same "
+                f"django_lb_shm version as the coordinator ({__version__})?"
+            ) from None
         if not isinstance(request, d.Request):
             raise RequestRejected(f"expected a django_lb_shm Request, got {type(request).__name__}")
         d.check_version(request)

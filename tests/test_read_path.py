@@ -123,6 +123,9 @@ def test_a_socket_directory_open_to_others_is_not_trusted(tmp_path):
     os.chmod(os.path.dirname(path), 0o777)
     assert not private_directory(path)                    # anyone could plant a socket there
     os.chmod(os.path.dirname(path), 0o700)
+    linked = str(tmp_path / "link" / "127.0.0.1-6000.sock")
+    os.symlink(os.path.dirname(path), os.path.dirname(linked))
+    assert not private_directory(linked)                  # a symlink is not our directory
     if os.getuid() == 0:
         os.chown(os.path.dirname(path), 65534, 65534)
         assert not private_directory(path)                # not ours
