@@ -287,7 +287,8 @@ class Coordinator:
         """Watchdog: cut reads running on a pooled connection for longer than READ_TIMEOUT."""
         limit = self.config.database_answer_timeout
         for thread in self.threads:
-            thread.read_pool.cut_overdue(limit)
+            for pooled in thread.read_pool.cut_overdue(limit):
+                thread.cancel_query_of(pooled.conn)
 
     def _reply_queue(self) -> "queue.SimpleQueue":
         reply = getattr(self._local, "reply", None)

@@ -44,6 +44,7 @@ class DbConnection:
         self.alias = alias
         self.statement_timeout = statement_timeout
         self.wrapper: Any = None
+        self.session: Optional[tuple] = None   # PostgreSQL: (backend pid, backend_start), to cancel a cut read
         # PostgreSQL with Django's default client-side binding cursor: statements are
         # sent with the simple query protocol, so several can share one round trip.
         self.batched = False
@@ -63,8 +64,11 @@ class DbConnection:
         wrapper.ensure_connection()
         self.wrapper = wrapper
         self.batched = _sends_simple_queries(wrapper)
-        if self.statement_timeout and wrapper.vendor == "postgresql":
-            self.run(f"SET statement_timeout = {int(self.statement_timeout * 1000)}")
+        if wrapper.vendor == "postgresql":
+            if self.statement_timeout:
+                self.run(f"SET statement_timeout = {int(self.statement_timeout * 1000)}")
+            self.session = tuple(self.run(
+                "SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()").rows[0])
 
     def close(self) -> None:
         wrapper, self.wrapper = self.wrapper, None
@@ -295,6 +299,11 @@ class WriteWork:
     entry: JournalEntry
 
 
+@dataclass
+class CancelQuery:
+    session: tuple   # (backend pid, backend_start) of the connection whose read was cut
+
+
 STOP = object()
 GROW_READ_POOL = object()
 
@@ -420,6 +429,8 @@ class DbThread(threading.Thread):
             self._read(item)
         elif item is GROW_READ_POOL:
             self._grow_read_pool()
+        elif isinstance(item, CancelQuery):
+            self._cancel_query(item.session)
         elif isinstance(item, WriteWork):
             entries, following = self._writes_queued_after(item.entry)
             self._write(entries)
@@ -467,6 +478,20 @@ class DbThread(threading.Thread):
         self.shared.add(self.index, Slot.INFLIGHT, -1)
         ok, value = self._run_read(self.conn, work.statement)
         work.reply.put((work.token, ok, value))
+
+    def cancel_query_of(self, conn: DbConnection) -> None:
+        """After the watchdog cut a read: PostgreSQL would run it on until it next writes; cancel it."""
+        if conn.session is not None:
+            self.queue.put(CancelQuery(conn.session))
+
+    def _cancel_query(self, session: tuple) -> None:
+        # An ordinary query on this thread's connection (the driver waits without the GIL, even
+        # on a hung server); backend_start makes sure a reused pid is never cancelled.
+        try:
+            self.conn.run("SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE pid = %s AND backend_start = %s",
+                          session)
+        except Exception as exc:
+            logger.info("database %r: could not cancel a cut read: %s", self.alias, exc)
 
     def _grow_read_pool(self) -> None:
         # A failure here says nothing about the database's own connection (a server at

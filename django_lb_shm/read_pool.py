@@ -106,20 +106,20 @@ class ReadPool:
         for pooled in idle:
             pooled.conn.close()
 
-    def cut_overdue(self, limit: float) -> int:
+    def cut_overdue(self, limit: float) -> list[PooledConnection]:
         """Interrupt the statements borrowed connections have been running for over ``limit`` seconds.
 
         Under the lock: a connection given back (and perhaps lent again) meanwhile
         is never cut by mistake, nor closed while it is being cut.
         """
         now = time.monotonic()
-        cut = 0
+        cut = []
         with self._lock:
             for pooled in self._busy:
                 if not pooled.interrupted and now - pooled.busy_since > limit:
                     pooled.interrupted = True
                     pooled.conn.interrupt()
-                    cut += 1
+                    cut.append(pooled)
         return cut
 
     def is_current(self, pooled: PooledConnection) -> bool:

@@ -156,10 +156,22 @@ def test_a_slow_read_is_cut_and_takes_down_one_database_not_all(lb_factory):
     # 0.5 s + at most one 0.5 s watchdog tick each, long before the query's ~6 s
     assert time.monotonic() - started < 3
     assert handle.log().count("did not finish a read within 0.50 s; it was cut") == 1  # one marked DOWN
+    if connections[lb_alias()].vendor == "postgresql":
+        # the cut queries are cancelled on the servers too, long before pg_sleep(6) would end
+        while any(still_sleeping(alias) for alias in handle.lb["DATABASES"]):
+            assert time.monotonic() - started < 4.5, "a cut query still runs on its server"
+            time.sleep(0.1)
     for name in handle.lb["DATABASES"]:
         handle.wait_state(name, "RUNNING", timeout=20)
     assert Author.objects.get(name="after").name == "after"
     assert handle.coordinator_pid() == pid
+
+
+def still_sleeping(alias: str) -> bool:
+    with connections[alias].cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query = %s",
+                       [SLOW_READ["postgresql"]])
+        return cursor.fetchone()[0] > 0
 
 
 def test_a_temp_dir_too_long_for_a_unix_socket_means_tcp_only(monkeypatch, tmp_path):
