@@ -1,7 +1,9 @@
 """One thread per database: its own connection, its own FIFO of work.
 
-The FIFO carries reads (answered on the caller's reply queue) and the writes
-the first database already committed (applied here in global order, each in
+The FIFO carries the reads a server thread could not run itself on the read
+pool (the database is catching up, or no pooled connection is idle; answered
+on the caller's reply queue), requests to open pooled connections, and the
+writes the first database already committed (applied here in global order, each in
 one transaction that also records its sequence number in
 ``django_lb_shm_applied``, so a replay after a crash applies it exactly once).
 Because a write is queued on every database before the caller is answered, a

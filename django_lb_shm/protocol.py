@@ -3,9 +3,10 @@
 The coordinator process serves a ``multiprocessing.managers`` server at ADDRESS,
 authenticated with AUTHKEY.  It exposes one shared object, ``coordinator``, whose
 ``execute`` method takes an encoded descriptor and returns an encoded reply:
-one Manager round trip per query.  Inside the coordinator, that call is put on
-the chosen database thread's queue and the reply taken from the caller's reply
-queue.
+one round trip per query, over the same-host Unix socket when there is one.
+Inside the coordinator, the server thread of that connection answers it (see
+coordinator.py: reads on a pooled connection or through a database thread's
+queue, writes under the sequencer's order).
 
 Exit codes of the coordinator process form a protocol with the supervisor.
 """
