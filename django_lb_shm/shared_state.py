@@ -182,12 +182,12 @@ class SharedState:
         self.values[self._index(db, field)] = value
 
     def add(self, db: int, field: Slot, delta: float) -> None:
-        index = self._index(db, field)
+        index = HEADER_SIZE + db * SLOT_SIZE + field
         with self._add_lock:
             self.values[index] += delta
 
     def state(self, db: int) -> DbState:
-        return _DB_STATES[int(self.get(db, Slot.STATE))]
+        return _DB_STATES[int(self.values[HEADER_SIZE + db * SLOT_SIZE + Slot.STATE])]
 
     def set_state(self, db: int, state: DbState) -> None:
         self.set(db, Slot.STATE, int(state))
