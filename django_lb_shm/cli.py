@@ -14,27 +14,37 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .protocol import EXIT_CONFIG_ERROR, EXIT_OK
+from .protocol import EXIT_BOOT_ERROR, EXIT_CONFIG_ERROR, EXIT_OK
 
 EXIT_UNAVAILABLE = 1
 
 
 def build_parser(prog: str = "djangoloadbalancer") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description="django_lb_shm load balancer coordinator")
-    parser.add_argument("--settings", help="Django settings module (default: DJANGO_SETTINGS_MODULE or manage.py's)")
-    parser.add_argument("--pythonpath", help="directory to add to sys.path (default: the current directory)")
+    _add_django_options(parser, default=None)
+    # Also accepted after the subcommand, where Django users put them (`status --settings x`).
+    common = argparse.ArgumentParser(add_help=False)
+    _add_django_options(common, default=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command")
-    sub.add_parser("run", help="start the supervisor and coordinator in the foreground (default)")
-    status = sub.add_parser("status", help="show the coordinator's databases, counters and health")
+    sub.add_parser("run", parents=[common], help="start the supervisor and coordinator in the foreground (default)")
+    status = sub.add_parser("status", parents=[common], help="show the coordinator's databases, counters and health")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    migrate = sub.add_parser("migrate", help="apply migrations to every load-balanced database")
+    migrate = sub.add_parser("migrate", parents=[common], help="apply migrations to every load-balanced database")
     migrate.add_argument("migrate_args", nargs="*", help="arguments passed to `migrate` (not --database)")
-    verify = sub.add_parser("verify", help="compare every LoadBalancerModel table across the databases")
+    verify = sub.add_parser("verify", parents=[common],
+                            help="compare every LoadBalancerModel table across the databases")
     verify.add_argument("--chunk-size", type=int, default=2000)
     verify.add_argument("--show", type=int, default=10, help="how many differing keys to name per table")
     verify.add_argument("--no-progress", action="store_true")
-    sub.add_parser("check", help="run the system checks only")
+    sub.add_parser("check", parents=[common], help="run the system checks only")
     return parser
+
+
+def _add_django_options(parser: argparse.ArgumentParser, default: object) -> None:
+    parser.add_argument("--settings", default=default,
+                        help="Django settings module (default: DJANGO_SETTINGS_MODULE or manage.py's)")
+    parser.add_argument("--pythonpath", default=default,
+                        help="directory to add to sys.path (default: the current directory)")
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: str = "djangoloadbalancer") -> int:
@@ -50,8 +60,21 @@ def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -
         return parser.parse_args(argv)
     at = argv.index("migrate")
     args = parser.parse_args(argv[: at + 1])
-    args.migrate_args = argv[at + 1:]
+    args.migrate_args = _take_django_options(argv[at + 1:], args)
     return args
+
+
+def _take_django_options(argv: list[str], args: argparse.Namespace) -> list[str]:
+    """--settings / --pythonpath among migrate's arguments are ours: they choose the project."""
+    kept: list[str] = []
+    values = iter(argv)
+    for arg in values:
+        name, equals, value = arg.partition("=")
+        if name in ("--settings", "--pythonpath"):
+            setattr(args, name[2:], value if equals else next(values, None))
+        else:
+            kept.append(arg)
+    return kept
 
 
 def dispatch(args: argparse.Namespace) -> int:
@@ -125,16 +148,20 @@ def run() -> int:
     configure_logging(config.log_level)
     try:
         return Supervisor(config, os.environ.get("DJANGO_SETTINGS_MODULE")).run()
-    except RuntimeError as exc:
+    except RuntimeError as exc:  # another supervisor already serves this address
         sys.stderr.write(f"djangoloadbalancer: {exc}\n")
-        return EXIT_CONFIG_ERROR
+        return EXIT_BOOT_ERROR
 
 
 def status(as_json: bool = False) -> int:
     from .client import get_client
-    from .errors import LoadBalancerError
+    from .errors import ConfigurationError, LoadBalancerError
 
-    client = get_client()
+    try:
+        client = get_client()
+    except ConfigurationError as exc:
+        sys.stderr.write(f"djangoloadbalancer status: {exc}\n")
+        return EXIT_CONFIG_ERROR
     try:
         data = client.call("status", timeout=5.0)
     except LoadBalancerError as exc:

@@ -94,15 +94,17 @@ class CoordinatorClient:
                 "in the Django project directory."
             ) from None
 
-    def proxy(self):
+    def proxy(self, deadline: Optional[float] = None):
+        """The connected proxy; connecting retries until ``deadline`` (default: CONNECT_TIMEOUT from now)."""
         if self._proxy is None:
             with self._lock:
                 if self._proxy is None:
-                    self._proxy = self._connect_with_retry()
+                    self._proxy = self._connect_with_retry(deadline)
         return self._proxy
 
-    def _connect_with_retry(self):
-        deadline = time.monotonic() + self.config.connect_timeout
+    def _connect_with_retry(self, deadline: Optional[float] = None):
+        if deadline is None:
+            deadline = time.monotonic() + self.config.connect_timeout
         delay = 0.05
         while True:
             try:
@@ -124,7 +126,8 @@ class CoordinatorClient:
                 pass
 
     # -- calls ------------------------------------------------------------
-    def call(self, method: str, *args: Any, timeout: Optional[float] = None) -> Any:
+    def call(self, method: str, *args: Any, timeout: Optional[float] = None,
+             deadline: Optional[float] = None) -> Any:
         """One call to the coordinator.
 
         ``execute`` is not re-sent here (``request`` decides what is safe to send
@@ -135,7 +138,7 @@ class CoordinatorClient:
         attempts = 1 if method == "execute" else 2
         for attempt in range(attempts):
             try:
-                return self.proxy().call(method, args, timeout)
+                return self.proxy(deadline).call(method, args, timeout)
             except _CONNECTION_LOST:
                 self.forget_connection()
                 if attempt + 1 == attempts:
@@ -153,7 +156,7 @@ class CoordinatorClient:
         deadline = time.monotonic() + self.config.connect_timeout
         while True:
             try:
-                reply = self.call("execute", payload)
+                reply = self.call("execute", payload, deadline=deadline)
                 break
             except AuthenticationFailed:
                 raise  # a wrong key stays wrong

@@ -32,6 +32,7 @@ from .errors import (
     ConfigurationError,
     CoordinatorUnavailable,
     DatabaseDown,
+    DatabaseOwnedElsewhere,
     NoDatabaseAvailable,
     QueryTimeout,
     RequestRejected,
@@ -341,8 +342,10 @@ class WriteGuard:
         if match:
             if match.group(1) not in self.tables:
                 raise RequestRejected(
-                    f"write to table {match.group(1)!r} refused: it belongs to no LoadBalancerModel "
-                    "(only their tables are written through the load balancer)"
+                    f"write to table {match.group(1)!r} refused: it belongs to no LoadBalancerModel this "
+                    "coordinator knows (only their tables are written through the load balancer). The "
+                    "coordinator loads the models when it starts: if this model is new, restart it "
+                    "(SIGHUP to the djangoloadbalancer process) after `djangoloadbalancer migrate`"
                 )
             return
         head = sql.lstrip(" \t\r\n(").split(None, 1)[0].upper() if sql.strip() else ""
@@ -565,6 +568,7 @@ class CoordinatorProcess:
             self.shared.set_state(thread.index, DbState.STARTING)
             thread.start()
         self._wait_for_databases()
+        self._refuse_databases_served_elsewhere()
         self._settle_last_seq()
         self.coordinator = Coordinator(self.config, self.shared, self.threads, self.sequencer, self.algorithm)
         self.server.serve_forever_on_all()
@@ -584,6 +588,12 @@ class CoordinatorProcess:
             if all(t.state != DbState.STARTING and t.state != DbState.RECOVERING for t in self.threads):
                 return
             time.sleep(0.02)
+
+    def _refuse_databases_served_elsewhere(self) -> None:
+        """Two coordinators on the same databases would number writes twice: the second one does not start."""
+        owned = [t.owned_elsewhere for t in self.threads if t.owned_elsewhere]
+        if owned:
+            raise DatabaseOwnedElsewhere("; ".join(owned))
 
     def _settle_last_seq(self) -> None:
         """A database ahead of the journal means the journal lost writes: the others cannot catch up."""

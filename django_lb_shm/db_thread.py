@@ -26,9 +26,10 @@ from typing import Any, Callable, Optional
 from django.db import connections
 
 from .descriptors import Result, Statement
-from .errors import DatabaseDown, QueryTimeout
+from .errors import DatabaseDown, DatabaseOwnedElsewhere, QueryTimeout
 from .health import is_connection_error, is_transient
 from .journal import JournalEntry
+from .ownership import Ownership
 from .read_pool import PooledConnection, ReadPool
 from .shared_state import DbState, SharedState, Slot
 
@@ -341,6 +342,9 @@ class DbThread(threading.Thread):
                                   grow=lambda: self.queue.put(GROW_READ_POOL))
         self.applied_seq = 0
         self.server_info: Optional[dict] = None
+        address = getattr(hub.config, "address", "")
+        self.ownership = Ownership(alias, f"django_lb_shm coordinator pid {os.getpid()} at {address}")
+        self.owned_elsewhere = ""   # why the last claim failed: another coordinator serves this database
         self.running = True
         self.next_probe = 0.0
         self.next_latency_probe = 0.0
@@ -395,6 +399,7 @@ class DbThread(threading.Thread):
         fresh.queue = self.queue
         fresh.writer = self.writer
         fresh.read_pool = self.read_pool
+        fresh.ownership = self.ownership
         fresh.applied_seq = self.applied_seq
         self.conn.close()
         return fresh
@@ -411,6 +416,7 @@ class DbThread(threading.Thread):
         self.conn.close()
         self.writer.close()
         self.read_pool.reset()
+        self.ownership.release()
         self.set_state(DbState.STOPPED)
 
     def run_once(self, timeout: Optional[float] = None) -> None:
@@ -613,10 +619,19 @@ class DbThread(threading.Thread):
         self.shared.set(self.index, Slot.APPLIED_SEQ, self.applied_seq)
         return self.applied_seq
 
+    def _claim(self) -> None:
+        try:
+            self.ownership.claim(self.conn)
+        except DatabaseOwnedElsewhere as exc:
+            self.owned_elsewhere = str(exc)
+            raise
+        self.owned_elsewhere = ""
+
     def recover(self) -> None:
         """Connect, then apply every journaled write this database missed; then RUNNING."""
         try:
             self.conn.open()
+            self._claim()
             self.server_info = self.conn.describe_server()
             self.set_state(DbState.RECOVERING)
             entries, complete = self.hub.entries_to_replay(self._read_applied_seq)

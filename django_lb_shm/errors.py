@@ -61,6 +61,10 @@ class DatabaseDown(LoadBalancerError, db_utils.OperationalError):
     """One database failed at the connection level (used inside the coordinator)."""
 
 
+class DatabaseOwnedElsewhere(DatabaseDown):
+    """Another coordinator already serves this database (two would hand out the same write numbers)."""
+
+
 class WriteNotApplied(LoadBalancerError, db_utils.OperationalError):
     """A write was not applied anywhere; it is safe to retry."""
 
@@ -110,6 +114,7 @@ _OWN_ERRORS: dict[str, type[Exception]] = {
         QueryTimeout,
         NoDatabaseAvailable,
         DatabaseDown,
+        DatabaseOwnedElsewhere,
         WriteNotApplied,
         WriteOutcomeUnknown,
         TransactionError,

@@ -160,6 +160,50 @@ def test_boot_failure_halts_instead_of_restarting(lb_factory):
         blocker.close()
 
 
+def test_a_second_coordinator_on_the_same_databases_refuses_to_start(coordinator, lb_factory):
+    # Another PORT, the same databases: it would number writes from the same journal position.
+    Author.objects.create(name="before")
+    second = lb_factory("second", start=False)
+    second.start(wait=False, alongside=True)
+    assert second.proc.wait(60) == 3, second.log()
+    log = second.log()
+    assert "already served by another django_lb_shm coordinator" in log, log
+    assert f"pid {coordinator.coordinator_pid()}" in log, log   # names the one holding it
+    assert "not restarting" in log
+    # The first one never noticed: it still reads and writes every copy.
+    with coordinator.active():
+        Author.objects.create(name="after")
+        assert sorted(Author.objects.values_list("name", flat=True)) == ["after", "before"]
+    coordinator.wait_drained()
+    assert len({len(table_rows(alias, "testapp_author")) for alias in ALIASES}) == 1
+
+
+def test_a_second_supervisor_on_the_same_address_is_a_boot_error(coordinator):
+    result = subprocess.run([sys.executable, str(LAUNCHER), "run"], cwd=str(REPO), env=coordinator.env(),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 3, result.stderr   # README: 3 = boot error (the address is taken)
+    assert f"supervisor (pid {coordinator.supervisor_pid}) already serves this address" in result.stderr
+    assert coordinator.status()["coordinator"]["state"] == "READY"
+
+
+def test_a_database_is_claimed_again_after_a_sighup_restart(lb_factory):
+    handle = lb_factory("reclaim")
+    old_pid = handle.coordinator_pid()
+    os.kill(handle.supervisor_pid, signal.SIGHUP)
+
+    def restarted() -> bool:
+        try:
+            coordinator = handle.status()["coordinator"]
+        except Exception:  # between the two processes
+            return False
+        return coordinator["pid"] != old_pid and coordinator["state"] == "READY"
+
+    wait_until(restarted, 60, "the restarted coordinator")
+    assert all(db["state"] == "RUNNING" for db in handle.status()["databases"]), handle.log()
+    Author.objects.create(name="after restart")
+    assert Author.objects.filter(name="after restart").count() == 1
+
+
 def test_stalled_coordinator_is_restarted(lb_factory):
     handle = lb_factory("stall", HEARTBEAT_TIMEOUT=2)
     old_pid = handle.coordinator_pid()

@@ -63,9 +63,10 @@ class CoordinatorHandle:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
         return env
 
-    def start(self, wait: bool = True, timeout: float = 60) -> "CoordinatorHandle":
+    def start(self, wait: bool = True, timeout: float = 60, alongside: bool = False) -> "CoordinatorHandle":
+        """Start it; the running ones are stopped first unless ``alongside`` (a test of two at once)."""
         for other in list(_running):
-            if other is not self:
+            if other is not self and not alongside:
                 other.stop()
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
