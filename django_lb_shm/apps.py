@@ -12,7 +12,9 @@ class DjangoLbShmConfig(AppConfig):
         from . import checks
         from .backend.alias import install_alias
         from .routers import install_router
+        from .testing import apply_overrides_from_environment
 
+        apply_overrides_from_environment()   # a coordinator started by LoadBalancerTestRunner
         checks.register()
         if install_alias():
             install_router()

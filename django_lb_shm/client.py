@@ -21,9 +21,10 @@ from multiprocessing.managers import BaseProxy, State
 from typing import Any, Iterable, Optional
 
 from . import descriptors as d
-from .conf import LoadBalancerConfig, get_config
+from .conf import LoadBalancerConfig, database_identity, get_config
 from .errors import (
     AuthenticationFailed,
+    ConfigurationError,
     CoordinatorUnavailable,
     NotSupportedError,
     RequestRejected,
@@ -99,8 +100,31 @@ class CoordinatorClient:
         if self._proxy is None:
             with self._lock:
                 if self._proxy is None:
-                    self._proxy = self._connect_with_retry(deadline)
+                    proxy = self._connect_with_retry(deadline)
+                    self.check_same_databases(proxy)
+                    self._proxy = proxy
         return self._proxy
+
+    def check_same_databases(self, proxy: Any) -> None:
+        """The coordinator must serve the databases this process names (same vendor and NAME).
+
+        ``manage.py test`` renames them to test databases in this process only: without
+        this check the coordinator would run the tests' queries on the real ones.
+        """
+        theirs = proxy.call("identity", (), self.config.client_timeout)["databases"]
+        differ = [
+            f"{alias!r} is {database_identity(alias)[1]!r} here, {theirs.get(alias, ['', '(not served)'])[1]!r} there"
+            for alias in self.config.databases if list(theirs.get(alias, ())) != database_identity(alias)
+        ]
+        if differ:
+            proxy.drop_connection()
+            raise ConfigurationError(
+                f"the load balancer coordinator at {self.config.address} serves other databases than this "
+                f"process's settings name: {'; '.join(differ)}. It would run these queries on its own. "
+                "Under `manage.py test`, set TEST_RUNNER = 'django_lb_shm.testing.LoadBalancerTestRunner' "
+                "(it starts a coordinator on the test databases); otherwise start the coordinator with "
+                "the app's settings."
+            )
 
     def _connect_with_retry(self, deadline: Optional[float] = None):
         if deadline is None:

@@ -206,7 +206,9 @@ def _check_vendors(aliases: list[str], django_dbs: Mapping[str, Any]) -> list[Pr
             problems.append(Problem(
                 "django_lb_shm.E013",
                 f"Database {alias!r} is an in-memory SQLite database.",
-                "The coordinator runs in its own process; give every SQLite database a file NAME.",
+                "The coordinator runs in its own process; give every SQLite database a file NAME. "
+                "Under `manage.py test` (in-memory test databases), set "
+                "TEST_RUNNER = 'django_lb_shm.testing.LoadBalancerTestRunner'.",
             ))
     return problems
 
@@ -449,6 +451,15 @@ def _default_journal_dir(address: Address) -> str:
 
     base = getattr(settings, "BASE_DIR", None) or os.getcwd()
     return str(Path(base) / ".loadbalancer-journal" / address_key(address))
+
+
+def database_identity(alias: str) -> list:
+    """What app and coordinator must agree on for ``alias``: its vendor and database NAME
+    (HOST and PORT may differ: a proxy, another route to the same server)."""
+    from django.conf import settings
+
+    entry = settings.DATABASES[alias]
+    return [vendor_of(entry["ENGINE"]), str(entry.get("NAME", ""))]
 
 
 def address_key(address: Address) -> str:

@@ -28,6 +28,7 @@ from typing import Any, Optional
 
 from . import descriptors as d
 from .__about__ import __version__
+from .conf import database_identity
 from .errors import (
     ConfigurationError,
     CoordinatorUnavailable,
@@ -94,6 +95,10 @@ class Coordinator:
             if thread.server_info:
                 return {**thread.server_info, "protocol": d.PROTOCOL_VERSION, "databases": list(self.config.databases)}
         raise NoDatabaseAvailable("no database has answered yet")
+
+    def identity(self) -> dict:
+        """The databases this coordinator serves, for the client's check (``database_identity``)."""
+        return {"databases": {alias: database_identity(alias) for alias in self.config.databases}}
 
     def status(self) -> dict:
         from .health import process_vitals

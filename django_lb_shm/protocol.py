@@ -26,7 +26,7 @@ from typing import Any, Optional
 from .errors import QueryTimeout
 
 TYPEID = "coordinator"
-EXPOSED = ("execute", "status", "hello", "ping")
+EXPOSED = ("execute", "status", "hello", "ping", "identity")
 
 EXIT_OK = 0
 EXIT_CONFIG_ERROR = 2    # settings invalid: never restart

@@ -1,0 +1,190 @@
+"""``manage.py test`` for projects with load-balanced models.
+
+Django's test runner creates test databases and points *this* process at them,
+but the coordinator is another process, started with the real settings: it
+would run the tests' queries on the real databases.  (The client refuses that:
+see ``CoordinatorClient.check_same_databases``.)  This runner
+
+* creates a test database for every alias in LOAD_BALANCER['DATABASES'] (SQLite:
+  a file in a temporary directory, never in-memory, which another process could
+  not open), whichever aliases the tests declare;
+* starts a private coordinator (``djangoloadbalancer run``) on those test
+  databases, on a free 127.0.0.1 port, with its journal in a temporary directory,
+  and points the load-balanced connection at it;
+* lets every test case query the load-balanced alias (adds it to ``databases``);
+* stops that coordinator when the test databases are destroyed.
+
+Use it with ``TEST_RUNNER = "django_lb_shm.testing.LoadBalancerTestRunner"``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Optional
+
+from django.conf import settings
+from django.db import connections
+from django.test.runner import DiscoverRunner
+
+from .conf import SETTING_NAME, get_config
+
+logger = logging.getLogger("django_lb_shm.testing")
+
+# JSON {"DATABASES": {alias: {"NAME": ...}}, "LOAD_BALANCER": {...}} applied to the settings
+# of the coordinator this runner starts (AppConfig.ready(), in its supervisor and coordinator).
+OVERRIDES_ENV = "DJANGO_LB_SHM_SETTINGS_OVERRIDES"
+BOOT_TIMEOUT = 60.0
+
+
+def apply_overrides_from_environment() -> None:
+    raw = os.environ.get(OVERRIDES_ENV)
+    if not raw:
+        return
+    overrides = json.loads(raw)
+    for alias, changes in overrides.get("DATABASES", {}).items():
+        settings.DATABASES[alias].update(changes)   # in place: connections share these dicts
+    if overrides.get(SETTING_NAME):
+        setattr(settings, SETTING_NAME, {**getattr(settings, SETTING_NAME), **overrides[SETTING_NAME]})
+
+
+class LoadBalancerTestRunner(DiscoverRunner):
+    """DiscoverRunner with a coordinator of its own on the test databases."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if self.parallel > 1:
+            # Each worker would get cloned databases that the one coordinator does not serve.
+            logger.warning("load-balanced tests run in one process: --parallel %d ignored", self.parallel)
+            self.parallel = 1
+        self._coordinator: Optional[subprocess.Popen] = None
+        self._workdir = ""
+        self._real_setting: Any = None
+
+    # -- which databases -------------------------------------------------------------------
+    def get_databases(self, suite: Any) -> dict:
+        """{alias: serialize}: every load-balanced database gets a test database too."""
+        databases = dict(super().get_databases(suite))
+        for alias in get_config().databases:
+            databases.setdefault(alias, False)
+        return databases
+
+    def build_suite(self, *args: Any, **kwargs: Any):
+        suite = super().build_suite(*args, **kwargs)
+        alias = get_config().alias
+        for test in _flatten(suite):
+            databases = getattr(type(test), "databases", None)
+            if databases is not None and databases != "__all__" and alias not in databases:
+                type(test).databases = set(databases) | {alias}
+        return suite
+
+    # -- set-up and tear-down ---------------------------------------------------------------------
+    def setup_databases(self, **kwargs: Any):
+        config = get_config()
+        self._workdir = tempfile.mkdtemp(prefix="django_lb_shm_tests_")
+        self._use_files_for_sqlite_test_databases(config.databases)
+        old_config = super().setup_databases(**kwargs)
+        try:
+            self._start_coordinator(config)
+        except BaseException:
+            self._stop_coordinator()
+            super().teardown_databases(old_config, **kwargs)
+            raise
+        return old_config
+
+    def teardown_databases(self, old_config: Any, **kwargs: Any) -> None:
+        self._stop_coordinator()
+        super().teardown_databases(old_config, **kwargs)
+        shutil.rmtree(self._workdir, ignore_errors=True)
+
+    def _use_files_for_sqlite_test_databases(self, aliases: tuple) -> None:
+        for alias in aliases:
+            conn = connections[alias]
+            test = conn.settings_dict.setdefault("TEST", {})
+            if conn.vendor == "sqlite" and (not test.get("NAME") or conn.creation.is_in_memory_db(test["NAME"])):
+                test["NAME"] = os.path.join(self._workdir, f"test_{alias}.sqlite3")
+
+    def _start_coordinator(self, config: Any) -> None:
+        real = getattr(settings, SETTING_NAME)
+        address = {**real["ADDRESS"], "HOST": "127.0.0.1", "PORT": _free_port()}
+        address.pop("PATH", None)
+        lb = {"ADDRESS": address, "JOURNAL_DIR": os.path.join(self._workdir, "journal"), "JOURNAL_FSYNC": False}
+        overrides = {
+            "DATABASES": {alias: {"NAME": settings.DATABASES[alias]["NAME"]} for alias in config.databases},
+            SETTING_NAME: lb,
+        }
+        env = dict(os.environ, **{OVERRIDES_ENV: json.dumps(overrides)})
+        self._log_path = os.path.join(self._workdir, "coordinator.log")
+        with open(self._log_path, "ab") as log:
+            self._coordinator = subprocess.Popen(
+                [sys.executable, "-c", "import sys; from django_lb_shm.cli import main; sys.exit(main())",
+                 "--pythonpath", os.getcwd(), "run"],
+                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        self._real_setting = real
+        setattr(settings, SETTING_NAME, {**real, **lb})
+        self._wait_until_ready()
+        if self.verbosity >= 2:
+            print(f"Load balancer coordinator for the test databases at 127.0.0.1:{address['PORT']} "
+                  f"(pid {self._coordinator.pid})")
+
+    def _wait_until_ready(self) -> None:
+        from .client import get_client
+
+        deadline = time.monotonic() + BOOT_TIMEOUT
+        while True:
+            if self._coordinator.poll() is not None:
+                raise RuntimeError(f"the test coordinator exited with {self._coordinator.returncode}:\n{self._log()}")
+            try:
+                if get_client().call("status", timeout=2)["coordinator"]["state"] == "READY":
+                    return
+            except Exception:
+                pass  # not listening yet
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the test coordinator was not ready within {BOOT_TIMEOUT:.0f} s:\n{self._log()}")
+            time.sleep(0.1)
+
+    def _stop_coordinator(self) -> None:
+        from .client import get_client
+
+        process, self._coordinator = self._coordinator, None
+        if self._real_setting is not None:
+            get_client().forget_connection()
+            setattr(settings, SETTING_NAME, self._real_setting)
+            self._real_setting = None
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+
+    def _log(self) -> str:
+        try:
+            with open(self._log_path, errors="replace") as f:
+                return f.read()[-4000:]
+        except OSError:
+            return ""
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _flatten(suite: Any):
+    for test in suite:
+        if hasattr(test, "__iter__"):
+            yield from _flatten(test)
+        else:
+            yield test

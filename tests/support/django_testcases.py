@@ -1,0 +1,50 @@
+"""Django test cases run by ``manage.py test`` in tests/test_testing.py (not collected by pytest).
+
+They use the test app's load-balanced models the way a project's own tests would.
+"""
+import time
+
+from django.db import connections
+from django.test import TestCase, TransactionTestCase
+
+from tests.support.lb import ALIASES
+from tests.testapp.models import Author
+
+
+class LoadBalancedTestCase(TestCase):
+    @classmethod
+    def setUpTestData(cls):
+        cls.author = Author.objects.create(name="set up")
+
+    def test_sees_its_set_up_data_and_its_own_writes(self):
+        Author.objects.create(name="one")
+        self.assertEqual(sorted(Author.objects.values_list("name", flat=True)), ["one", "set up"])
+
+    def test_each_test_starts_from_the_set_up_data(self):
+        Author.objects.filter(pk=self.author.pk).update(name="renamed")
+        self.assertEqual(list(Author.objects.values_list("name", flat=True)), ["renamed"])
+
+    def test_and_again(self):
+        self.assertEqual(list(Author.objects.values_list("name", flat=True)), ["set up"])
+
+
+class LoadBalancedTransactionTestCase(TransactionTestCase):
+    databases = "__all__"
+
+    def test_a_write_reaches_every_test_database(self):
+        Author.objects.create(name="everywhere")
+        deadline = time.monotonic() + 20
+        while True:
+            names = {alias: _names(alias) for alias in ALIASES}
+            if all(found == ["everywhere"] for found in names.values()) or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        self.assertEqual(names, {alias: ["everywhere"] for alias in ALIASES})
+        for alias in ALIASES:  # and they are the test databases, not the real ones
+            self.assertIn("test", str(connections[alias].settings_dict["NAME"]))
+
+
+def _names(alias):
+    with connections[alias].cursor() as cursor:
+        cursor.execute("SELECT name FROM testapp_author")
+        return [row[0] for row in cursor.fetchall()]
