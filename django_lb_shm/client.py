@@ -39,6 +39,8 @@ logger = logging.getLogger("django_lb_shm.client")
 READ, WRITE, LOCK, SAVEPOINT, BOUNDARY = "read", "write", "lock", "savepoint", "boundary"
 _LOCKING = re.compile(r"\bFOR\s+(?:NO\s+KEY\s+)?(?:UPDATE|SHARE|KEY\s+SHARE)\b", re.IGNORECASE)
 _WRITING_CTE = re.compile(r"\b(?:INSERT|UPDATE|DELETE|MERGE)\b", re.IGNORECASE)
+# PostgreSQL's sequence reset (loaddata, sqlsequencereset) is a SELECT that changes a sequence.
+_SEQUENCE_RESET = re.compile(r"^\s*SELECT\s+setval\s*\(", re.IGNORECASE)
 _CONNECTION_LOST = (EOFError, ConnectionError, BrokenPipeError, OSError)
 
 
@@ -47,7 +49,7 @@ def classify(sql: str) -> str:
     words = sql.lstrip(" \t\r\n(").split(None, 2)
     head = words[0].upper() if words else ""
     if head in ("SELECT", "VALUES", "EXPLAIN", "SHOW", "WITH", "TABLE"):
-        if head == "WITH" and _WRITING_CTE.search(sql):
+        if head == "WITH" and _WRITING_CTE.search(sql) or _SEQUENCE_RESET.match(sql):
             return WRITE
         return LOCK if _LOCKING.search(sql) else READ
     if head == "PRAGMA":

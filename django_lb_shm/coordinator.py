@@ -327,6 +327,12 @@ class WriteGuard:
     """
 
     _TARGET = re.compile(r'\s*(?:INSERT\s+(?:OR\s+\w+\s+)?INTO|UPDATE|DELETE\s+FROM)\s+"?([^\s"(]+)', re.IGNORECASE)
+    _SQLITE_SEQUENCE_RESET = re.compile(
+        r'\s*UPDATE\s+"?sqlite_sequence"?\s+SET\s+"?seq"?\s*=\s*0\s+WHERE\s+"?name"?\s+IN\s*\(([^)]*)\)\s*;?\s*$',
+        re.IGNORECASE)
+    # Django's PostgreSQL sequence reset: SELECT setval(pg_get_serial_sequence('"table"','id'), ...)
+    _SEQUENCE_TARGET = re.compile(r"""\s*SELECT\s+setval\s*\(\s*pg_get_serial_sequence\s*\(\s*'"?([^'"]+)"?'""",
+                                  re.IGNORECASE)
     _ALLOWED_HEADS = ("SAVEPOINT", "RELEASE", "ROLLBACK", "SELECT")  # savepoints; locking reads
 
     def __init__(self, tables: frozenset):
@@ -343,8 +349,10 @@ class WriteGuard:
         return cls(frozenset(m._meta.db_table for m in models if is_load_balanced(m)) - {MARKER_TABLE})
 
     def check(self, sql: str) -> None:
-        match = self._TARGET.match(sql)
+        match = self._TARGET.match(sql) or self._SEQUENCE_TARGET.match(sql)
         if match:
+            if match.group(1) == "sqlite_sequence" and self._resets_own_sequences(sql):
+                return
             if match.group(1) not in self.tables:
                 raise RequestRejected(
                     f"write to table {match.group(1)!r} refused: it belongs to no LoadBalancerModel this "
@@ -359,6 +367,12 @@ class WriteGuard:
                 f"{head or 'an empty statement'} statement refused: the load balancer applies only INSERT, "
                 "UPDATE and DELETE on LoadBalancerModel tables (run schema changes with `djangoloadbalancer migrate`)"
             )
+
+
+    def _resets_own_sequences(self, sql: str) -> bool:
+        """Django's SQLite sequence reset (flush), for load-balanced tables only."""
+        match = self._SQLITE_SEQUENCE_RESET.match(sql)
+        return bool(match) and {name.strip(" '\"") for name in match.group(1).split(",")} <= self.tables
 
 
 def _remove_stale_socket(path: str) -> None:

@@ -21,7 +21,8 @@ def refuse_direct_write(model: type, using: str | None, method: str) -> None:
         raise NotSupportedError(
             f"{model.__name__}.{method}() with using={using!r} would write to one database only; "
             "LoadBalancerModel writes go through the load balancer to every database. "
-            "Remove using= (or use the load-balanced alias)."
+            "Remove using= (or use the load-balanced alias; for fixtures: "
+            f"`manage.py loaddata <fixture> --database {lb_alias()}`)."
         )
 
 

@@ -40,12 +40,16 @@ class LoadBalancerRouter:
         return None
 
     def allow_migrate(self, db: str, app_label: str, model_name: Any = None, **hints: Any):
-        # The virtual alias is no database of its own; the real ones are migrated.
+        # The virtual alias is no database of its own: schema changes go to the real ones
+        # (`djangoloadbalancer migrate`).  Its load-balanced models' rows, though, may be
+        # loaded through it (`loaddata --database loadbalancer` asks this for every object).
         try:
             alias = lb_alias()
         except Exception:
             return None
-        return False if db == alias else None
+        if db != alias:
+            return None
+        return is_load_balanced(hints.get("model"))
 
 
 def install_router() -> None:

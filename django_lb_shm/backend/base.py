@@ -33,6 +33,25 @@ class ProxyOperationsMixin:
             return f"{sql} -- params: {params!r}"
 
 
+    def sql_flush(self, style: Any, tables: Any, *, reset_sequences: bool = False, allow_cascade: bool = False) -> list:
+        """``flush --database <lb alias>`` (and TransactionTestCase): DELETE rather than TRUNCATE.
+
+        The coordinator applies row changes to every copy in one transaction (foreign
+        keys are checked at its end); TRUNCATE is not a row change it forwards.
+        """
+        if not tables:
+            return []
+        if self.connection.vendor == "sqlite":
+            return super().sql_flush(style, tables, reset_sequences=reset_sequences, allow_cascade=allow_cascade)
+        sql = [f"{style.SQL_KEYWORD('DELETE FROM')} {style.SQL_FIELD(self.quote_name(table))};" for table in tables]
+        if reset_sequences:
+            with self.connection.cursor() as cursor:
+                introspection = self.connection.introspection
+                sequences = [seq for table in tables for seq in introspection.get_sequences(cursor, table)]
+            sql.extend(self.sequence_reset_by_name_sql(style, sequences))
+        return sql
+
+
 class ProxyFeaturesMixin:
     supports_transactions = True
     can_rollback_ddl = False
