@@ -1,4 +1,8 @@
+import sys
+from typing import Any
+
 from django.apps import AppConfig
+from django.db.models.signals import post_migrate
 
 
 class DjangoLbShmConfig(AppConfig):
@@ -18,3 +22,31 @@ class DjangoLbShmConfig(AppConfig):
         checks.register()
         if install_alias():
             install_router()
+        post_migrate.connect(warn_one_copy_changed, dispatch_uid="django_lb_shm.warn_one_copy_changed")
+
+
+# `djangoloadbalancer migrate` sets this: it migrates every copy in turn.
+migrating_every_database = False
+_warned: set = set()
+
+
+def warn_one_copy_changed(sender: Any, verbosity: int = 1, using: str = "", **kwargs: Any) -> None:
+    """After `manage.py migrate` (or `flush`) of ONE load-balanced database: say the others were not."""
+    from .conf import get_config
+
+    if verbosity < 1 or migrating_every_database or using in _warned:
+        return
+    try:
+        databases = get_config().databases
+    except Exception:  # invalid settings: the checks say so
+        return
+    if using not in databases:
+        return
+    _warned.add(using)
+    others = ", ".join(repr(alias) for alias in databases if alias != using)
+    stream = kwargs.get("stdout") or sys.stdout
+    stream.write(
+        f"django_lb_shm: only database {using!r} was changed; the other load-balanced databases ({others}) "
+        "were not. Migrate every copy with `djangoloadbalancer migrate`; empty the load-balanced tables "
+        "of every copy with `manage.py flush --database <the load-balanced alias>`.\n"
+    )

@@ -208,6 +208,9 @@ def migrate(extra_args: Sequence[str]) -> int:
 
     from .conf import get_config
 
+    from . import apps
+
+    apps.migrating_every_database = True   # no "only this copy" warning per database
     extra = without_database_option(extra_args)
     for alias in get_config().databases:
         print(f"== migrating {alias}", flush=True)

@@ -194,3 +194,21 @@ def test_unpicklable_query_argument_is_a_type_error_and_the_coordinator_keeps_se
     Destination.objects.create(name="Oslo", desc="city")
     assert Destination.objects.filter(name="Oslo").count() == 1
     assert coordinator.status()["coordinator"]["restarts"] == 0
+
+
+# -- migrate -------------------------------------------------------------------------------------
+def test_djangoloadbalancer_migrate_migrates_every_copy_and_plain_migrate_says_it_did_one(tmp_path):
+    env, _ = settings_env(tmp_path, "migrate")
+    every = run([sys.executable, "bin/djangoloadbalancer", "migrate"], env)
+    assert every.returncode == 0, every.stderr
+    assert [line for line in every.stdout.splitlines() if line.startswith("== migrating")] == [
+        f"== migrating {alias}" for alias in ALIASES]
+    assert "only database" not in every.stdout
+
+    one = run([sys.executable, "-m", "django", "migrate", "--database", "DB1"], env)
+    assert one.returncode == 0, one.stderr
+    others = ", ".join(repr(alias) for alias in ALIASES if alias != "DB1")
+    assert f"only database 'DB1' was changed; the other load-balanced databases ({others}) were not" in one.stdout
+    assert one.stdout.count("only database") == 1
+    quiet = run([sys.executable, "-m", "django", "migrate", "--database", "DB1", "-v", "0"], env)
+    assert quiet.returncode == 0 and "only database" not in quiet.stdout
