@@ -1,6 +1,7 @@
-"""Django system checks for settings.LOAD_BALANCER (ids django_lb_shm.E0xx / W0xx).
+"""Django system checks (ids django_lb_shm.E0xx / W0xx): settings.LOAD_BALANCER, and how
+load-balanced models relate to the others.
 
-Pure functions over settings: they never touch a database or the coordinator.
+Pure functions over settings and models: they never touch a database or the coordinator.
 """
 from __future__ import annotations
 
@@ -21,5 +22,81 @@ def check_load_balancer_settings(app_configs: Any = None, **kwargs: Any) -> list
     return messages
 
 
+# Tables every copy holds identically, written by `migrate` on each of them: a relation to
+# them is as good on one copy as on another (GenericForeignKey's content type).
+SHARED_BY_EVERY_COPY = {"contenttypes.contenttype"}
+
+
+def check_load_balanced_models(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """A relation between a LoadBalancerModel and a model that is not one cannot hold on every copy."""
+    from django.apps import apps
+
+    messages: list[checks.CheckMessage] = []
+    configs = app_configs or apps.get_app_configs()
+    for model in (m for config in configs for m in config.get_models()):
+        messages += _relation_problems(model)
+        messages += _manager_problems(model)
+    return messages
+
+
+def _relation_problems(model: type) -> list[checks.CheckMessage]:
+    from django.db import models
+
+    from .routers import is_load_balanced
+
+    problems = []
+    fields = [f for f in model._meta.local_fields if f.is_relation and f.remote_field]
+    fields += [f for f in model._meta.local_many_to_many if f.remote_field.through._meta.auto_created]
+    for field in fields:
+        related = field.related_model
+        if not isinstance(related, type) or is_load_balanced(model) == is_load_balanced(related):
+            continue
+        label = f"{model._meta.label}.{field.name}"
+        if is_load_balanced(model) or field.many_to_many:
+            if related._meta.label_lower in SHARED_BY_EVERY_COPY:
+                continue
+            lb_side, plain = (model, related) if is_load_balanced(model) else (related, model)
+            problems.append(checks.Error(
+                f"{label} relates the LoadBalancerModel {lb_side._meta.label} to {plain._meta.label}, which is "
+                f"not one: {plain._meta.label}'s rows are in one database, the load-balanced rows in every copy, "
+                "so foreign keys fail on the other copies, and joins and cascades see different rows.",
+                hint=f"Make {plain._meta.object_name} a LoadBalancerModel, or keep the key in a plain field "
+                     "(e.g. models.IntegerField). If every copy holds that table identically by other means, "
+                     "silence django_lb_shm.E023.",
+                obj=field, id="django_lb_shm.E023",
+            ))
+        elif field.db_constraint or field.remote_field.on_delete is not models.DO_NOTHING:
+            problems.append(checks.Error(
+                f"{label} points a model that is not load-balanced at the LoadBalancerModel "
+                f"{related._meta.label}: deleting a {related._meta.object_name} would cascade into a table the "
+                "load balancer does not write, and a foreign-key constraint on one copy would refuse deletes "
+                "the other copies accept.",
+                hint="Declare it with on_delete=models.DO_NOTHING and db_constraint=False, or make "
+                     f"{model._meta.object_name} a LoadBalancerModel.",
+                obj=field, id="django_lb_shm.E024",
+            ))
+    return problems
+
+
+def _manager_problems(model: type) -> list[checks.CheckMessage]:
+    from .query import LoadBalancerQuerySet
+    from .routers import is_load_balanced
+
+    if not is_load_balanced(model):
+        return []
+    return [
+        checks.Warning(
+            f"{model._meta.label}.{manager.name} is a manager whose querysets are not LoadBalancerQuerySets: "
+            f"{model._meta.object_name}.{manager.name}.using('<a real alias>') can write one copy only.",
+            hint="Base it on django_lb_shm.LoadBalancerManager, or build it with "
+                 "Manager.from_queryset(<a subclass of django_lb_shm.LoadBalancerQuerySet>).",
+            obj=model, id="django_lb_shm.W002",
+        )
+        for manager in model._meta.managers
+        if not issubclass(getattr(manager, "_queryset_class", object), LoadBalancerQuerySet)
+    ]
+
+
 def register() -> None:
     checks.register(check_load_balancer_settings, "django_lb_shm")
+    checks.register(check_load_balanced_models, checks.Tags.models)

@@ -252,3 +252,93 @@ def test_launcher_refuses_to_start_with_bad_settings(bad_wait_time):
     assert listening == []
     assert not Path("/dev/shm", f"django_lb_shm_{port}").exists()
     assert not Path(lb["JOURNAL_DIR"]).exists()
+
+
+# -- relations between load-balanced models and the others (E023, E024, W002) ------------------------
+from django.contrib.contenttypes.models import ContentType  # noqa: E402
+from django.db import models  # noqa: E402
+from django.test.utils import isolate_apps  # noqa: E402
+
+from django_lb_shm import LoadBalancerManager, LoadBalancerModel  # noqa: E402
+from django_lb_shm.checks import _manager_problems, _relation_problems, check_load_balanced_models  # noqa: E402
+
+
+def ids(messages) -> list[str]:
+    return [m.id for m in messages]
+
+
+def test_the_suite_project_has_no_relation_or_manager_problems():
+    assert check_load_balanced_models() == []
+
+
+@isolate_apps("tests.testapp")
+def test_a_load_balanced_model_pointing_at_a_plain_one_is_an_error():
+    class Owner(models.Model):
+        class Meta:
+            app_label = "testapp"
+
+    class Pet(LoadBalancerModel):
+        owner = models.ForeignKey(Owner, on_delete=models.CASCADE)
+        friends = models.ManyToManyField(Owner, related_name="friends")
+        kind = models.ForeignKey(ContentType, on_delete=models.CASCADE)   # the same on every copy: fine
+
+        class Meta:
+            app_label = "testapp"
+
+    problems = _relation_problems(Pet)
+    assert ids(problems) == ["django_lb_shm.E023", "django_lb_shm.E023"]
+    assert "testapp.Pet.owner relates the LoadBalancerModel testapp.Pet to testapp.Owner" in problems[0].msg
+    assert "Make Owner a LoadBalancerModel" in problems[0].hint
+    assert "testapp.Pet.friends" in problems[1].msg
+
+
+@isolate_apps("tests.testapp")
+def test_a_plain_model_may_point_at_load_balanced_rows_only_without_constraint_or_cascade():
+    class Shelf(LoadBalancerModel):
+        class Meta:
+            app_label = "testapp"
+
+    class Cascading(models.Model):
+        shelf = models.ForeignKey(Shelf, on_delete=models.CASCADE)
+
+        class Meta:
+            app_label = "testapp"
+
+    class Loose(models.Model):
+        shelf = models.ForeignKey(Shelf, on_delete=models.DO_NOTHING, db_constraint=False)
+
+        class Meta:
+            app_label = "testapp"
+
+    class Tagging(models.Model):
+        shelves = models.ManyToManyField(Shelf)
+
+        class Meta:
+            app_label = "testapp"
+
+    problems = _relation_problems(Cascading)
+    assert ids(problems) == ["django_lb_shm.E024"]
+    assert "on_delete=models.DO_NOTHING and db_constraint=False" in problems[0].hint
+    assert _relation_problems(Loose) == []
+    assert ids(_relation_problems(Tagging)) == ["django_lb_shm.E023"]
+
+
+@isolate_apps("tests.testapp")
+def test_a_plain_manager_on_a_load_balanced_model_is_a_warning():
+    class Plain(LoadBalancerModel):
+        objects = models.Manager()
+
+        class Meta:
+            app_label = "testapp"
+
+    class Custom(LoadBalancerModel):
+        objects = LoadBalancerManager()
+        recent = type("RecentManager", (LoadBalancerManager,), {})()
+
+        class Meta:
+            app_label = "testapp"
+
+    warnings = _manager_problems(Plain)
+    assert ids(warnings) == ["django_lb_shm.W002"]
+    assert "testapp.Plain.objects" in warnings[0].msg and "LoadBalancerManager" in warnings[0].hint
+    assert _manager_problems(Custom) == []
