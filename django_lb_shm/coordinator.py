@@ -335,8 +335,9 @@ class WriteGuard:
                                   re.IGNORECASE)
     _ALLOWED_HEADS = ("SAVEPOINT", "RELEASE", "ROLLBACK", "SELECT")  # savepoints; locking reads
 
-    def __init__(self, tables: frozenset):
+    def __init__(self, tables: frozenset, others: Optional[dict] = None):
         self.tables = tables
+        self.others = others or {}   # table -> label of an installed model that is not load-balanced
 
     @classmethod
     def for_installed_models(cls) -> "WriteGuard":
@@ -346,16 +347,24 @@ class WriteGuard:
         from .routers import is_load_balanced
 
         models = apps.get_models(include_auto_created=True)
-        return cls(frozenset(m._meta.db_table for m in models if is_load_balanced(m)) - {MARKER_TABLE})
+        others = {m._meta.db_table: m._meta.label for m in models if not is_load_balanced(m)}
+        return cls(frozenset(m._meta.db_table for m in models if is_load_balanced(m)) - {MARKER_TABLE}, others)
 
     def check(self, sql: str) -> None:
         match = self._TARGET.match(sql) or self._SEQUENCE_TARGET.match(sql)
         if match:
             if match.group(1) == "sqlite_sequence" and self._resets_own_sequences(sql):
                 return
-            if match.group(1) not in self.tables:
+            table = match.group(1)
+            if table in self.others:
                 raise RequestRejected(
-                    f"write to table {match.group(1)!r} refused: it belongs to no LoadBalancerModel this "
+                    f"write to table {table!r} refused: it belongs to {self.others[table]}, which is not a "
+                    "LoadBalancerModel; write it on its own database (a relation from a load-balanced model "
+                    "that cascades into it is refused by system check django_lb_shm.E024)"
+                )
+            if table not in self.tables:
+                raise RequestRejected(
+                    f"write to table {table!r} refused: it belongs to no LoadBalancerModel this "
                     "coordinator knows (only their tables are written through the load balancer). The "
                     "coordinator loads the models when it starts: if this model is new, restart it "
                     "(SIGHUP to the djangoloadbalancer process) after `djangoloadbalancer migrate`"

@@ -188,8 +188,10 @@ def test_a_hung_database_is_treated_as_down_for_reads(lb_factory, read_path):
 
 def test_only_load_balanced_tables_can_be_written(coordinator):
     with connections[lb_alias()].cursor() as cursor:
-        with pytest.raises(RequestRejected, match="auth_user") as refused:
+        with pytest.raises(RequestRejected, match="it belongs to auth.User, which is not a LoadBalancerModel"):
             cursor.execute("UPDATE auth_user SET is_superuser = %s", [True])
+        with pytest.raises(RequestRejected, match="unknown_table") as refused:
+            cursor.execute("DELETE FROM unknown_table")
         # A model added since the coordinator started looks the same to it: say how to load it.
         assert "if this model is new, restart it (SIGHUP" in str(refused.value)
         with pytest.raises(RequestRejected, match="CREATE"):
