@@ -585,18 +585,19 @@ class CoordinatorProcess:
         address = self.config.address
         registry = {TYPEID: (lambda: self.coordinator, EXPOSED, None, None)}
         self.server = CoordinatorServer(registry, address.tuple, address.authkey, self, address.local_socket_path)
-        self.journal = Journal(self.config.journal_dir, fsync=self.config.journal_fsync).open()
         self.algorithm = build_read_algorithm(self.config, self.shared)
         self.hub = Hub(self.shared, self.config, self._entries_to_replay, self._notify_applied,
                        probe_interval=self.algorithm.probe_interval)
         self.threads = [DbThread(i, alias, self.hub) for i, alias in enumerate(self.config.databases)]
+        # Before the journal is opened (its torn tail may be cut) or any database replayed.
+        self._claim_databases()
+        self.journal = Journal(self.config.journal_dir, fsync=self.config.journal_fsync).open()
         self.sequencer = Sequencer(self.threads, self.journal, self.shared, self.config)
         self.sequencer.start_at(self.journal.last_seq)
         for thread in self.threads:
             self.shared.set_state(thread.index, DbState.STARTING)
             thread.start()
         self._wait_for_databases()
-        self._refuse_databases_served_elsewhere()
         self._settle_last_seq()
         self.coordinator = Coordinator(self.config, self.shared, self.threads, self.sequencer, self.algorithm)
         self.server.serve_forever_on_all()
@@ -617,9 +618,14 @@ class CoordinatorProcess:
                 return
             time.sleep(0.02)
 
-    def _refuse_databases_served_elsewhere(self) -> None:
+    def _claim_databases(self) -> None:
         """Two coordinators on the same databases would number writes twice: the second one does not start."""
-        owned = [t.owned_elsewhere for t in self.threads if t.owned_elsewhere]
+        owned = []
+        for thread in self.threads:
+            try:
+                thread.claim_at_boot()
+            except DatabaseOwnedElsewhere as exc:
+                owned.append(str(exc))
         if owned:
             raise DatabaseOwnedElsewhere("; ".join(owned))
 

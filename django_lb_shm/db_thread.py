@@ -29,7 +29,7 @@ from .descriptors import Result, Statement
 from .errors import DatabaseDown, DatabaseOwnedElsewhere, QueryTimeout
 from .health import is_connection_error, is_transient
 from .journal import JournalEntry
-from .ownership import Ownership
+from .ownership import CLAIM_WAIT, Ownership
 from .read_pool import PooledConnection, ReadPool
 from .shared_state import DbState, SharedState, Slot
 
@@ -342,9 +342,9 @@ class DbThread(threading.Thread):
                                   grow=lambda: self.queue.put(GROW_READ_POOL))
         self.applied_seq = 0
         self.server_info: Optional[dict] = None
-        address = getattr(hub.config, "address", "")
-        self.ownership = Ownership(alias, f"django_lb_shm coordinator pid {os.getpid()} at {address}")
+        self.ownership = Ownership(alias, getattr(hub.config, "address", ""))
         self.owned_elsewhere = ""   # why the last claim failed: another coordinator serves this database
+        self.claimed_at_boot = False
         self.running = True
         self.next_probe = 0.0
         self.next_latency_probe = 0.0
@@ -619,10 +619,28 @@ class DbThread(threading.Thread):
         self.shared.set(self.index, Slot.APPLIED_SEQ, self.applied_seq)
         return self.applied_seq
 
-    def _claim(self) -> None:
+    def claim_at_boot(self) -> None:
+        """Before the coordinator reads or writes anything: DatabaseOwnedElsewhere if another
+        coordinator serves this database.  A database that cannot be reached now is claimed
+        when it is recovered."""
         try:
-            self.ownership.claim(self.conn)
+            self.conn.open()
+            self._claim(wait=CLAIM_WAIT)
+        except DatabaseOwnedElsewhere:
+            self.conn.close()
+            raise
+        except Exception as exc:
+            logger.info("database %r: not reachable at boot (%s); it is claimed when it comes up", self.alias, exc)
+            self.conn.close()
+            return
+        self.claimed_at_boot = True
+
+    def _claim(self, wait: float = 0.0) -> None:
+        try:
+            self.ownership.claim(self.conn, wait=wait)
         except DatabaseOwnedElsewhere as exc:
+            if str(exc) != self.owned_elsewhere:
+                logger.error("%s", exc)
             self.owned_elsewhere = str(exc)
             raise
         self.owned_elsewhere = ""
@@ -630,8 +648,11 @@ class DbThread(threading.Thread):
     def recover(self) -> None:
         """Connect, then apply every journaled write this database missed; then RUNNING."""
         try:
-            self.conn.open()
-            self._claim()
+            if self.claimed_at_boot and self.conn.is_open:
+                self.claimed_at_boot = False   # opened and claimed by claim_at_boot(): keep that session
+            else:
+                self.conn.open()
+                self._claim()
             self.server_info = self.conn.describe_server()
             self.set_state(DbState.RECOVERING)
             entries, complete = self.hub.entries_to_replay(self._read_applied_seq)

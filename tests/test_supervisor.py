@@ -7,11 +7,15 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import psutil
+import pytest
 from django.db import connections
+
+from django_lb_shm.backend.alias import lb_alias
 
 from tests.support.lb import ALIASES, LAUNCHER, REPO, CoordinatorHandle, table_rows
 from tests.support.workers import mixed_workload
@@ -202,6 +206,43 @@ def test_a_database_is_claimed_again_after_a_sighup_restart(lb_factory):
     assert all(db["state"] == "RUNNING" for db in handle.status()["databases"]), handle.log()
     Author.objects.create(name="after restart")
     assert Author.objects.filter(name="after restart").count() == 1
+
+
+@pytest.mark.postgres_only
+def test_a_restart_takes_over_the_claim_of_a_session_the_server_still_runs(lb_factory):
+    # The stopped coordinator's connection is busy in a query: the server keeps its session
+    # (and the claim) until the query ends. The new coordinator must not take that for
+    # another coordinator's claim.
+    handle = lb_factory("busy", READ_CONNECTIONS=0, READ_TIMEOUT=1, GRACEFUL_TIMEOUT=1, CLIENT_TIMEOUT=5)
+    Author.objects.create(name="x")
+    old_pid = handle.coordinator_pid()
+    slow = threading.Thread(target=sleep_in_the_database, args=(30,), daemon=True)
+    slow.start()
+    time.sleep(2)
+    os.kill(handle.supervisor_pid, signal.SIGHUP)
+
+    def restarted() -> bool:
+        try:
+            status = handle.status()
+        except Exception:
+            return False
+        return status["coordinator"]["pid"] != old_pid and all(d["state"] == "RUNNING" for d in status["databases"])
+
+    wait_until(restarted, 60, "the restarted coordinator with every database RUNNING")
+    assert handle.proc.poll() is None, handle.log()
+    assert "terminated server session" in handle.log() and f"coordinator pid {old_pid}" in handle.log()
+    Author.objects.create(name="y")
+    assert Author.objects.count() == 2
+
+
+def sleep_in_the_database(seconds: int) -> None:
+    try:
+        with connections[lb_alias()].cursor() as cursor:
+            cursor.execute(f"SELECT pg_sleep({seconds})")
+    except Exception:
+        pass   # cut by the restart
+    finally:
+        connections.close_all()
 
 
 def test_stalled_coordinator_is_restarted(lb_factory):
