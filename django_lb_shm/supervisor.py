@@ -113,6 +113,9 @@ class Supervisor:
     def _loop(self) -> int:
         while True:
             signum = self._take_signal(1.0)
+            if signum is None and self._parent_gone():
+                logger.info("the process that started this load balancer (LoadBalancerTestRunner) is gone; stopping")
+                signum = signal.SIGTERM
             if signum in (signal.SIGTERM, signal.SIGINT):
                 logger.info("received %s; stopping", signal.Signals(signum).name)
                 self.stopping = True
@@ -128,6 +131,13 @@ class Supervisor:
                     logger.error("the coordinator exited with %s; not restarting", EXIT_CODES[code])
                     return code
                 self._restart(problem, graceful=False)
+
+    @staticmethod
+    def _parent_gone() -> bool:
+        from .testing import PARENT_ENV
+
+        parent = os.environ.get(PARENT_ENV)
+        return bool(parent) and os.getppid() != int(parent)
 
     def _take_signal(self, timeout: float) -> Optional[int]:
         try:

@@ -32,15 +32,19 @@ from typing import Any, Optional
 
 from django.conf import settings
 from django.db import connections
+from django.test import TransactionTestCase
 from django.test.runner import DiscoverRunner
 
 from .conf import SETTING_NAME, get_config
+from .errors import ConfigurationError
 
 logger = logging.getLogger("django_lb_shm.testing")
 
 # JSON {"DATABASES": {alias: {"NAME": ...}}, "LOAD_BALANCER": {...}} applied to the settings
 # of the coordinator this runner starts (AppConfig.ready(), in its supervisor and coordinator).
 OVERRIDES_ENV = "DJANGO_LB_SHM_SETTINGS_OVERRIDES"
+# The test process's pid: its coordinator's supervisor stops when that process is gone.
+PARENT_ENV = "DJANGO_LB_SHM_STOP_WITH_PARENT"
 BOOT_TIMEOUT = 60.0
 
 
@@ -48,7 +52,12 @@ def apply_overrides_from_environment() -> None:
     raw = os.environ.get(OVERRIDES_ENV)
     if not raw:
         return
-    overrides = json.loads(raw)
+    try:
+        overrides = json.loads(raw)
+    except ValueError as exc:
+        raise ConfigurationError(f"{OVERRIDES_ENV} is not JSON ({exc}); it is set by LoadBalancerTestRunner "
+                                 "for the coordinator it starts, and nowhere else") from None
+    logger.info("settings overridden by %s (a coordinator of LoadBalancerTestRunner)", OVERRIDES_ENV)
     for alias, changes in overrides.get("DATABASES", {}).items():
         settings.DATABASES[alias].update(changes)   # in place: connections share these dicts
     if overrides.get(SETTING_NAME):
@@ -70,32 +79,51 @@ class LoadBalancerTestRunner(DiscoverRunner):
 
     # -- which databases -------------------------------------------------------------------
     def get_databases(self, suite: Any) -> dict:
-        """{alias: serialize}: every load-balanced database gets a test database too."""
+        """{alias: serialize}: every load-balanced database gets a test database too.
+
+        The virtual alias is never serialized (serialized_rollback): it has no database of
+        its own, and the real ones are serialized directly, before its coordinator starts.
+        """
+        config = get_config()
         databases = dict(super().get_databases(suite))
-        for alias in get_config().databases:
+        for alias in config.databases:
             databases.setdefault(alias, False)
+        if config.alias in databases:
+            databases[config.alias] = False
         return databases
 
     def build_suite(self, *args: Any, **kwargs: Any):
         suite = super().build_suite(*args, **kwargs)
         alias = get_config().alias
         for test in _flatten(suite):
-            databases = getattr(type(test), "databases", None)
-            if databases is not None and databases != "__all__" and alias not in databases:
-                type(test).databases = set(databases) | {alias}
+            cls = type(test)
+            if not issubclass(cls, TransactionTestCase):   # SimpleTestCase: no database at all
+                continue
+            if cls.databases != "__all__" and alias not in cls.databases:
+                cls.databases = set(cls.databases) | {alias}
         return suite
 
     # -- set-up and tear-down ---------------------------------------------------------------------
     def setup_databases(self, **kwargs: Any):
+        from . import apps
+
         config = get_config()
         self._workdir = tempfile.mkdtemp(prefix="django_lb_shm_tests_")
         self._use_files_for_sqlite_test_databases(config.databases)
-        old_config = super().setup_databases(**kwargs)
+        apps.migrating_every_database = True   # every test database is migrated: no "one copy" warning
+        try:
+            old_config = super().setup_databases(**kwargs)
+        except BaseException:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            raise
+        finally:
+            apps.migrating_every_database = False
         try:
             self._start_coordinator(config)
         except BaseException:
             self._stop_coordinator()
             super().teardown_databases(old_config, **kwargs)
+            shutil.rmtree(self._workdir, ignore_errors=True)
             raise
         return old_config
 
@@ -120,12 +148,16 @@ class LoadBalancerTestRunner(DiscoverRunner):
             "DATABASES": {alias: {"NAME": settings.DATABASES[alias]["NAME"]} for alias in config.databases},
             SETTING_NAME: lb,
         }
-        env = dict(os.environ, **{OVERRIDES_ENV: json.dumps(overrides)})
+        # This process's import path (the project may not be the working directory).
+        path = [p or os.getcwd() for p in sys.path] + [os.environ.get("PYTHONPATH", "")]
+        env = dict(os.environ, **{OVERRIDES_ENV: json.dumps(overrides), PARENT_ENV: str(os.getpid()),
+                                  "PYTHONPATH": os.pathsep.join(p for p in path if p)})
         self._log_path = os.path.join(self._workdir, "coordinator.log")
         with open(self._log_path, "ab") as log:
+            # Its own session, so a Ctrl-C meant for the tests does not cut it half-way: the
+            # runner stops it, or it stops by itself once this process is gone (PARENT_ENV).
             self._coordinator = subprocess.Popen(
-                [sys.executable, "-c", "import sys; from django_lb_shm.cli import main; sys.exit(main())",
-                 "--pythonpath", os.getcwd(), "run"],
+                [sys.executable, "-c", "import sys; from django_lb_shm.cli import main; sys.exit(main())", "run"],
                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
         self._real_setting = real

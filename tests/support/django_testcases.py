@@ -2,10 +2,12 @@
 
 They use the test app's load-balanced models the way a project's own tests would.
 """
+import os
 import time
 
 from django.db import connections
-from django.test import TestCase, TransactionTestCase
+from django.test import SimpleTestCase, TestCase, TransactionTestCase
+from django.test.testcases import DatabaseOperationForbidden
 
 from tests.support.lb import ALIASES
 from tests.testapp.models import Author
@@ -42,6 +44,28 @@ class LoadBalancedTransactionTestCase(TransactionTestCase):
         self.assertEqual(names, {alias: ["everywhere"] for alias in ALIASES})
         for alias in ALIASES:  # and they are the test databases, not the real ones
             self.assertIn("test", str(connections[alias].settings_dict["NAME"]))
+
+
+class SerializedRollbackTestCase(TransactionTestCase):
+    serialized_rollback = True
+
+    def test_runs_with_serialized_rollback(self):
+        Author.objects.create(name="serialized")
+        self.assertEqual(Author.objects.filter(name="serialized").count(), 1)
+
+
+class NoDatabaseTestCase(SimpleTestCase):
+    def test_a_simple_test_case_still_may_not_query(self):
+        with self.assertRaises(DatabaseOperationForbidden):
+            Author.objects.count()
+
+
+class SlowTestCase(TestCase):
+    """Run alone, by label: gives a test a moment to kill the test process."""
+
+    def test_waits(self):
+        Author.objects.create(name="waiting")
+        time.sleep(float(os.environ.get("LB_SLOW_TEST_SECONDS", "0")))
 
 
 def _names(alias):
