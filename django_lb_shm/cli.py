@@ -113,7 +113,12 @@ def setup_django(settings_module: Optional[str], pythonpath: Optional[str]) -> N
             )
             raise SystemExit(EXIT_CONFIG_ERROR)
         os.environ["DJANGO_SETTINGS_MODULE"] = found
-    django.setup()
+    try:
+        django.setup()
+    except ImportError as exc:
+        sys.stderr.write(f"djangoloadbalancer: cannot import the settings {os.environ['DJANGO_SETTINGS_MODULE']!r} "
+                         f"({exc}); check --settings / DJANGO_SETTINGS_MODULE and --pythonpath\n")
+        raise SystemExit(EXIT_CONFIG_ERROR) from None
 
 
 def settings_from_manage_py(manage_py: Path) -> Optional[str]:
@@ -154,11 +159,13 @@ def run() -> int:
 
 
 def status(as_json: bool = False) -> int:
-    from .client import get_client
+    from .client import CoordinatorClient
+    from .conf import get_config
     from .errors import ConfigurationError, LoadBalancerError
 
     try:
-        client = get_client()
+        # Read-only, and the way to look at a coordinator whatever settings it runs with.
+        client = CoordinatorClient(get_config(), verify_databases=False)
     except ConfigurationError as exc:
         sys.stderr.write(f"djangoloadbalancer status: {exc}\n")
         return EXIT_CONFIG_ERROR

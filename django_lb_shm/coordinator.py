@@ -351,7 +351,7 @@ class WriteGuard:
         return cls(frozenset(m._meta.db_table for m in models if is_load_balanced(m)) - {MARKER_TABLE}, others)
 
     def check(self, sql: str) -> None:
-        match = self._TARGET.match(sql) or self._SEQUENCE_TARGET.match(sql)
+        match = self._TARGET.match(sql) or self._one_sequence_reset(sql)
         if match:
             if match.group(1) == "sqlite_sequence" and self._resets_own_sequences(sql):
                 return
@@ -370,6 +370,11 @@ class WriteGuard:
                     "(SIGHUP to the djangoloadbalancer process) after `djangoloadbalancer migrate`"
                 )
             return
+        if "setval" in sql.lower():
+            raise RequestRejected(
+                "a sequence change refused: the load balancer forwards only Django's own sequence reset "
+                "(SELECT setval(pg_get_serial_sequence('\"<table>\"', ...), ...)) of a LoadBalancerModel table"
+            )
         head = sql.lstrip(" \t\r\n(").split(None, 1)[0].upper() if sql.strip() else ""
         if head not in self._ALLOWED_HEADS:
             raise RequestRejected(
@@ -377,6 +382,10 @@ class WriteGuard:
                 "UPDATE and DELETE on LoadBalancerModel tables (run schema changes with `djangoloadbalancer migrate`)"
             )
 
+
+    def _one_sequence_reset(self, sql: str) -> Optional[re.Match]:
+        """Django's sequence reset of one table, and nothing else in the statement."""
+        return self._SEQUENCE_TARGET.match(sql) if sql.lower().count("setval") == 1 else None
 
     def _resets_own_sequences(self, sql: str) -> bool:
         """Django's SQLite sequence reset (flush), for load-balanced tables only."""

@@ -107,6 +107,30 @@ def test_status_with_invalid_settings_names_the_setting_without_a_traceback(tmp_
     assert "WAIT_TIME" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_status_shows_a_coordinator_of_other_databases_which_queries_refuse(coordinator, tmp_path):
+    env, _ = settings_env(tmp_path, "renamed", PORT=coordinator.lb["ADDRESS"]["PORT"])
+    config = json.loads(Path(env["LB_TEST_CONFIG"]).read_text())
+    config["DATABASES"]["DB1"]["NAME"] = "not-the-same-database"
+    Path(env["LB_TEST_CONFIG"]).write_text(json.dumps(config))
+    status = run(STATUS + ["--json"], env)
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["coordinator"]["pid"] == coordinator.coordinator_pid()
+    query = run([sys.executable, "-c", QUERY_SCRIPT], env)
+    assert query.returncode == 1
+    seen = json.loads(query.stdout)
+    assert seen["type"] == "ConfigurationError", seen
+    assert "'DB1' is 'not-the-same-database' here" in seen["message"]
+    assert "LoadBalancerTestRunner" in seen["message"]
+
+
+def test_settings_that_cannot_be_imported_are_named_without_a_traceback(no_coordinator):
+    env, _ = no_coordinator
+    result = run(STATUS + ["--settings", "no_such_project.settings"], env)
+    assert result.returncode == 2
+    assert "cannot import the settings 'no_such_project.settings'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 # -- no coordinator -------------------------------------------------------------------------------
 def test_status_without_coordinator_says_where_and_how_to_start_it(no_coordinator):
     env, address = no_coordinator

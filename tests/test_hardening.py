@@ -198,6 +198,14 @@ def test_only_load_balanced_tables_can_be_written(coordinator):
             cursor.execute("CREATE TABLE sneaky (id integer)")
         with pytest.raises(RequestRejected, match="django_lb_shm_applied"):
             cursor.execute("UPDATE django_lb_shm_applied SET seq = 0")
+        # Only Django's own sequence reset of a load-balanced table passes as a write.
+        for sql in ("SELECT setval('auth_group_id_seq', 700)",
+                    "SELECT pg_catalog.setval(pg_get_serial_sequence('\"testapp_author\"','id'), 5)",
+                    "SELECT setval(pg_get_serial_sequence('\"testapp_author\"','id'), 5), "
+                    "setval('auth_group_id_seq', 800)",
+                    "SELECT setval(pg_get_serial_sequence('\"auth_group\"','id'), 500)"):
+            with pytest.raises(RequestRejected, match="sequence change refused|auth.Group"):
+                cursor.execute(sql)
         cursor.execute('UPDATE "testapp_author" SET rating = rating + 1')  # a load-balanced table
     still_serving(coordinator)
     deadline = time.monotonic() + 5
