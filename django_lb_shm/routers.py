@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.db import DEFAULT_DB_ALIAS
+
 from .backend.alias import lb_alias
 
 
@@ -55,9 +57,31 @@ class LoadBalancerRouter:
         return is_load_balanced(hints.get("model"))
 
 
+class PlainModelRouter:
+    """Last in the chain: a model that is not load-balanced, routed with a load-balanced
+    instance as the hint (``author.notes.all()``, ``note.author = author``), goes to
+    'default' when no router of the project chose: Django would take the instance's
+    alias, the virtual one, which serves load-balanced tables only."""
+
+    def db_for_read(self, model: Any, **hints: Any):
+        return self._plain(model, hints)
+
+    def db_for_write(self, model: Any, **hints: Any):
+        return self._plain(model, hints)
+
+    @staticmethod
+    def _plain(model: Any, hints: dict):
+        instance = hints.get("instance")
+        if instance is not None and is_load_balanced(type(instance)) and not is_load_balanced(model):
+            return DEFAULT_DB_ALIAS
+        return None
+
+
 def install_router() -> None:
     from django.db import router
 
     routers = router.routers  # cached list built from settings.DATABASE_ROUTERS
     if not any(isinstance(r, LoadBalancerRouter) for r in routers):
         routers.insert(0, LoadBalancerRouter())
+    if not any(isinstance(r, PlainModelRouter) for r in routers):
+        routers.append(PlainModelRouter())
