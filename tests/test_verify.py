@@ -34,7 +34,7 @@ from django_lb_shm.verify import (
 from tests.support.lb import ALIASES, BACKEND, REPO, app_tables
 from tests.testapp.models import Author, Book, Destination, Review, Tag, Token
 
-LB_TABLES = sorted(app_tables())
+LB_TABLES = sorted(app_tables(load_balanced_only=True))
 
 
 def populate(authors: int = 6) -> list[int]:
