@@ -15,8 +15,8 @@ class DjangoLbShmConfig(AppConfig):
         # Checks only, plus the virtual connection alias (a settings entry; no I/O).
         from . import checks
         from .backend.alias import install_alias
+        from .conf import apply_overrides_from_environment
         from .routers import install_router
-        from .testing import apply_overrides_from_environment
 
         apply_overrides_from_environment()   # a coordinator started by LoadBalancerTestRunner
         checks.register()

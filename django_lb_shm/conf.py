@@ -520,3 +520,31 @@ def get_config() -> LoadBalancerConfig:
         _cached[1] = build_config(raw, settings.DATABASES)
         _cached[0] = raw
     return _cached[1]
+
+
+# JSON {"DATABASES": {alias: {"NAME": ...}}, "LOAD_BALANCER": {...}}: set by
+# LoadBalancerTestRunner (testing.py) for the coordinator it starts on the test databases,
+# and applied in AppConfig.ready() of that coordinator's processes.
+OVERRIDES_ENV = "DJANGO_LB_SHM_SETTINGS_OVERRIDES"
+
+
+def apply_overrides_from_environment() -> None:
+    import json
+    import logging
+
+    from django.conf import settings
+
+    raw = os.environ.get(OVERRIDES_ENV)
+    if not raw:
+        return
+    try:
+        overrides = json.loads(raw)
+    except ValueError as exc:
+        raise ConfigurationError(f"{OVERRIDES_ENV} is not JSON ({exc}); it is set by LoadBalancerTestRunner "
+                                 "for the coordinator it starts, and nowhere else") from None
+    logging.getLogger("django_lb_shm").info("settings overridden by %s (a coordinator of LoadBalancerTestRunner)",
+                                            OVERRIDES_ENV)
+    for alias, changes in overrides.get("DATABASES", {}).items():
+        settings.DATABASES[alias].update(changes)   # in place: connections share these dicts
+    if overrides.get(SETTING_NAME):
+        setattr(settings, SETTING_NAME, {**getattr(settings, SETTING_NAME), **overrides[SETTING_NAME]})

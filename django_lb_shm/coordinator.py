@@ -353,9 +353,9 @@ class WriteGuard:
     def check(self, sql: str) -> None:
         match = self._TARGET.match(sql) or self._one_sequence_reset(sql)
         if match:
-            if match.group(1) == "sqlite_sequence" and self._resets_own_sequences(sql):
-                return
             table = match.group(1)
+            if table == "sqlite_sequence" and self._resets_own_sequences(sql):
+                return
             if table in self.others:
                 raise RequestRejected(
                     f"write to table {table!r} refused: it belongs to {self.others[table]}, which is not a "
@@ -381,7 +381,6 @@ class WriteGuard:
                 f"{head or 'an empty statement'} statement refused: the load balancer applies only INSERT, "
                 "UPDATE and DELETE on LoadBalancerModel tables (run schema changes with `djangoloadbalancer migrate`)"
             )
-
 
     def _one_sequence_reset(self, sql: str) -> Optional[re.Match]:
         """Django's sequence reset of one table, and nothing else in the statement."""

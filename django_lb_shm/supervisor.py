@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 from . import coordinator
 from .health import process_vitals
-from .protocol import EXIT_BOOT_ERROR, EXIT_CODES, EXIT_CONFIG_ERROR, EXIT_OK
+from .protocol import EXIT_BOOT_ERROR, EXIT_CODES, EXIT_CONFIG_ERROR, EXIT_OK, STOP_WITH_PARENT_ENV
 from .shared_state import CoordinatorState, DbState, Header, SharedState, Slot, segment_name
 
 logger = logging.getLogger("django_lb_shm.supervisor")
@@ -134,9 +134,7 @@ class Supervisor:
 
     @staticmethod
     def _parent_gone() -> bool:
-        from .testing import PARENT_ENV
-
-        parent = os.environ.get(PARENT_ENV)
+        parent = os.environ.get(STOP_WITH_PARENT_ENV)
         return bool(parent) and os.getppid() != int(parent)
 
     def _take_signal(self, timeout: float) -> Optional[int]:

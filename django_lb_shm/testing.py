@@ -35,34 +35,11 @@ from django.db import connections
 from django.test import TransactionTestCase
 from django.test.runner import DiscoverRunner
 
-from .conf import SETTING_NAME, get_config
-from .errors import ConfigurationError
+from .conf import OVERRIDES_ENV, SETTING_NAME, get_config
+from .protocol import STOP_WITH_PARENT_ENV
 
 logger = logging.getLogger("django_lb_shm.testing")
-
-# JSON {"DATABASES": {alias: {"NAME": ...}}, "LOAD_BALANCER": {...}} applied to the settings
-# of the coordinator this runner starts (AppConfig.ready(), in its supervisor and coordinator).
-OVERRIDES_ENV = "DJANGO_LB_SHM_SETTINGS_OVERRIDES"
-# The test process's pid: its coordinator's supervisor stops when that process is gone.
-PARENT_ENV = "DJANGO_LB_SHM_STOP_WITH_PARENT"
 BOOT_TIMEOUT = 60.0
-
-
-def apply_overrides_from_environment() -> None:
-    raw = os.environ.get(OVERRIDES_ENV)
-    if not raw:
-        return
-    try:
-        overrides = json.loads(raw)
-    except ValueError as exc:
-        raise ConfigurationError(f"{OVERRIDES_ENV} is not JSON ({exc}); it is set by LoadBalancerTestRunner "
-                                 "for the coordinator it starts, and nowhere else") from None
-    logger.info("settings overridden by %s (a coordinator of LoadBalancerTestRunner)", OVERRIDES_ENV)
-    for alias, changes in overrides.get("DATABASES", {}).items():
-        settings.DATABASES[alias].update(changes)   # in place: connections share these dicts
-    if overrides.get(SETTING_NAME):
-        setattr(settings, SETTING_NAME, {**getattr(settings, SETTING_NAME), **overrides[SETTING_NAME]})
-
 
 class LoadBalancerTestRunner(DiscoverRunner):
     """DiscoverRunner with a coordinator of its own on the test databases."""
@@ -150,12 +127,12 @@ class LoadBalancerTestRunner(DiscoverRunner):
         }
         # This process's import path (the project may not be the working directory).
         path = [p or os.getcwd() for p in sys.path] + [os.environ.get("PYTHONPATH", "")]
-        env = dict(os.environ, **{OVERRIDES_ENV: json.dumps(overrides), PARENT_ENV: str(os.getpid()),
+        env = dict(os.environ, **{OVERRIDES_ENV: json.dumps(overrides), STOP_WITH_PARENT_ENV: str(os.getpid()),
                                   "PYTHONPATH": os.pathsep.join(p for p in path if p)})
         self._log_path = os.path.join(self._workdir, "coordinator.log")
         with open(self._log_path, "ab") as log:
             # Its own session, so a Ctrl-C meant for the tests does not cut it half-way: the
-            # runner stops it, or it stops by itself once this process is gone (PARENT_ENV).
+            # runner stops it, or it stops by itself once this process is gone (STOP_WITH_PARENT_ENV).
             self._coordinator = subprocess.Popen(
                 [sys.executable, "-c", "import sys; from django_lb_shm.cli import main; sys.exit(main())", "run"],
                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,

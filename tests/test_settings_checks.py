@@ -263,10 +263,6 @@ from django_lb_shm import LoadBalancerManager, LoadBalancerModel  # noqa: E402
 from django_lb_shm.checks import _manager_problems, _relation_problems, check_load_balanced_models  # noqa: E402
 
 
-def ids(messages) -> list[str]:
-    return [m.id for m in messages]
-
-
 def test_the_suite_project_has_no_relation_or_manager_problems():
     assert check_load_balanced_models() == []
 
