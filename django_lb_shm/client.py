@@ -190,20 +190,20 @@ class CoordinatorClient:
         deadline = time.monotonic() + self.config.connect_timeout
         while True:
             try:
-                reply = self.call("execute", payload, deadline=deadline)
-                break
+                ok, value = d.decode(self.call("execute", payload, deadline=deadline))
+                if ok:
+                    return value
+                raise from_dict(value)
             except AuthenticationFailed:
                 raise  # a wrong key stays wrong
             except CoordinatorUnavailable:
-                # Reads and writes carrying a request id are safe to send again:
-                # the coordinator answers a repeated write id from its journal.
+                # The connection was lost, or the coordinator answered that it is stopping (a
+                # restart) and did not run the request.  Reads and writes carrying a request id
+                # are safe to send again: the coordinator answers a repeated write id from its journal.
                 if not idempotent or time.monotonic() > deadline:
                     raise
+                self.forget_connection()
                 time.sleep(0.05)
-        ok, value = d.decode(reply)
-        if ok:
-            return value
-        raise from_dict(value)
 
     def new_request_id(self) -> str:
         return f"{self.pid}-{uuid.uuid4().hex[:12]}-{next(self._ids)}"

@@ -85,6 +85,34 @@ def test_kill_9_coordinator_mid_workload_loses_and_duplicates_nothing(coordinato
         assert sorted(names) == sorted(acked), alias  # every acknowledged write, exactly once
 
 
+def test_sighup_under_load_fails_no_request_and_loses_nothing(lb_factory):
+    # A planned restart answers requests that arrive while it stops with "stopping": the
+    # client must send them again, as it does after a crash.
+    handle = lb_factory("hup", GRACEFUL_TIMEOUT=5)
+    procs, results = start_workers(3, 150, lb_overrides={"ADDRESS": handle.lb["ADDRESS"]})
+    for _ in range(2):
+        time.sleep(1.0)
+        old_pid = handle.coordinator_pid()
+        os.kill(handle.supervisor_pid, signal.SIGHUP)
+        wait_until(lambda: _ready_with_new_pid(handle, old_pid), 60, "the restarted coordinator")
+    outcomes = collect(procs, results)
+    errors = [e for _p, _a, errs in outcomes for e in errs]
+    assert errors == [], errors[:5]
+    acked = [name for _p, names, _e in outcomes for name in names]
+    assert len(acked) == 450
+    handle.wait_drained()
+    for alias, names in names_everywhere().items():
+        assert sorted(names) == sorted(acked), alias
+
+
+def _ready_with_new_pid(handle, old_pid: int) -> bool:
+    try:
+        status = handle.status()
+    except Exception:
+        return False
+    return status["coordinator"]["pid"] != old_pid and status["coordinator"]["state"] == "READY"
+
+
 def test_kill_9_supervisor_leaves_no_orphan_and_no_segment(lb_factory):
     handle = lb_factory("orphan", HEARTBEAT_TIMEOUT=5)
     coordinator_pid = handle.coordinator_pid()
