@@ -365,6 +365,9 @@ def resolve_authkey(address: Mapping[str, Any]) -> bytes:
     return b""
 
 
+MIN_SENSIBLE_RSS_MB = 100
+
+
 def _check_numbers(raw: Mapping[str, Any]) -> list[Problem]:
     problems = _check_seconds(raw.get("WAIT_TIME", 2), "['WAIT_TIME']", "django_lb_shm.E007", 2)
     for key, (_default, zero_ok) in NUMERIC_DEFAULTS.items():
@@ -380,8 +383,27 @@ def _check_numbers(raw: Mapping[str, Any]) -> list[Problem]:
                 f"LOAD_BALANCER[{key!r}] must be {bound}, got {value!r}.",
                 f"Remove it to use the default ({NUMERIC_DEFAULTS[key][0]:g}).",
             ))
+    rss = raw.get("MAX_RSS_MB", 0)
+    if _is_number(rss) and 0 < rss < MIN_SENSIBLE_RSS_MB:
+        problems.append(Problem(
+            "django_lb_shm.W003",
+            f"LOAD_BALANCER['MAX_RSS_MB'] is {rss:g}: a coordinator uses about 50-80 MB once started, so it "
+            "would be recycled over and over.",
+            f"Use at least {MIN_SENSIBLE_RSS_MB} (or 0, no limit).",
+            level="warning",
+        ))
     return problems + _check_choice(raw, "WRITE_ACK", WRITE_ACK_POLICIES, "django_lb_shm.E014",
-                                    "acknowledgement policy")
+                                    "acknowledgement policy") + _check_log_level(raw)
+
+
+def _check_log_level(raw: Mapping[str, Any]) -> list[Problem]:
+    import logging
+
+    level = raw.get("LOG_LEVEL", "INFO")
+    if isinstance(level, str) and isinstance(logging.getLevelName(level.upper()), int):
+        return []
+    return [Problem("django_lb_shm.E025", f"LOAD_BALANCER['LOG_LEVEL'] is {level!r}, not a logging level name.",
+                    "Use one of DEBUG, INFO, WARNING, ERROR, CRITICAL.")]
 
 
 def _check_seconds(value: Any, key: str, check_id: str, example: float) -> list[Problem]:
@@ -503,7 +525,7 @@ def build_config(raw: Any, django_dbs: Mapping[str, Any]) -> LoadBalancerConfig:
         journal_dir=str(raw.get("JOURNAL_DIR") or _default_journal_dir(address)),
         journal_fsync=bool(raw.get("JOURNAL_FSYNC", True)),
         write_ack=raw.get("WRITE_ACK", "FIRST"),
-        log_level=str(raw.get("LOG_LEVEL", "INFO")),
+        log_level=str(raw.get("LOG_LEVEL", "INFO")).upper(),
         **numbers,
     )
 

@@ -124,6 +124,12 @@ class Supervisor:
                 logger.info("received SIGHUP; restarting the coordinator")
                 self._restart("SIGHUP", graceful=True)
                 continue
+            oversized = self._over_rss_limit()
+            if oversized:
+                # A planned recycle, like SIGHUP: requests in flight finish, no backoff.
+                logger.warning("%s; recycling it", oversized)
+                self._restart(oversized, graceful=True)
+                continue
             problem = self._health_problem()
             if problem:
                 code = self.process.exitcode
@@ -153,11 +159,17 @@ class Supervisor:
         vitals = process_vitals(self.process.pid)
         if not vitals["alive"]:
             return f"the coordinator (pid {self.process.pid}) is gone ({vitals.get('status', 'no process')})"
-        if self.config.max_rss_mb and vitals["rss_mb"] > self.config.max_rss_mb:
-            return f"the coordinator uses {vitals['rss_mb']} MB, over MAX_RSS_MB {self.config.max_rss_mb:g}"
         self._report_stuck_threads(now)
         if now - self.started_at > HEALTHY_AFTER:
             self.backoff = 0.5
+        return None
+
+    def _over_rss_limit(self) -> Optional[str]:
+        if not self.config.max_rss_mb or not self.process.is_alive():
+            return None
+        vitals = process_vitals(self.process.pid)
+        if vitals["alive"] and vitals["rss_mb"] > self.config.max_rss_mb:
+            return f"the coordinator uses {vitals['rss_mb']} MB, over MAX_RSS_MB {self.config.max_rss_mb:g}"
         return None
 
     def _report_stuck_threads(self, now: float) -> None:

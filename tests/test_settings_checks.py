@@ -338,3 +338,15 @@ def test_a_plain_manager_on_a_load_balanced_model_is_a_warning():
     assert ids(warnings) == ["django_lb_shm.W002"]
     assert "testapp.Plain.objects" in warnings[0].msg and "LoadBalancerManager" in warnings[0].hint
     assert _manager_problems(Custom) == []
+
+
+def test_log_level_must_be_a_level_name_and_a_tiny_rss_limit_is_a_warning():
+    from django.conf import settings
+
+    from django_lb_shm.conf import build_config
+
+    assert ids(run_check({**valid(), "LOG_LEVEL": "verbose"})) == ["django_lb_shm.E025"]
+    assert run_check({**valid(), "LOG_LEVEL": "debug"}) == []
+    assert build_config({**valid(), "LOG_LEVEL": "debug"}, settings.DATABASES).log_level == "DEBUG"
+    assert ids(run_check({**valid(), "MAX_RSS_MB": 54})) == ["django_lb_shm.W003"]
+    assert run_check({**valid(), "MAX_RSS_MB": 400}) == [] and run_check({**valid(), "MAX_RSS_MB": 0}) == []

@@ -105,6 +105,27 @@ def test_sighup_under_load_fails_no_request_and_loses_nothing(lb_factory):
         assert sorted(names) == sorted(acked), alias
 
 
+def test_over_max_rss_the_coordinator_is_recycled_gracefully_without_backoff(lb_factory):
+    # 1 MB: every health check (1 s) finds it over the limit; recycling must cost the apps nothing.
+    handle = lb_factory("rss", MAX_RSS_MB=1, GRACEFUL_TIMEOUT=5)
+    procs, results = start_workers(2, 60, lb_overrides={"ADDRESS": handle.lb["ADDRESS"], "CONNECT_TIMEOUT": 20})
+    outcomes = collect(procs, results)
+    errors = [e for _p, _a, errs in outcomes for e in errs]
+    assert errors == [], errors[:5]
+    assert sum(len(names) for _p, names, _e in outcomes) == 120
+
+    def recycled_twice() -> bool:
+        try:
+            return handle.status()["coordinator"]["restarts"] >= 2
+        except Exception:   # between two coordinators
+            return False
+
+    wait_until(recycled_twice, 60, "a second recycle")
+    log = handle.log()
+    assert "over MAX_RSS_MB 1; recycling it" in log, log
+    assert "restarting it in" not in log     # no crash-style restart, no growing backoff
+
+
 def _ready_with_new_pid(handle, old_pid: int) -> bool:
     try:
         status = handle.status()
