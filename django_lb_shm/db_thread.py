@@ -29,7 +29,8 @@ from .descriptors import Result, Statement
 from .errors import DatabaseDown, DatabaseOwnedElsewhere, QueryTimeout
 from .health import is_connection_error, is_transient
 from .journal import JournalEntry
-from .ownership import CLAIM_WAIT, Ownership
+from .conf import vendor_of
+from .ownership import CLAIM_WAIT, Ownership, sqlite_path
 from .read_pool import PooledConnection, ReadPool
 from .shared_state import DbState, SharedState, Slot
 
@@ -62,6 +63,7 @@ class DbConnection:
 
     def open(self) -> None:
         self.close()
+        self._refuse_missing_sqlite_file()
         wrapper = connections.create_connection(self.alias)
         wrapper.inc_thread_sharing()  # used by whichever thread holds the write order
         wrapper.ensure_connection()
@@ -72,6 +74,16 @@ class DbConnection:
                 self.run(f"SET statement_timeout = {int(self.statement_timeout * 1000)}")
             self.session = tuple(self.run(
                 "SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()").rows[0])
+
+    def _refuse_missing_sqlite_file(self) -> None:
+        """SQLite would create an empty database in place of a missing (moved, deleted) copy."""
+        entry = connections.settings[self.alias]
+        if vendor_of(entry["ENGINE"]) != "sqlite":
+            return
+        path = sqlite_path(entry["NAME"])
+        if not os.path.exists(path):
+            raise DatabaseDown(f"the SQLite file of {self.alias!r} ({path}) does not exist; restore it "
+                               "(or create it with `djangoloadbalancer migrate`)")
 
     def close(self) -> None:
         wrapper, self.wrapper = self.wrapper, None

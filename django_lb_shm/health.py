@@ -14,7 +14,10 @@ import psutil
 _PG_DOWN_CLASSES = ("08", "53", "58", "XX")
 _PG_DOWN_CODES = {"57P01", "57P02", "57P03", "57P04", "57P05"}
 _PG_TRANSIENT_CODES = {"40001", "40P01", "55P03"}
-_SQLITE_DOWN = ("SQLITE_CANTOPEN", "SQLITE_IOERR", "SQLITE_NOTADB", "SQLITE_CORRUPT", "SQLITE_FULL")
+# SQLITE_READONLY_*: the file was moved or deleted under the connection (DBMOVED), or it or its
+# directory cannot be written: the copy is unusable for now, not the write wrong.
+_SQLITE_DOWN = ("SQLITE_CANTOPEN", "SQLITE_IOERR", "SQLITE_NOTADB", "SQLITE_CORRUPT", "SQLITE_FULL",
+                "SQLITE_READONLY")
 _SQLITE_TRANSIENT = ("SQLITE_BUSY", "SQLITE_LOCKED")
 
 PEP249_NAMES = (

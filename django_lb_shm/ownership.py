@@ -69,7 +69,7 @@ class Ownership:
         if vendor == "postgresql":
             return self._try_advisory_lock(conn)
         if vendor == "sqlite":
-            return self._try_lock_file(_sqlite_path(conn.wrapper.settings_dict["NAME"]))
+            return self._try_lock_file(sqlite_path(conn.wrapper.settings_dict["NAME"]))
         return None
 
     # -- PostgreSQL ---------------------------------------------------------------------
@@ -138,7 +138,7 @@ def _is_stale(application_name: str, client_addr: Optional[str]) -> bool:
     return False
 
 
-def _sqlite_path(name: Any) -> str:
+def sqlite_path(name: Any) -> str:
     """The file of a SQLite NAME, also when it is a ``file:`` URI (OPTIONS 'uri': True)."""
     name = str(name)
     if name.startswith("file:"):
