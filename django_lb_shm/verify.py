@@ -517,8 +517,31 @@ def verify(chunk_size: int = 2000, show: int = 10, progress: bool = True,
         stream.write("Fewer than two databases can be read: nothing was compared.\n")
     code, summary = _summary(reports, unreachable, reachable)
     stream.write(summary + "\n")
+    if code == EXIT_DIFFERENT:
+        stream.write(_pending_writes_note() + "\n")
     stream.flush()
     return code
+
+
+def _pending_writes_note() -> str:
+    """Copies differ while journaled writes wait to be applied: say whether that can be the reason."""
+    from .client import CoordinatorClient
+    from .conf import get_config
+
+    client = CoordinatorClient(get_config(), verify_databases=False)
+    try:
+        status = client.call("status", timeout=5.0)
+    except Exception:
+        return ("No coordinator answers: writes in its journal may not be applied to every copy yet. "
+                "Start it, wait until `djangoloadbalancer status` shows 0 pending, then verify again.")
+    finally:
+        client.forget_connection()
+    pending = {db["name"]: db["pending_writes"] for db in status["databases"] if db["pending_writes"]}
+    if pending:
+        waiting = ", ".join(f"{name}: {count}" for name, count in pending.items())
+        return (f"The coordinator still has writes to apply ({waiting}): verify again once "
+                "`djangoloadbalancer status` shows 0 pending.")
+    return "The coordinator has no writes pending: the copies really differ."
 
 
 def _isatty(stream: Any) -> bool:

@@ -123,6 +123,7 @@ def test_direct_changes_on_one_database_are_reported(replicas):
     assert f"pk {inserted}: only on DB2 (missing on default, DB1)" in out
     assert re.search(r"^testapp_book\s+5 rows\s+OK$", out, re.MULTILINE)  # the others are still OK
     assert "verify FAILED: 1 of 7 table(s) differ across default, DB1, DB2: testapp_author." in out
+    assert "The coordinator has no writes pending: the copies really differ." in out
 
     [report] = compare_tables(tables=["testapp_author"])
     assert not report.ok and report.differing == 3 and report.odd_ones == ("DB2",)
@@ -318,3 +319,17 @@ def test_cli_verify_unreachable_database_exits_2(coordinator, tmp_path):
     # the two databases that answer are still compared
     assert "Comparing 7 table(s) on default, DB1" in result.stdout
     assert not missing_file.parent.exists()  # verify creates nothing
+
+
+def test_a_failed_verify_says_whether_writes_may_still_be_pending():
+    from django.conf import settings
+    from django.test import override_settings
+
+    from django_lb_shm.verify import _pending_writes_note
+    from tests.support.pg_cluster import free_port
+
+    nobody = dict(settings.LOAD_BALANCER, ADDRESS=dict(settings.LOAD_BALANCER["ADDRESS"], PORT=free_port()),
+                  CONNECT_TIMEOUT=1)
+    with override_settings(LOAD_BALANCER=nobody):
+        note = _pending_writes_note()
+    assert note.startswith("No coordinator answers: writes in its journal may not be applied to every copy yet")
