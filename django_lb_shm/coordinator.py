@@ -599,7 +599,10 @@ class CoordinatorProcess:
         self.threads = [DbThread(i, alias, self.hub) for i, alias in enumerate(self.config.databases)]
         # Before the journal is opened (its torn tail may be cut) or any database replayed.
         self._claim_databases()
-        self.journal = Journal(self.config.journal_dir, fsync=self.config.journal_fsync).open()
+        try:
+            self.journal = Journal(self.config.journal_dir, fsync=self.config.journal_fsync).open()
+        except OSError as exc:
+            raise OSError(f"LOAD_BALANCER['JOURNAL_DIR'] ({self.config.journal_dir}) cannot be used: {exc}") from exc
         self.sequencer = Sequencer(self.threads, self.journal, self.shared, self.config)
         self.sequencer.start_at(self.journal.last_seq)
         for thread in self.threads:

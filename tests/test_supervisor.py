@@ -294,6 +294,16 @@ def sleep_in_the_database(seconds: int) -> None:
         connections.close_all()
 
 
+def test_an_unusable_journal_dir_is_a_boot_error_naming_the_setting(lb_factory, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    handle = lb_factory("journal", start=False, JOURNAL_DIR=str(blocker / "journal"))
+    result = subprocess.run([sys.executable, str(LAUNCHER), "run"], cwd=str(REPO), env=handle.env(),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 3, result.stderr
+    assert f"LOAD_BALANCER['JOURNAL_DIR'] ({blocker / 'journal'}) cannot be used" in result.stderr
+
+
 def test_stalled_coordinator_is_restarted(lb_factory):
     handle = lb_factory("stall", HEARTBEAT_TIMEOUT=2)
     old_pid = handle.coordinator_pid()
