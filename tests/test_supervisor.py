@@ -17,7 +17,7 @@ from django.db import connections
 
 from django_lb_shm.backend.alias import lb_alias
 
-from tests.support.lb import ALIASES, LAUNCHER, REPO, CoordinatorHandle, table_rows
+from tests.support.lb import ALIASES, LAUNCHER, REPO, CoordinatorHandle, stop_all_coordinators, table_rows
 from tests.support.workers import mixed_workload
 from tests.testapp.models import Author
 
@@ -298,6 +298,7 @@ def test_an_unusable_journal_dir_is_a_boot_error_naming_the_setting(lb_factory, 
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     handle = lb_factory("journal", start=False, JOURNAL_DIR=str(blocker / "journal"))
+    stop_all_coordinators()   # the databases are claimed by the running one
     result = subprocess.run([sys.executable, str(LAUNCHER), "run"], cwd=str(REPO), env=handle.env(),
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 3, result.stderr
