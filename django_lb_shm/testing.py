@@ -11,8 +11,10 @@ see ``CoordinatorClient.check_same_databases``.)  This runner
 * starts a private coordinator (``djangoloadbalancer run``) on those test
   databases, on a free 127.0.0.1 port, with its journal in a temporary directory,
   and points the load-balanced connection at it;
-* lets every test case query the load-balanced alias (adds it to ``databases``);
-* stops that coordinator when the test databases are destroyed.
+* lets every TestCase and TransactionTestCase query the load-balanced alias (adds
+  it to ``databases``);
+* stops that coordinator when the test databases are destroyed; it also stops by
+  itself if the test process dies first.
 
 Use it with ``TEST_RUNNER = "django_lb_shm.testing.LoadBalancerTestRunner"``.
 """
@@ -40,6 +42,7 @@ from .protocol import STOP_WITH_PARENT_ENV
 
 logger = logging.getLogger("django_lb_shm.testing")
 BOOT_TIMEOUT = 60.0
+
 
 class LoadBalancerTestRunner(DiscoverRunner):
     """DiscoverRunner with a coordinator of its own on the test databases."""
