@@ -29,7 +29,7 @@ setup(
         "test": ["pytest>=7", "pytest-timeout>=2.1", "hypothesis>=6", "psycopg[binary]>=3.1"],
         "chart": ["matplotlib>=3.5"],
     },
-    scripts=["bin/djangoloadbalancer"],
+    scripts=["bin/djangoloadbalancer", "bin/djangoloadbalancer.py"],
     classifiers=[
         "Framework :: Django",
         "Framework :: Django :: 4.2",

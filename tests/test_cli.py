@@ -79,6 +79,12 @@ def test_status_json_and_table(coordinator):
     assert lines[0].startswith("coordinator ") and f"pid {coordinator.coordinator_pid()}" in lines[0]
 
 
+def test_the_seed_readme_launcher_name_works(coordinator):
+    result = run([sys.executable, "bin/djangoloadbalancer.py", "status", "--json"], coordinator.env())
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["coordinator"]["pid"] == coordinator.coordinator_pid()
+
+
 def test_manage_py_loadbalancer_status_json(coordinator):
     Destination.objects.create(name="Rome", desc="city")
     coordinator.wait_drained()
