@@ -120,8 +120,10 @@ class CoordinatorClient:
             return
         try:
             theirs = proxy.call("identity", (), self.config.client_timeout)["databases"]
-        except AttributeError:   # a coordinator of an earlier version (no `identity`): nothing to compare
-            return
+        except AttributeError as exc:
+            if "not exposed" in str(exc):
+                return   # a coordinator of an earlier version (no `identity`): nothing to compare
+            raise
         differ = [
             f"{alias!r} is {database_identity(alias)[1]!r} here, {theirs.get(alias, ['', '(not served)'])[1]!r} there"
             for alias in self.config.databases if list(theirs.get(alias, ())) != database_identity(alias)

@@ -202,7 +202,7 @@ def _check_vendors(aliases: list[str], django_dbs: Mapping[str, Any]) -> list[Pr
         ))
     for alias in aliases:
         name = str(django_dbs[alias].get("NAME", ""))
-        if vendors[alias] == "sqlite" and (name == ":memory:" or "mode=memory" in name or not name):
+        if vendors[alias] == "sqlite" and (":memory:" in name or "mode=memory" in name or not name):
             problems.append(Problem(
                 "django_lb_shm.E013",
                 f"Database {alias!r} is an in-memory SQLite database.",
@@ -567,6 +567,8 @@ def apply_overrides_from_environment() -> None:
     logging.getLogger("django_lb_shm").info("settings overridden by %s (a coordinator of LoadBalancerTestRunner)",
                                             OVERRIDES_ENV)
     for alias, changes in overrides.get("DATABASES", {}).items():
+        if alias not in settings.DATABASES:
+            raise ConfigurationError(f"{OVERRIDES_ENV} names database {alias!r}, not in settings.DATABASES")
         settings.DATABASES[alias].update(changes)   # in place: connections share these dicts
     if overrides.get(SETTING_NAME):
         setattr(settings, SETTING_NAME, {**getattr(settings, SETTING_NAME), **overrides[SETTING_NAME]})

@@ -80,7 +80,7 @@ class DbConnection:
         entry = connections.settings[self.alias]
         if vendor_of(entry["ENGINE"]) != "sqlite":
             return
-        path = sqlite_path(entry["NAME"])
+        path = sqlite_path(entry)
         if not os.path.exists(path):
             raise DatabaseDown(f"the SQLite file of {self.alias!r} ({path}) does not exist; restore it "
                                "(or create it with `djangoloadbalancer migrate`)")

@@ -6,13 +6,15 @@ copies would end up different.  So each database is *claimed* before the
 coordinator reads or writes anything of it, and the claim is held while it
 serves it:
 
-* PostgreSQL: a session advisory lock on the database thread's own connection
-  (scoped to that database; the server drops it when the session ends).  A
-  session the server has not yet noticed is dead -- a coordinator that was just
-  stopped while its query ran, our own connection cut by a network failure --
-  still holds it: when its holder names a coordinator process of this host that
-  no longer runs (or this very process), that session is terminated and the
-  claim taken.
+* PostgreSQL: a session advisory lock taken on the database thread's own
+  connection (scoped to that database; the server drops it when the session ends).
+  A session the server has not yet noticed is dead still holds it: the one of a
+  coordinator that was just stopped while its query ran, or this coordinator's own
+  earlier session cut by a network failure.  Such a session is terminated and the
+  claim taken -- but only when it is provably dead: our own earlier session (same
+  backend pid and start), or one named by a coordinator process of this very host,
+  boot and pid namespace (``HOST_KEY`` in its application_name) that no longer runs.
+  Another alias of this coordinator reaching the same database is a conflict.
 * SQLite: an exclusive ``flock`` on ``<database file>.django_lb_shm.lock``,
   held by the coordinator process (the kernel drops it when the process exits).
 """
@@ -22,8 +24,10 @@ import fcntl
 import logging
 import os
 import re
+import socket
 import time
 import urllib.parse
+import zlib
 from typing import Any, Optional
 
 from .errors import DatabaseOwnedElsewhere
@@ -36,8 +40,21 @@ LOCK_SUFFIX = ".django_lb_shm.lock"
 # Enough for a coordinator that was just stopped gracefully to let its sessions go.
 CLAIM_WAIT = 5.0
 HOLDER_PREFIX = "django_lb_shm coordinator pid"
-_HOLDER_PID = re.compile(re.escape(HOLDER_PREFIX) + r" (\d+)")
-_LOCAL_ADDRESSES = (None, "127.0.0.1", "::1")
+
+
+def _host_key() -> str:
+    """This host, boot and pid namespace, in 8 characters: where a coordinator's pid means something."""
+    parts = [socket.gethostname()]
+    for path in ("/proc/sys/kernel/random/boot_id", "/proc/self/ns/pid"):
+        try:
+            parts.append(open(path).read().strip() if "boot_id" in path else str(os.stat(path).st_ino))
+        except OSError:
+            parts.append("?")
+    return f"{zlib.crc32('|'.join(parts).encode()):08x}"
+
+
+HOST_KEY = _host_key()
+_HOLDER = re.compile(re.escape(HOLDER_PREFIX) + r" (?P<pid>\d+) host (?P<host>[0-9a-f]{8})")
 
 
 class Ownership:
@@ -45,7 +62,8 @@ class Ownership:
 
     def __init__(self, alias: str, address: Any):
         self.alias = alias
-        self.holder = f"{HOLDER_PREFIX} {os.getpid()} at {address}"[:63]   # PostgreSQL's NAMEDATALEN
+        self.holder = f"{HOLDER_PREFIX} {os.getpid()} host {HOST_KEY} at {address}"[:63]   # NAMEDATALEN
+        self.session: Optional[tuple] = None   # PostgreSQL: (backend pid, backend_start) holding the claim
         self._lock_file: Optional[int] = None
 
     def claim(self, conn: Any, wait: float = CLAIM_WAIT) -> None:
@@ -69,30 +87,64 @@ class Ownership:
         if vendor == "postgresql":
             return self._try_advisory_lock(conn)
         if vendor == "sqlite":
-            return self._try_lock_file(sqlite_path(conn.wrapper.settings_dict["NAME"]))
+            return self._try_lock_file(sqlite_path(conn.wrapper.settings_dict))
         return None
 
     # -- PostgreSQL ---------------------------------------------------------------------
     def _try_advisory_lock(self, conn: Any) -> Optional[str]:
         conn.run("SELECT set_config('application_name', %s, false)", (self.holder,))
-        if conn.run("SELECT pg_try_advisory_lock(%s, %s)", ADVISORY_KEYS).rows[0][0]:
-            return None
+        for _attempt in range(10):   # a terminated session lets go within moments
+            if conn.run("SELECT pg_try_advisory_lock(%s, %s)", ADVISORY_KEYS).rows[0][0]:
+                self.session = conn.session
+                return None
+            holder = self._lock_holder(conn)
+            if holder is None:
+                continue   # it let go between the two queries
+            name, backend_pid, backend_start = holder
+            why_stale = self._why_stale(name, (backend_pid, backend_start))
+            if not why_stale:
+                return f"{name or 'an unnamed session'}, server backend pid {backend_pid}"
+            try:
+                conn.run("SELECT pg_terminate_backend(%s)", (backend_pid,))
+            except Exception as exc:   # not allowed to (another role, a superuser's session)
+                return f"{name}, server backend pid {backend_pid}, {why_stale}; it could not be terminated ({exc})"
+            logger.warning("database %r: terminated server session %d (%s): %s", self.alias, backend_pid, name,
+                           why_stale)
+            time.sleep(0.1)
+        return "a session that keeps coming back"
+
+    @staticmethod
+    def _lock_holder(conn: Any) -> Optional[tuple]:
         rows = conn.run(
-            "SELECT a.application_name, host(a.client_addr), a.pid FROM pg_locks l JOIN pg_stat_activity a "
+            "SELECT a.application_name, a.pid, a.backend_start FROM pg_locks l JOIN pg_stat_activity a "
             "ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted AND l.classid = %s "
             "AND l.objid = %s AND l.objsubid = 2 AND l.database = "
             "(SELECT oid FROM pg_database WHERE datname = current_database())",
             ADVISORY_KEYS,
         ).rows
-        if not rows:
-            return "it let go just now"
-        name, addr, backend_pid = rows[0]
-        if _is_stale(name or "", addr):
-            logger.warning("database %r: terminated server session %d (%s), which still held the claim "
-                           "for a coordinator process that no longer runs", self.alias, backend_pid, name)
-            conn.run("SELECT pg_terminate_backend(%s)", (backend_pid,))
-            return f"a session of a stopped coordinator ({name}), terminated just now"
-        return f"{name or 'an unnamed session'}, server backend pid {backend_pid}" + (f" from {addr}" if addr else "")
+        return tuple(rows[0]) if rows else None
+
+    def _why_stale(self, application_name: str, session: tuple) -> str:
+        """Why the session holding the claim serves nobody any more ('' when it may).
+
+        Only sessions named by a coordinator of this very host (the host key: host name,
+        boot and pid namespace) are judged: a pid means nothing on another host.
+        """
+        if self.session is not None and tuple(session) == tuple(self.session):
+            return "it is this coordinator's own earlier session, cut without the server noticing"
+        match = _HOLDER.match(application_name or "")
+        if not match or match.group("host") != HOST_KEY:
+            return ""
+        pid = int(match.group("pid"))
+        if pid == os.getpid():
+            return ""   # another alias of this coordinator reaches the same database: a real conflict
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return f"coordinator process {pid} of this host no longer runs"
+        except PermissionError:
+            return ""
+        return ""
 
     # -- SQLite ---------------------------------------------------------------------------
     def _try_lock_file(self, database_file: str) -> Optional[str]:
@@ -121,26 +173,9 @@ class Ownership:
             os.close(fd)   # the kernel drops the flock
 
 
-def _is_stale(application_name: str, client_addr: Optional[str]) -> bool:
-    """The holder is a coordinator process of this host that no longer runs, or this process."""
-    match = _HOLDER_PID.match(application_name)
-    if not match or client_addr not in _LOCAL_ADDRESSES:
-        return False
-    pid = int(match.group(1))
-    if pid == os.getpid():
-        return True   # our own connection, cut without the server noticing
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
-def sqlite_path(name: Any) -> str:
-    """The file of a SQLite NAME, also when it is a ``file:`` URI (OPTIONS 'uri': True)."""
-    name = str(name)
-    if name.startswith("file:"):
+def sqlite_path(settings_dict: dict) -> str:
+    """The file of a SQLite database entry; its NAME is a ``file:`` URI only with OPTIONS 'uri'."""
+    name = str(settings_dict.get("NAME", ""))
+    if name.startswith("file:") and (settings_dict.get("OPTIONS") or {}).get("uri"):
         return urllib.parse.unquote(urllib.parse.urlsplit(name).path)
     return name

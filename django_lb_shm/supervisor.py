@@ -124,13 +124,11 @@ class Supervisor:
                 logger.info("received SIGHUP; restarting the coordinator")
                 self._restart("SIGHUP", graceful=True)
                 continue
-            oversized = self._over_rss_limit()
-            if oversized:
-                # A planned recycle, like SIGHUP: requests in flight finish, no backoff.
-                logger.warning("%s; recycling it", oversized)
-                self._restart(oversized, graceful=True)
-                continue
             problem = self._health_problem()
+            oversized = None if problem else self._over_rss_limit()
+            if oversized:
+                self._recycle(oversized)
+                continue
             if problem:
                 code = self.process.exitcode
                 if code in (EXIT_CONFIG_ERROR, EXIT_BOOT_ERROR):
@@ -184,10 +182,25 @@ class Supervisor:
                 self.stuck_threads.discard(name)
                 logger.info("database thread %r is beating again", name)
 
+    def _recycle(self, reason: str) -> None:
+        """Over MAX_RSS_MB: a planned restart, like SIGHUP (requests in flight finish), except
+        that one that comes again within HEALTHY_AFTER of the last start waits the backoff."""
+        again_soon = time.monotonic() - self.started_at < HEALTHY_AFTER
+        logger.warning("%s; recycling it%s", reason, f" in {self.backoff:.1f} s" if again_soon else "")
+        if again_soon:
+            if self._take_signal(self.backoff) in (signal.SIGTERM, signal.SIGINT):
+                self.stopping = True
+                self.signals.put(signal.SIGTERM)
+                return
+            self.backoff = min(self.backoff * 2, MAX_BACKOFF)
+        self._restart(reason, graceful=True)
+
     def _restart(self, reason: str, graceful: bool) -> None:
         if not graceful:
             logger.error("%s; restarting it in %.1f s", reason, self.backoff)
         self._stop_coordinator(force=not graceful)
+        if self.stopping:
+            return   # SIGTERM/SIGINT arrived while it stopped: do not start another one
         if not graceful:
             if self._take_signal(self.backoff) in (signal.SIGTERM, signal.SIGINT):
                 self.stopping = True
@@ -212,10 +225,18 @@ class Supervisor:
         else:
             process.terminate()
         deadline = time.monotonic() + self.config.graceful_timeout + 2
+        stop_requested = False
         while process.is_alive() and time.monotonic() < deadline:
             if self._take_signal(0.1) in (signal.SIGTERM, signal.SIGINT):
+                if not self.stopping:
+                    # The first stop signal, during a restart: let this stop finish, start no other.
+                    logger.info("stop requested during a restart; not starting another coordinator")
+                    self.stopping = stop_requested = True
+                    continue
                 logger.warning("second signal: forcing the coordinator to stop")
                 break
         if process.is_alive():
             process.kill()
         process.join(5)
+        if stop_requested:
+            self.signals.put(signal.SIGTERM)   # for the main loop, which then exits

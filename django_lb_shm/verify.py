@@ -536,6 +536,10 @@ def _pending_writes_note() -> str:
                 "Start it, wait until `djangoloadbalancer status` shows 0 pending, then verify again.")
     finally:
         client.forget_connection()
+    diverged = [db["name"] for db in status["databases"] if db["state"] == "DIVERGED"]
+    if diverged:
+        return (f"{', '.join(diverged)} DIVERGED (see `djangoloadbalancer status`): it rejected a write the "
+                "others applied and needs an operator; the README's Failure semantics say how to repair it.")
     pending = {db["name"]: db["pending_writes"] for db in status["databases"] if db["pending_writes"]}
     if pending:
         waiting = ", ".join(f"{name}: {count}" for name, count in pending.items())

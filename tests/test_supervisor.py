@@ -284,6 +284,21 @@ def test_a_restart_takes_over_the_claim_of_a_session_the_server_still_runs(lb_fa
     assert Author.objects.count() == 2
 
 
+@pytest.mark.postgres_only
+def test_sigterm_during_a_restart_stops_the_supervisor_instead_of_being_swallowed(lb_factory):
+    handle = lb_factory("hup-term", GRACEFUL_TIMEOUT=8, READ_CONNECTIONS=0)
+    slow = threading.Thread(target=sleep_in_the_database, args=(4,), daemon=True)
+    slow.start()
+    time.sleep(1.0)                       # the read is in flight: the graceful stop waits for it
+    os.kill(handle.supervisor_pid, signal.SIGHUP)
+    time.sleep(0.5)
+    os.kill(handle.supervisor_pid, signal.SIGTERM)
+    assert handle.proc.wait(30) == 0, handle.log()
+    log = handle.log()
+    assert "stop requested during a restart; not starting another coordinator" in log, log
+    assert log.count("serving 127.0.0.1") == 1   # no coordinator was started after the SIGHUP
+
+
 def sleep_in_the_database(seconds: int) -> None:
     try:
         with connections[lb_alias()].cursor() as cursor:
