@@ -57,8 +57,12 @@ class CoordinatorHandle:
 
     # -- processes -------------------------------------------------------------------
     def env(self) -> dict:
+        from django_lb_shm.protocol import STOP_WITH_PARENT_ENV
+
         env = dict(os.environ)
         env["LB_TEST_CONFIG"] = str(self.config_path)
+        # A test run that is killed must not leave its coordinators running.
+        env[STOP_WITH_PARENT_ENV] = str(os.getpid())
         env["DJANGO_SETTINGS_MODULE"] = "tests.testproject.settings"
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
         return env
