@@ -159,18 +159,17 @@ def run() -> int:
 
 
 def status(as_json: bool = False) -> int:
-    from .client import CoordinatorClient
+    from .client import read_status
     from .conf import get_config
     from .errors import ConfigurationError, LoadBalancerError
 
     try:
-        # Read-only, and the way to look at a coordinator whatever settings it runs with.
-        client = CoordinatorClient(get_config(), verify_databases=False)
+        config = get_config()
     except ConfigurationError as exc:
         sys.stderr.write(f"djangoloadbalancer status: {exc}\n")
         return EXIT_CONFIG_ERROR
     try:
-        data = client.call("status", timeout=5.0)
+        data = read_status(config)
     except LoadBalancerError as exc:
         sys.stderr.write(f"djangoloadbalancer status: {exc}\n")
         return EXIT_UNAVAILABLE

@@ -211,6 +211,15 @@ class CoordinatorClient:
         return f"{self.pid}-{uuid.uuid4().hex[:12]}-{next(self._ids)}"
 
 
+def read_status(config: LoadBalancerConfig, timeout: float = 5.0) -> dict:
+    """The coordinator's status, whatever databases it serves (`status` and `verify` only look)."""
+    client = CoordinatorClient(config, verify_databases=False)
+    try:
+        return client.call("status", timeout=timeout)
+    finally:
+        client.forget_connection()
+
+
 _client: Optional[CoordinatorClient] = None
 _client_lock = threading.Lock()
 

@@ -36,6 +36,7 @@ from django.conf import settings
 from django.db import connections
 from django.test import TransactionTestCase
 from django.test.runner import DiscoverRunner
+from django.test.utils import iter_test_cases
 
 from .conf import OVERRIDES_ENV, SETTING_NAME, get_config
 from .protocol import STOP_WITH_PARENT_ENV
@@ -75,7 +76,7 @@ class LoadBalancerTestRunner(DiscoverRunner):
     def build_suite(self, *args: Any, **kwargs: Any):
         suite = super().build_suite(*args, **kwargs)
         alias = get_config().alias
-        for test in _flatten(suite):
+        for test in iter_test_cases(suite):
             cls = type(test)
             if not issubclass(cls, TransactionTestCase):   # SimpleTestCase: no database at all
                 continue
@@ -193,10 +194,3 @@ def _free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
-
-def _flatten(suite: Any):
-    for test in suite:
-        if hasattr(test, "__iter__"):
-            yield from _flatten(test)
-        else:
-            yield test

@@ -525,17 +525,14 @@ def verify(chunk_size: int = 2000, show: int = 10, progress: bool = True,
 
 def _pending_writes_note() -> str:
     """Copies differ while journaled writes wait to be applied: say whether that can be the reason."""
-    from .client import CoordinatorClient
+    from .client import read_status
     from .conf import get_config
 
-    client = CoordinatorClient(get_config(), verify_databases=False)
     try:
-        status = client.call("status", timeout=5.0)
+        status = read_status(get_config())
     except Exception:
         return ("No coordinator answers: writes in its journal may not be applied to every copy yet. "
                 "Start it, wait until `djangoloadbalancer status` shows 0 pending, then verify again.")
-    finally:
-        client.forget_connection()
     diverged = [db["name"] for db in status["databases"] if db["state"] == "DIVERGED"]
     if diverged:
         return (f"{', '.join(diverged)} DIVERGED (see `djangoloadbalancer status`): it rejected a write the "

@@ -113,25 +113,25 @@ def test_over_max_rss_the_coordinator_is_recycled_gracefully_without_backoff(lb_
     errors = [e for _p, _a, errs in outcomes for e in errs]
     assert errors == [], errors[:5]
     assert sum(len(names) for _p, names, _e in outcomes) == 120
-
-    def recycled_twice() -> bool:
-        try:
-            return handle.status()["coordinator"]["restarts"] >= 2
-        except Exception:   # between two coordinators
-            return False
-
-    wait_until(recycled_twice, 60, "a second recycle")
+    wait_until(lambda: (status_or_none(handle) or {}).get("coordinator", {}).get("restarts", 0) >= 2,
+               60, "a second recycle")
     log = handle.log()
     assert "over MAX_RSS_MB 1; recycling it" in log, log
     assert "restarting it in" not in log     # no crash-style restart, no growing backoff
 
 
-def _ready_with_new_pid(handle, old_pid: int) -> bool:
+def status_or_none(handle):
     try:
-        status = handle.status()
-    except Exception:
-        return False
-    return status["coordinator"]["pid"] != old_pid and status["coordinator"]["state"] == "READY"
+        return handle.status()
+    except Exception:   # between two coordinators
+        return None
+
+
+def _ready_with_new_pid(handle, old_pid: int, every_database_running: bool = False) -> bool:
+    status = status_or_none(handle)
+    return (status is not None and status["coordinator"]["pid"] != old_pid
+            and status["coordinator"]["state"] == "READY"
+            and (not every_database_running or all(d["state"] == "RUNNING" for d in status["databases"])))
 
 
 def test_kill_9_supervisor_leaves_no_orphan_and_no_segment(lb_factory):
@@ -243,15 +243,7 @@ def test_a_database_is_claimed_again_after_a_sighup_restart(lb_factory):
     handle = lb_factory("reclaim")
     old_pid = handle.coordinator_pid()
     os.kill(handle.supervisor_pid, signal.SIGHUP)
-
-    def restarted() -> bool:
-        try:
-            coordinator = handle.status()["coordinator"]
-        except Exception:  # between the two processes
-            return False
-        return coordinator["pid"] != old_pid and coordinator["state"] == "READY"
-
-    wait_until(restarted, 60, "the restarted coordinator")
+    wait_until(lambda: _ready_with_new_pid(handle, old_pid), 60, "the restarted coordinator")
     assert all(db["state"] == "RUNNING" for db in handle.status()["databases"]), handle.log()
     Author.objects.create(name="after restart")
     assert Author.objects.filter(name="after restart").count() == 1
@@ -269,15 +261,8 @@ def test_a_restart_takes_over_the_claim_of_a_session_the_server_still_runs(lb_fa
     slow.start()
     time.sleep(2)
     os.kill(handle.supervisor_pid, signal.SIGHUP)
-
-    def restarted() -> bool:
-        try:
-            status = handle.status()
-        except Exception:
-            return False
-        return status["coordinator"]["pid"] != old_pid and all(d["state"] == "RUNNING" for d in status["databases"])
-
-    wait_until(restarted, 60, "the restarted coordinator with every database RUNNING")
+    wait_until(lambda: _ready_with_new_pid(handle, old_pid, every_database_running=True), 60,
+               "the restarted coordinator with every database RUNNING")
     assert handle.proc.poll() is None, handle.log()
     assert "terminated server session" in handle.log() and f"coordinator pid {old_pid}" in handle.log()
     Author.objects.create(name="y")
