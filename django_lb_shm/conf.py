@@ -121,6 +121,7 @@ class LoadBalancerConfig:
     alias: str = DEFAULT_ALIAS
     journal_dir: str = ""
     journal_fsync: bool = True
+    legacy_journal_dirs: tuple[str, ...] = ()   # older defaults of JOURNAL_DIR, imported into a new journal
     write_ack: str = "FIRST"
     client_timeout: float = 30.0
     connect_timeout: float = 5.0
@@ -468,11 +469,22 @@ def find_problems(raw: Any, django_dbs: Mapping[str, Any]) -> list[Problem]:
     return problems
 
 
-def _default_journal_dir(address: Address) -> str:
+def _journal_base_dir() -> str:
     from django.conf import settings
 
     base = getattr(settings, "BASE_DIR", None) or os.getcwd()
-    return str(Path(base) / ".loadbalancer-journal" / address_key(address))
+    return str(Path(base) / ".loadbalancer-journal")
+
+
+def _default_journal_dir(aliases: Any, django_dbs: Mapping[str, Any]) -> str:
+    """Named after the databases it numbers writes for (their vendor and NAME), not after the
+    coordinator's ADDRESS: moving the coordinator to another port keeps its journal."""
+    import zlib
+
+    identities = [[alias, vendor_of(django_dbs[alias].get("ENGINE", "")), str(django_dbs[alias].get("NAME", ""))]
+                  for alias in aliases]
+    key = zlib.crc32(repr(identities).encode())
+    return str(Path(_journal_base_dir()) / f"databases-{key:08x}")
 
 
 def database_identity(alias: str) -> list:
@@ -522,7 +534,8 @@ def build_config(raw: Any, django_dbs: Mapping[str, Any]) -> LoadBalancerConfig:
         cud_algorithm=raw.get("CUD_ALGORITHM", "MULTITHREADING"),
         wait_time=float(raw.get("WAIT_TIME", 2)),
         alias=raw.get("ALIAS", DEFAULT_ALIAS),
-        journal_dir=str(raw.get("JOURNAL_DIR") or _default_journal_dir(address)),
+        journal_dir=str(raw.get("JOURNAL_DIR") or _default_journal_dir(raw["DATABASES"], django_dbs)),
+        legacy_journal_dirs=() if raw.get("JOURNAL_DIR") else (_journal_base_dir() + os.sep + address_key(address),),
         journal_fsync=bool(raw.get("JOURNAL_FSYNC", True)),
         write_ack=raw.get("WRITE_ACK", "FIRST"),
         log_level=str(raw.get("LOG_LEVEL", "INFO")).upper(),

@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 import socket
+import sqlite3
 from multiprocessing import AuthenticationError
 from multiprocessing import connection as mp_connection
 from multiprocessing.managers import Server
@@ -46,6 +47,7 @@ from .protocol import (
     EXIT_CONFIG_ERROR,
     EXIT_OK,
     EXIT_ORPHANED,
+    EXIT_RESTART,
     EXPOSED,
     TYPEID,
     FrameTooLarge,
@@ -224,7 +226,8 @@ class Coordinator:
         if txn is not None:
             self.sequencer.commit(txn, request_id)
             return d.Result()
-        if self.sequencer.journal.find_request(request_id) is not None:
+        done = self.sequencer.journal.find_request(request_id)
+        if done is not None and not done.void:
             return d.Result()  # a commit repeated after a reconnect: it was applied
         raise TransactionError(
             "commit of a transaction the coordinator does not hold (it restarted, or the connection dropped); "
@@ -594,30 +597,40 @@ class CoordinatorProcess:
         registry = {TYPEID: (lambda: self.coordinator, EXPOSED, None, None)}
         self.server = CoordinatorServer(registry, address.tuple, address.authkey, self, address.local_socket_path)
         self.algorithm = build_read_algorithm(self.config, self.shared)
-        self.hub = Hub(self.shared, self.config, self._entries_to_replay, self._notify_applied,
+        self.hub = Hub(self.shared, self.config, self._catch_up_from, self._replay_after, self._notify_applied,
                        probe_interval=self.algorithm.probe_interval)
         self.threads = [DbThread(i, alias, self.hub) for i, alias in enumerate(self.config.databases)]
-        # Before the journal is opened (its torn tail may be cut) or any database replayed.
+        # Before the journal is opened or any database replayed.
         self._claim_databases()
         try:
-            self.journal = Journal(self.config.journal_dir, fsync=self.config.journal_fsync).open()
-        except OSError as exc:
+            self.journal = Journal(self.config.journal_dir, fsync=self.config.journal_fsync,
+                                   import_from=self.config.legacy_journal_dirs).open()
+        except (OSError, sqlite3.Error) as exc:
             raise OSError(f"LOAD_BALANCER['JOURNAL_DIR'] ({self.config.journal_dir}) cannot be used: {exc}") from exc
+        self._settle_history()
         self.sequencer = Sequencer(self.threads, self.journal, self.shared, self.config)
+        self.sequencer.fail_stop = self._restart_to_read_journal
         self.sequencer.start_at(self.journal.last_seq)
+        self.shared.set_header(Header.JOURNAL_ENTRIES, self.journal.entry_count)
         for thread in self.threads:
             self.shared.set_state(thread.index, DbState.STARTING)
             thread.start()
         self._wait_for_databases()
-        self._settle_last_seq()
         self.coordinator = Coordinator(self.config, self.shared, self.threads, self.sequencer, self.algorithm)
         self.server.serve_forever_on_all()
 
     def client_gone(self) -> None:
         self.coordinator.client_gone()
 
-    def _entries_to_replay(self, read_applied: Any):
-        return self.sequencer.entries_to_replay(read_applied)
+    def _catch_up_from(self, read_marker: Any) -> str:
+        return self.sequencer.catch_up_from(read_marker)
+
+    def _replay_after(self, seq: int) -> Any:
+        return self.sequencer.replay_after(seq)
+
+    def _restart_to_read_journal(self) -> None:
+        self.exit_code = EXIT_RESTART
+        self.stop_requested.set()
 
     def _notify_applied(self) -> None:
         self.sequencer.notify_applied()
@@ -640,17 +653,16 @@ class CoordinatorProcess:
         if owned:
             raise DatabaseOwnedElsewhere("; ".join(owned))
 
-    def _settle_last_seq(self) -> None:
-        """A database ahead of the journal means the journal lost writes: the others cannot catch up."""
-        highest = max([self.journal.last_seq] + [t.applied_seq for t in self.threads if t.server_info])
-        self.sequencer.start_at(highest)
-        for thread in self.threads:
-            if thread.state == DbState.RUNNING and thread.applied_seq < highest and not self.journal.covers(thread.applied_seq):
-                thread.set_state(
-                    DbState.DIVERGED,
-                    f"it applied writes up to #{thread.applied_seq}, another database up to #{highest}, "
-                    "and the journal cannot bridge the gap",
-                )
+    def _settle_history(self) -> None:
+        """Numbering goes on after the highest write any reachable copy or the journal has: a copy
+        ahead of the journal means the journal is new, older or restored, and it is told so (a copy
+        behind that point, which the journal cannot bring up to it, then becomes DIVERGED)."""
+        reached = [t.boot_marker for t in self.threads if t.boot_marker is not None]
+        if not reached:
+            return
+        seq, tag = max(reached, key=lambda marker: marker[0])
+        if seq > self.journal.last_seq:
+            self.journal.rebase(seq, tag)
 
     def run(self) -> int:
         self._install_signals()
@@ -707,7 +719,7 @@ class CoordinatorProcess:
     def _trim_journal(self) -> None:
         applied = min(t.applied_seq for t in self.threads)
         self.journal.trim(applied)
-        self.shared.set_header(Header.JOURNAL_ENTRIES, len(self.journal.entries))
+        self.shared.set_header(Header.JOURNAL_ENTRIES, self.journal.entry_count)
         self.shared.set_header(Header.JOURNAL_BYTES, self.journal.size_bytes)
 
     def _shutdown(self) -> None:

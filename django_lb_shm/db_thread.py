@@ -21,7 +21,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from django.db import connections
 
@@ -147,15 +147,18 @@ class DbConnection:
         simple query; the statement's result is the second one)."""
         try:
             if statement.many:
-                cursor.execute("BEGIN")
+                cursor.execute(self._begin_pending.rstrip().rstrip(";").strip())
                 cursor.executemany(statement.sql, statement.params)
             else:
-                cursor.execute(_BEGIN_PREFIX + statement.sql, statement.params)
-                cursor.nextset()
+                prefix = self._begin_pending
+                cursor.execute(prefix + statement.sql, statement.params)
+                for _ in range(prefix.count(_SEP)):
+                    cursor.nextset()
         except BaseException:
             # Refused before it was sent (a NUL in a string, a wrong parameter count):
             # the server saw no BEGIN, so the next statement must still carry it.
-            self._begin_pending = self._server_idle()
+            if not self._server_idle():
+                self._begin_pending = False
             raise
         self._begin_pending = False
 
@@ -168,12 +171,16 @@ class DbConnection:
     def run(self, sql: str, params: Any = None) -> Result:
         return self.execute(Statement(sql, params))
 
-    def begin(self) -> None:
-        """Open a transaction; on PostgreSQL the BEGIN is sent with the next statement."""
+    def begin(self, immediate_constraints: bool = False) -> None:
+        """Open a transaction; on PostgreSQL the BEGIN is sent with the next statement.
+
+        ``immediate_constraints`` (one autocommit write): deferred constraints are checked
+        with the statement, so that COMMIT can no longer refuse it for them.
+        """
         if self.batched:
             if not self.is_open:
                 self.open()
-            self._begin_pending = True
+            self._begin_pending = _BEGIN_IMMEDIATE if immediate_constraints else _BEGIN_PREFIX
         else:
             self.run("BEGIN")
         self._in_transaction = True
@@ -188,18 +195,23 @@ class DbConnection:
     # The leader's commit: the marker is in the transaction, the journal append comes
     # before COMMIT.  SQLite (in-process, nothing to save) keeps its order: marker,
     # journal, COMMIT; PostgreSQL sends marker + COMMIT in one round trip after the journal.
-    def marker_before_journal(self, seq: int) -> None:
+    def prepare_commit(self, seq: int, tag: int, check_deferred: bool) -> None:
+        """Before the journal append: whatever could make COMMIT refuse the write is checked now
+        (PostgreSQL: the deferred constraints of a caller's transaction), so that after it a
+        failed COMMIT can only be a lost connection -- an outcome to learn, not a refusal."""
         if not self.batched:
-            self.set_marker(seq)
+            self.set_marker(seq, tag)
+        elif check_deferred and not self._begin_pending:
+            self.run("SET CONSTRAINTS ALL IMMEDIATE")
 
-    def commit_after_journal(self, seq: int) -> None:
+    def commit_with_marker(self, seq: int, tag: int) -> None:
         if not self.batched:
             self.commit()
             return
-        sql = _marker_sql(seq) + _SEP + "COMMIT"
+        sql = _marker_sql(seq, tag) + _SEP + "COMMIT"
         if self._begin_pending:
+            sql = self._begin_pending + sql
             self._begin_pending = False
-            sql = _BEGIN_PREFIX + sql
         self.run(sql)
         self._in_transaction = False
 
@@ -222,19 +234,25 @@ class DbConnection:
         return info
 
     # -- the applied-sequence marker -----------------------------------------
-    def ensure_marker(self) -> int:
-        """Create the marker table if needed; the last write sequence applied here."""
-        self.run(f"CREATE TABLE IF NOT EXISTS {MARKER_TABLE} (id INTEGER PRIMARY KEY, seq BIGINT NOT NULL)")
+    def ensure_marker(self) -> tuple[int, int]:
+        """Create the marker table if needed (adding the tag column to one of an older
+        version); (sequence, tag) of the last journal record applied here."""
+        self.run(f"CREATE TABLE IF NOT EXISTS {MARKER_TABLE} "
+                 "(id INTEGER PRIMARY KEY, seq BIGINT NOT NULL, tag BIGINT NOT NULL DEFAULT 0)")
+        columns = [c[0].lower() for c in self.run(f"SELECT * FROM {MARKER_TABLE} WHERE 1 = 0").description]
+        if "tag" not in columns:
+            self.run(f"ALTER TABLE {MARKER_TABLE} ADD COLUMN tag BIGINT NOT NULL DEFAULT 0")
         self.run(
-            f"INSERT INTO {MARKER_TABLE} (id, seq) SELECT 1, 0 "
+            f"INSERT INTO {MARKER_TABLE} (id, seq, tag) SELECT 1, 0, 0 "
             f"WHERE NOT EXISTS (SELECT 1 FROM {MARKER_TABLE} WHERE id = 1)"
         )
-        return int(self.run(f"SELECT seq FROM {MARKER_TABLE} WHERE id = 1").rows[0][0])
+        seq, tag = self.run(f"SELECT seq, tag FROM {MARKER_TABLE} WHERE id = 1").rows[0]
+        return int(seq), int(tag)
 
-    def set_marker(self, seq: int) -> None:
-        self.run(f"UPDATE {MARKER_TABLE} SET seq = %s WHERE id = 1", (seq,))
+    def set_marker(self, seq: int, tag: int) -> None:
+        self.run(_marker_sql(seq, tag))
 
-    def apply_block(self, statements: list, seq: int) -> None:
+    def apply_block(self, statements: list, seq: int, tag: int) -> None:
         """Apply one journal entry (or a group of them) as one transaction, marker included.
 
         On PostgreSQL the whole block -- BEGIN, the statements (their parameters
@@ -246,19 +264,19 @@ class DbConnection:
         if not self.is_open:
             self.open()
         if self.batched:
-            self._apply_block_at_once(statements, seq)
+            self._apply_block_at_once(statements, seq, tag)
             return
         self.begin()
         try:
             for statement in statements:
                 self.execute(statement)
-            self.set_marker(seq)
+            self.set_marker(seq, tag)
             self.commit()
         except BaseException:
             self.rollback_quietly()
             raise
 
-    def _apply_block_at_once(self, statements: list, seq: int) -> None:
+    def _apply_block_at_once(self, statements: list, seq: int, tag: int) -> None:
         self._begin_pending = False
         cursor = self.wrapper.create_cursor()
         try:
@@ -270,7 +288,7 @@ class DbConnection:
                     parts.append(statement.sql)
                 else:
                     parts.append(cursor.mogrify(statement.sql, statement.params))
-            parts.append(_marker_sql(seq))
+            parts.append(_marker_sql(seq, tag))
             parts.append("COMMIT")
             cursor.execute(_SEP.join(parts))
         except BaseException:
@@ -284,10 +302,11 @@ class DbConnection:
 # of the previous statement before the separating semicolon.
 _SEP = "\n;\n"
 _BEGIN_PREFIX = "BEGIN" + _SEP
+_BEGIN_IMMEDIATE = _BEGIN_PREFIX + "SET CONSTRAINTS ALL IMMEDIATE" + _SEP
 
 
-def _marker_sql(seq: int) -> str:
-    return f"UPDATE {MARKER_TABLE} SET seq = {int(seq)} WHERE id = 1"
+def _marker_sql(seq: int, tag: int) -> str:
+    return f"UPDATE {MARKER_TABLE} SET seq = {int(seq)}, tag = {int(tag)} WHERE id = 1"
 
 
 def _sends_simple_queries(wrapper: Any) -> bool:
@@ -327,12 +346,15 @@ class Hub:
     """What a database thread needs from the coordinator (kept small for tests)."""
 
     def __init__(self, shared: SharedState, config: Any,
-                 entries_to_replay: Callable[[Callable[[], int]], tuple[list, bool]],
+                 catch_up_from: Callable[[Callable[[], tuple[int, int]]], str],
+                 replay_after: Callable[[int], Iterator[JournalEntry]],
                  notify_applied: Callable[[], None],
                  probe_interval: Optional[float] = None):
         self.shared = shared
         self.config = config
-        self.entries_to_replay = entries_to_replay
+        # (read the marker) -> "" when the journal can bring the copy up to date, else why not
+        self.catch_up_from = catch_up_from
+        self.replay_after = replay_after
         self.notify_applied = notify_applied
         self.probe_interval = probe_interval
 
@@ -357,6 +379,7 @@ class DbThread(threading.Thread):
         self.ownership = Ownership(alias, getattr(hub.config, "address", ""))
         self.owned_elsewhere = ""   # why the last claim failed: another coordinator serves this database
         self.claimed_at_boot = False
+        self.boot_marker: Optional[tuple[int, int]] = None   # (seq, tag) read by claim_at_boot()
         self.running = True
         self.next_probe = 0.0
         self.next_latency_probe = 0.0
@@ -586,7 +609,7 @@ class DbThread(threading.Thread):
         by one, which names the one that fails.
         """
         try:
-            self.conn.apply_block([s for e in entries for s in e.statements], entries[-1].seq)
+            self.conn.apply_block([s for e in entries for s in e.statements], entries[-1].seq, entries[-1].tag)
         except Exception as exc:
             if is_connection_error(exc):
                 self.go_down(exc)
@@ -602,7 +625,7 @@ class DbThread(threading.Thread):
             return True
         for attempt in range(TRANSIENT_RETRIES + 1):
             try:
-                self.conn.apply_block(entry.statements, entry.seq)
+                self.conn.apply_block(entry.statements, entry.seq, entry.tag)
                 break
             except Exception as exc:
                 if is_connection_error(exc):
@@ -623,13 +646,14 @@ class DbThread(threading.Thread):
         return True
 
     # -- recovery -----------------------------------------------------------------------
-    def _read_applied_seq(self) -> int:
+    def _read_marker(self) -> tuple[int, int]:
         """The marker, read while the write order is held: a write this database commits as
         the leader (on its writer connection) cannot be published between the read and the
         assignment, which would otherwise set ``applied_seq`` back and replay that write."""
-        self.applied_seq = self.conn.ensure_marker()
-        self.shared.set(self.index, Slot.APPLIED_SEQ, self.applied_seq)
-        return self.applied_seq
+        seq, tag = self.conn.ensure_marker()
+        self.applied_seq = seq
+        self.shared.set(self.index, Slot.APPLIED_SEQ, seq)
+        return seq, tag
 
     def claim_at_boot(self) -> None:
         """Before the coordinator reads or writes anything: DatabaseOwnedElsewhere if another
@@ -638,6 +662,7 @@ class DbThread(threading.Thread):
         try:
             self.conn.open()
             self._claim(wait=CLAIM_WAIT)
+            self.boot_marker = self.conn.ensure_marker()
         except DatabaseOwnedElsewhere:
             self.conn.close()
             raise
@@ -667,23 +692,28 @@ class DbThread(threading.Thread):
                 self._claim()
             self.server_info = self.conn.describe_server()
             self.set_state(DbState.RECOVERING)
-            entries, complete = self.hub.entries_to_replay(self._read_applied_seq)
+            gap = self.hub.catch_up_from(self._read_marker)
         except Exception as exc:
             if self.state != DbState.DOWN:
                 self.go_down(exc)
             self.next_probe = time.monotonic() + self.hub.config.wait_time
             return
-        if not complete:
-            self.set_state(
-                DbState.DIVERGED,
-                f"it applied writes up to #{self.applied_seq} but the journal no longer holds all later ones; "
-                "copy a healthy database over it, then restart the coordinator",
-            )
+        if gap:
+            self.set_state(DbState.DIVERGED, gap)
             return
-        if entries:
-            logger.info("database %r: applying %d journaled writes after #%d", self.alias, len(entries), self.applied_seq)
-        for entry in entries:
-            if not self.apply(entry):
-                return
+        if not self._replay():
+            return
         self.set_state(DbState.RUNNING)
         self.hub.notify_applied()
+
+    def _replay(self) -> bool:
+        """Apply the journal's records after the marker, read from disk a chunk at a time
+        (writes published meanwhile are also queued here; the marker skips a repeat)."""
+        start, replayed = self.applied_seq, 0
+        for entry in self.hub.replay_after(self.applied_seq):
+            if not self.apply(entry):
+                return False
+            replayed += 1
+        if replayed:
+            logger.info("database %r: applied %d journaled writes after #%d", self.alias, replayed, start)
+        return True

@@ -77,6 +77,14 @@ class TransactionError(LoadBalancerError, db_utils.OperationalError):
     """A load-balanced transaction could not be started or finished."""
 
 
+class JournalError(WriteNotApplied):
+    """The write journal (JOURNAL_DIR) could not record a write: it was applied nowhere."""
+
+
+class JournalCorrupt(LoadBalancerError):
+    """The journal holds a damaged record followed by valid ones: the coordinator will not guess."""
+
+
 # Database errors raised by a database thread keep their Django class on the
 # client side; these names are the ones allowed to cross the queue.
 _DJANGO_ERRORS: dict[str, type[Exception]] = {
@@ -118,6 +126,8 @@ _OWN_ERRORS: dict[str, type[Exception]] = {
         WriteNotApplied,
         WriteOutcomeUnknown,
         TransactionError,
+        JournalError,
+        JournalCorrupt,
     )
 }
 

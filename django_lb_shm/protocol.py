@@ -32,6 +32,7 @@ EXIT_OK = 0
 EXIT_CONFIG_ERROR = 2    # settings invalid: never restart
 EXIT_BOOT_ERROR = 3      # could not boot (port taken...): never restart
 EXIT_ORPHANED = 4        # supervisor went away; not restarted (nobody left to restart it)
+EXIT_RESTART = 5         # the coordinator asks to be restarted (its journal must be read again)
 # Set by LoadBalancerTestRunner to its own pid: the supervisor stops once that process is gone.
 STOP_WITH_PARENT_ENV = "DJANGO_LB_SHM_STOP_WITH_PARENT"
 
@@ -40,6 +41,7 @@ EXIT_CODES = {
     EXIT_CONFIG_ERROR: "invalid settings",
     EXIT_BOOT_ERROR: "boot error",
     EXIT_ORPHANED: "orphaned",
+    EXIT_RESTART: "restart requested",
 }
 
 

@@ -3,11 +3,27 @@
 One lock orders every write.  Its holder runs the write on the first database
 that is RUNNING and caught up (the *leader*), inside a transaction; turns it
 into the form every other database must run (generated keys made explicit);
-appends that to the journal with the next sequence number; commits the
-leader; queues the entry on every other database's thread; and releases the
-lock.  Only then is the caller answered (and, by WRITE_ACK, after enough
-databases applied it).  A write the leader rejects (IntegrityError...) is
-rolled back there and never reaches the journal or any other database.
+has the leader check everything COMMIT could still refuse; appends the record
+to the journal with the next sequence number -- from then on the write is
+*decided* --; commits the leader; queues the record on every other database's
+thread; and releases the lock.  Only then is the caller answered (and, by
+WRITE_ACK, after enough databases applied it).
+
+What can go wrong, and what the caller is told:
+- the leader refuses the write (IntegrityError...) before the append: rolled
+  back, never journaled, the caller gets the error;
+- the leader's connection fails before the append: nothing was committed
+  anywhere; an autocommit write is run again on the next leader, a
+  transaction fails with "none of its writes were applied";
+- the journal cannot record it (a full disk): rolled back, JournalError;
+- the leader's connection fails at COMMIT: the outcome on that copy is
+  unknown, the write is not -- it is decided.  The leader goes DOWN and, when
+  back, replays from its marker (which says whether its COMMIT happened), so
+  it ends with the write exactly once, with the keys the journal holds; the
+  caller is told success;
+- the leader refuses COMMIT itself (SQLite's deferred foreign keys): the record
+  is decided as *void*, which every copy applies as nothing, and the caller
+  gets the error.  A sequence number is never handed out twice.
 
 A caller's transaction (Django's ``atomic``) holds the lock from its first
 write to its commit, runs on the leader in a real transaction, and reaches the
@@ -20,15 +36,16 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 from django.db import DEFAULT_DB_ALIAS
 
 from .db_thread import DbConnection, DbThread
 from .descriptors import InsertKeys, Result, Statement
-from .errors import NoDatabaseAvailable, NotSupportedError, TransactionError, WriteNotApplied
+from .errors import (JournalError, NoDatabaseAvailable, NotSupportedError, TransactionError, WriteNotApplied,
+                     WriteOutcomeUnknown)
 from .health import is_connection_error
-from .journal import Journal, JournalEntry
+from .journal import Journal, JournalEntry, JournalUncertain
 from .shared_state import DbState, Header, SharedState
 
 logger = logging.getLogger("django_lb_shm.sequencer")
@@ -57,12 +74,16 @@ class Sequencer:
         self.last_seq = last_seq
         self.shared.set_header(Header.LAST_SEQ, last_seq)
 
-    def entries_to_replay(self, read_applied: Callable[[], int]) -> tuple[list, bool]:
-        """Journal entries after what ``read_applied()`` says a database has, both read while
-        no write is half done (WriteNotApplied if the order stays held past CLIENT_TIMEOUT)."""
+    def catch_up_from(self, read_marker: Callable[[], tuple[int, int]]) -> str:
+        """Whether the journal can bring a copy up to date from the marker ``read_marker()``
+        reads (while no write is half done): "" if so, else what is wrong with it.
+        WriteNotApplied if the order stays held past CLIENT_TIMEOUT."""
         with self._ordered("replay"):
-            after_seq = read_applied()
-            return self.journal.entries_after(after_seq), self.journal.covers(after_seq)
+            seq, tag = read_marker()
+            return gap_in_history(self.journal, seq, tag, self.last_seq)
+
+    def replay_after(self, seq: int) -> Iterator[JournalEntry]:
+        return self.journal.iter_after(seq)
 
     def notify_applied(self) -> None:
         with self.applied:
@@ -114,6 +135,9 @@ class Sequencer:
         with self._ordered("write"):
             done = self.journal.find_request(request_id) if request_id else None
             if done is not None:
+                if done.void:
+                    raise WriteNotApplied(f"write #{done.seq} (request {request_id}) was refused at COMMIT; "
+                                          "it was applied nowhere")
                 return done.result
             entry = self._commit_on_leader([statement], request_id, single=True)
         self._wait_for_acks(entry.seq)
@@ -131,39 +155,84 @@ class Sequencer:
 
     def _lead(self, leader: DbThread, statements: list, request_id: str, single: bool) -> JournalEntry:
         conn = leader.writer
-        seq = self.last_seq + 1
-        journaled = False
+        entry = JournalEntry(self.last_seq + 1, request_id, [], None, leader.alias)
         try:
             if not conn.is_open:
                 conn.open()
-            conn.begin()   # PostgreSQL: sent with the first statement, one round trip
-            follower, result = [], Result()
+            conn.begin(immediate_constraints=True)   # PostgreSQL: sent with the statement, one round trip
+            result = Result()
             for statement in statements:
-                result = self._execute(conn, statement, follower)
-            conn.marker_before_journal(seq)
+                result = self._execute(conn, statement, entry.statements)
             result.database = leader.alias
-            entry = JournalEntry(seq, request_id, follower, result if single else None, leader.alias)
-            self.journal.append(entry)
-            journaled = True
-            conn.commit_after_journal(seq)   # PostgreSQL: marker + COMMIT in one round trip
+            entry.result = result if single else None
+            conn.prepare_commit(entry.seq, entry.tag, check_deferred=False)
         except Exception as exc:
             conn.rollback_quietly()
-            if journaled:
-                self.journal.abort(seq)
             if is_connection_error(exc):
                 raise LeaderLost(exc) from exc
             raise
-        self._publish(leader, entry)
+        self._decide(leader, entry)
         return entry
 
-    def _publish(self, leader: DbThread, entry: JournalEntry) -> None:
+    def _decide(self, leader: DbThread, entry: JournalEntry) -> None:
+        """Journal ``entry`` (run on ``leader``, not committed yet), commit it there, publish it.
+
+        Raises what the caller must be told when the write was not decided, or was decided
+        void; returns (the write decided and on its way to every copy) otherwise.
+        """
+        conn = leader.writer
+        try:
+            self.journal.append(entry)
+        except JournalError:
+            conn.rollback_quietly()
+            raise
+        except JournalUncertain as exc:
+            # Decided or not, the journal will say when it is opened again: restart from it.
+            conn.rollback_quietly()
+            logger.critical("write #%d: %s; the coordinator restarts to read the journal again", entry.seq, exc)
+            self.fail_stop()
+            raise WriteOutcomeUnknown(f"{exc}; the coordinator restarts, and then applies the write on every "
+                                      "copy or on none") from None
+        try:
+            conn.commit_with_marker(entry.seq, entry.tag)   # PostgreSQL: marker + COMMIT, one round trip
+        except Exception as exc:
+            conn.rollback_quietly()
+            if is_connection_error(exc):
+                # COMMIT may or may not have happened there: the marker will tell when it is back.
+                logger.warning("write #%d: the connection to %r failed at COMMIT (%s); the write is decided "
+                               "and reaches every copy, %r included when it is back", entry.seq, leader.alias,
+                               exc, leader.alias)
+                leader.go_down(exc)
+                self._publish(entry, applied_on=None)
+                return
+            self._void(entry)
+            raise
+        self._publish(entry, applied_on=leader)
+
+    def _void(self, entry: JournalEntry) -> None:
+        """The leader refused COMMIT: the record is decided as nothing, on every copy."""
+        void = entry.voided()
+        try:
+            self.journal.void(void)
+        except JournalError:
+            # Cannot happen silently: replayed, the write would reach the copies after all.
+            logger.critical("write #%d was refused at COMMIT and the journal could not record that; "
+                            "the coordinator stops so that it is not replayed", entry.seq)
+            self.fail_stop()
+            raise
+        self._publish(void, applied_on=None)
+
+    def fail_stop(self) -> None:
+        """Set by the coordinator process: stop and let the supervisor restart it."""
+
+    def _publish(self, entry: JournalEntry, applied_on: Optional[DbThread]) -> None:
         self.last_seq = entry.seq
         self.shared.set_header(Header.LAST_SEQ, entry.seq)
-        self.shared.set_header(Header.JOURNAL_ENTRIES, len(self.journal.entries))
-        self.shared.set_header(Header.JOURNAL_BYTES, self.journal.size_bytes)
-        leader.mark_applied(entry.seq)
+        self.shared.set_header(Header.JOURNAL_ENTRIES, self.journal.entry_count)
+        if applied_on is not None:
+            applied_on.mark_applied(entry.seq)
         for thread in self.threads:
-            if thread is not leader:
+            if thread is not applied_on:
                 thread.submit_write(entry)
         self.notify_applied()
 
@@ -209,7 +278,7 @@ class Sequencer:
             leader = self.leader()
             if not leader.writer.is_open:
                 leader.writer.open()
-            leader.writer.begin()   # PostgreSQL: sent with the first statement
+            leader.writer.begin()   # PostgreSQL: sent with the first statement; constraints as the caller set them
             txn = OpenTransaction(leader)
             for sql in prelude:
                 self.run_in(txn, Statement(sql))
@@ -243,29 +312,23 @@ class Sequencer:
 
     def commit(self, txn: OpenTransaction, request_id: str) -> None:
         conn = txn.leader.writer
-        seq = self.last_seq + 1
-        journaled = False
+        entry = JournalEntry(self.last_seq + 1, request_id, txn.statements, Result(), txn.leader.alias)
         try:
             if not txn.statements:
                 conn.commit()
                 return
-            conn.marker_before_journal(seq)
-            entry = JournalEntry(seq, request_id, txn.statements, Result(), txn.leader.alias)
-            self.journal.append(entry)
-            journaled = True
-            conn.commit_after_journal(seq)   # a deferred constraint fails here: nothing committed
-            self._publish(txn.leader, entry)
-        except Exception as exc:
-            conn.rollback_quietly()
-            if journaled:
-                self.journal.abort(seq)
-            if not is_connection_error(exc):
-                raise  # e.g. a deferred foreign key checked at COMMIT: the caller's IntegrityError
-            txn.leader.go_down(exc)
-            raise TransactionError(f"the transaction was not committed ({exc}); none of its writes were applied") from None
+            try:
+                conn.prepare_commit(entry.seq, entry.tag, check_deferred=True)   # a deferred foreign key fails here
+            except Exception as exc:
+                conn.rollback_quietly()
+                if not is_connection_error(exc):
+                    raise   # the caller's IntegrityError
+                txn.leader.go_down(exc)
+                raise TransactionError(f"the transaction was not committed ({exc}); none of its writes were applied") from None
+            self._decide(txn.leader, entry)
         finally:
             self._release(txn)
-        self._wait_for_acks(seq)
+        self._wait_for_acks(entry.seq)
 
     def abandon(self, txn: OpenTransaction) -> None:
         """Roll back and give the write order back (rollback, error, or the caller went away)."""
@@ -308,3 +371,23 @@ def _substitute(params: Any, mapping: dict) -> Any:
     if type(params) is int and params in mapping:
         return mapping[params]
     return params
+
+
+def gap_in_history(journal: Journal, seq: int, tag: int, last_seq: int) -> str:
+    """Why the journal cannot bring a copy whose marker is (``seq``, ``tag``) to ``last_seq``;
+    "" when it can.  A copy's history must be the journal's: its last applied record must
+    carry the tag the journal has for that number, and every later record must be here."""
+    repair = ("copy a healthy database over it (`djangoloadbalancer verify` shows the differences), "
+              "then restart the coordinator")
+    if seq > last_seq:
+        return (f"it has applied writes up to #{seq}, but the journal and the other copies end at #{last_seq}: "
+                f"the journal in JOURNAL_DIR ({journal.directory}) is missing, older or restored from a "
+                f"backup, or another coordinator wrote to this copy; {repair}")
+    expected = journal.tag_at(seq)
+    if tag and expected and tag != expected:
+        return (f"its write #{seq} is not the journal's write #{seq}: the journal was replaced or restored "
+                f"while this copy was away, and the same numbers now name other writes; {repair}")
+    if not journal.covers(seq, last_seq):
+        return (f"it has applied writes up to #{seq}; the journal no longer holds every write after it up to "
+                f"#{last_seq} (journal missing, older, or trimmed); {repair}")
+    return ""

@@ -100,7 +100,7 @@ def test_follower_block_is_one_round_trip(conn):
         Statement("UPDATE rt_item SET note = note WHERE name = %s; ", ("zz",)),     # own semicolon
         Statement("UPDATE rt_item SET note = '%%' WHERE name = 'd'", ()),   # %% with empty params
         Statement("INSERT INTO rt_item (name) VALUES (%s)", [], many=True),
-    ], 7)
+    ], 7, 70)
     assert len(counter.calls) == 1
     assert names(conn) == ["a", "b", "c", "d"]
     notes = dict(conn.run("SELECT name, note FROM rt_item").rows)
@@ -109,13 +109,13 @@ def test_follower_block_is_one_round_trip(conn):
 
 
 def test_follower_block_error_applies_nothing(conn):
-    conn.apply_block([Statement("INSERT INTO rt_item (name) VALUES ('a')")], 1)
+    conn.apply_block([Statement("INSERT INTO rt_item (name) VALUES ('a')")], 1, 10)
     with pytest.raises(Exception) as caught:
         conn.apply_block([
             Statement("INSERT INTO rt_item (name) VALUES ('b')"),
             Statement("INSERT INTO rt_item (name) VALUES ('a')"),    # duplicate
             Statement("INSERT INTO rt_item (name) VALUES ('c')"),
-        ], 2)
+        ], 2, 20)
     assert type(caught.value).__name__ == "UniqueViolation"
     assert not is_connection_error(caught.value)
     assert idle(conn)
@@ -124,7 +124,7 @@ def test_follower_block_error_applies_nothing(conn):
 
 def test_follower_block_deferred_error_at_commit(conn):
     with pytest.raises(Exception) as caught:
-        conn.apply_block([Statement("INSERT INTO rt_child (id, item_id) VALUES (1, 999)")], 3)
+        conn.apply_block([Statement("INSERT INTO rt_child (id, item_id) VALUES (1, 999)")], 3, 30)
     assert type(caught.value).__name__ == "ForeignKeyViolation"
     assert idle(conn) and marker(conn) == 0
     assert conn.run("SELECT count(*) FROM rt_child").rows[0][0] == 0
@@ -137,7 +137,7 @@ def test_follower_block_connection_error(conn, scratch_alias):
     other.run("SELECT pg_terminate_backend(%s)", (pid,))
     other.close()
     with pytest.raises(Exception) as caught:
-        conn.apply_block([Statement("INSERT INTO rt_item (name) VALUES ('a')")], 1)
+        conn.apply_block([Statement("INSERT INTO rt_item (name) VALUES ('a')")], 1, 10)
     assert is_connection_error(caught.value)
     conn.open()
     assert names(conn) == [] and marker(conn) == 0
@@ -145,18 +145,32 @@ def test_follower_block_connection_error(conn, scratch_alias):
 
 def test_leader_write_two_round_trips(conn):
     counter = Counting(conn)
-    conn.begin()
+    conn.begin(immediate_constraints=True)
     result = conn.execute(Statement("INSERT INTO rt_item (name) VALUES (%s) RETURNING id", ("a",)))
     assert len(result.rows) == 1 and result.description[0][0] == "id" and result.rowcount == 1
-    conn.marker_before_journal(5)
+    conn.prepare_commit(5, 50, check_deferred=False)
     assert not idle(conn)                     # in the transaction, marker not yet written
-    conn.commit_after_journal(5)
+    conn.commit_with_marker(5, 50)
     assert len(counter.calls) == 2
     assert idle(conn) and marker(conn) == 5 and names(conn) == ["a"]
+    assert conn.run(f"SELECT tag FROM {MARKER_TABLE} WHERE id = 1").rows[0][0] == 50
+
+
+def test_autocommit_write_checks_deferred_constraints_before_the_journal(conn):
+    """A deferred foreign key of one autocommit write fails with the statement, in the first
+    round trip: COMMIT (after the journal append) can no longer refuse it."""
+    counter = Counting(conn)
+    conn.begin(immediate_constraints=True)
+    with pytest.raises(Exception) as caught:
+        conn.execute(Statement("INSERT INTO rt_child (id, item_id) VALUES (1, 999)"))
+    assert type(caught.value).__name__ == "ForeignKeyViolation"
+    assert len(counter.calls) == 1
+    conn.rollback_quietly()
+    assert idle(conn) and marker(conn) == 0
 
 
 def test_leader_statement_error_rolls_back(conn):
-    conn.apply_block([Statement("INSERT INTO rt_item (name) VALUES ('a')")], 1)
+    conn.apply_block([Statement("INSERT INTO rt_item (name) VALUES ('a')")], 1, 10)
     conn.begin()
     with pytest.raises(Exception) as caught:
         conn.execute(Statement("INSERT INTO rt_item (name) VALUES (%s)", ("a",)))
@@ -165,12 +179,12 @@ def test_leader_statement_error_rolls_back(conn):
     assert idle(conn) and names(conn) == ["a"] and marker(conn) == 1
 
 
-def test_leader_transaction_deferred_error_at_commit(conn):
+def test_leader_transaction_deferred_error_before_the_journal(conn):
     conn.begin()
     conn.execute(Statement("INSERT INTO rt_item (name) VALUES ('a')"))
-    conn.execute(Statement("INSERT INTO rt_child (id, item_id) VALUES (1, 999)"))
+    conn.execute(Statement("INSERT INTO rt_child (id, item_id) VALUES (1, 999)"))   # deferred: accepted here
     with pytest.raises(Exception) as caught:
-        conn.commit_after_journal(4)
+        conn.prepare_commit(4, 40, check_deferred=True)
     assert type(caught.value).__name__ == "ForeignKeyViolation"
     conn.rollback_quietly()
     assert idle(conn) and names(conn) == [] and marker(conn) == 0
@@ -185,7 +199,7 @@ def test_begin_without_statements_sends_nothing(conn):
     assert counter.calls == [] and idle(conn)
     conn.begin()
     conn.execute(Statement("INSERT INTO rt_item (name) VALUES (%s)", [("a",), ("b",)], many=True))
-    conn.commit_after_journal(2)
+    conn.commit_with_marker(2, 20)
     assert names(conn) == ["a", "b"] and marker(conn) == 2
 
 

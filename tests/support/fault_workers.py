@@ -1,0 +1,95 @@
+"""App processes for the fault tests: a bounded random workload that records its history.
+
+Run as ``python -m tests.support.fault_workers <args.json>`` (a subprocess the test
+can kill -9).  ``args.json``: settings_json, lb (LOAD_BALANCER to use), history
+(JSON-lines path), process (name), seed, ops (count), seconds (deadline).
+Django is set up the way tests/support/workers.py does it.
+"""
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+
+
+def do_op(rec, rng: random.Random, live: list, prefix: str) -> str:
+    """One random operation, recorded in ``rec``; ``live`` holds author tokens known to exist."""
+    import django_lb_shm
+    from tests.support.history import Write, new_token
+    from tests.testapp.models import Author, Tag
+
+    roll = rng.random()
+    if roll < 0.35 or not live:
+        token, rating = new_token(prefix), rng.randrange(1000)
+
+        def create():
+            return {token: Author.objects.create(name=token, rating=rating).pk}
+
+        outcome, _ = rec.run("create", [Write("author", "create", token, rating)], create)
+        if outcome == "ok":
+            live.append(token)
+        return outcome
+    elif roll < 0.55:
+        token, rating = rng.choice(live), rng.randrange(1000)
+        return rec.run("update", [Write("author", "update", token, rating)],
+                       lambda: (Author.objects.filter(name=token).update(rating=rating), None)[1])[0]
+    elif roll < 0.62:
+        token = live.pop(rng.randrange(len(live)))
+        return rec.run("delete", [Write("author", "delete", token)],
+                       lambda: (Author.objects.filter(name=token).delete(), None)[1])[0]
+    elif roll < 0.82:
+        author, tag, rating = new_token(prefix), new_token(prefix + "t"), rng.randrange(1000)
+
+        def block():
+            with django_lb_shm.atomic():
+                a = Author.objects.create(name=author, rating=rating)
+                t = Tag.objects.create(label=tag)
+            return {author: a.pk, tag: t.pk}
+
+        outcome, _ = rec.run("atomic", [Write("author", "create", author, rating), Write("tag", "create", tag)], block)
+        if outcome == "ok":
+            live.append(author)
+        return outcome
+    else:
+        tokens = [(new_token(prefix), rng.randrange(1000)) for _ in range(rng.randrange(2, 5))]
+
+        def bulk():
+            objs = Author.objects.bulk_create([Author(name=t, rating=r) for t, r in tokens])
+            return {o.name: o.pk for o in objs}
+
+        outcome, _ = rec.run("bulk_create", [Write("author", "create", t, r) for t, r in tokens], bulk)
+        if outcome == "ok":
+            live.extend(t for t, _ in tokens)
+        return outcome
+
+
+def main(path: str) -> int:
+    args = json.loads(open(path).read())
+    from tests.support.workers import setup_child
+
+    setup_child(args["settings_json"])
+    from django.conf import settings
+
+    settings.LOAD_BALANCER = args["lb"]
+    from tests.support.history import Recorder
+
+    rec = Recorder(args["history"], args["process"])
+    rng = random.Random(args["seed"])
+    live: list = []
+    deadline = time.monotonic() + args["seconds"]
+    failures = 0
+    for _ in range(args["ops"]):
+        if time.monotonic() > deadline:
+            break
+        # pause a little after an error (a restart in progress) so the count is not burnt at once
+        if do_op(rec, rng, live, args["process"]) != "ok":
+            failures += 1
+            time.sleep(min(0.5, 0.05 * failures))
+        time.sleep(args.get("pause", 0.0))
+    rec.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

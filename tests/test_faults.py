@@ -1,0 +1,559 @@
+"""Fault injection against real coordinators and real databases (issue 13): the journal decides.
+
+Each scenario starts its own coordinator (lb_factory), writes through the ORM while
+recording every operation and what the app was told (tests/support/history.py),
+injects one fault -- a COMMIT whose answer is lost (tests/support/fault_proxy.py in
+front of the leader's PostgreSQL server), a refused commit before a restart, a full
+journal disk, a missing journal, kill -9 of the coordinator or of the leader's
+postmaster -- heals, waits until every copy is RUNNING with nothing pending, then
+checks the history against what every copy holds and runs `verify`.
+
+The randomized part runs LB_FAULT_SCHEDULES schedules (default 4) seeded by
+LB_FAULT_SEED (default: random, printed).
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from django.db import IntegrityError, connections
+
+import django_lb_shm
+from django_lb_shm.verify import EXIT_DIFFERENT, EXIT_IDENTICAL, verify
+from tests.support.fault_proxy import FaultProxy
+from tests.support.history import History, Write, new_token
+from tests.support.lb import ALIASES, BACKEND, REPO, clear_tables
+from tests.testapp.models import Author, Book, Review, Tag
+
+# The first database other than 'default' takes the writes (Sequencer.leader_preference).
+LEADER = [a for a in ALIASES if a != "default"][0]
+FOLLOWER = "DB2"
+MARKER_TABLE = "django_lb_shm_applied"
+
+postgres_only = pytest.mark.postgres_only
+
+
+# -- helpers -----------------------------------------------------------------------------------
+def pg_server(alias: str):
+    return pytest.lb_pg_cluster.servers[ALIASES.index(alias)]
+
+
+def close_connections() -> None:
+    for alias in ALIASES:
+        connections[alias].close()
+
+
+def pid_gone(pid: int, timeout: float = 15) -> bool:
+    """The process ended (a zombie counts as ended: nobody may reap it in a container)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return True
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def crash_pg(server) -> int:
+    """kill -9 of the postmaster; waits until it is gone."""
+    pid = server.postmaster_pid()
+    assert pid, f"{server!r} has no postmaster"
+    os.kill(pid, signal.SIGKILL)
+    assert pid_gone(pid), f"postmaster {pid} still alive after SIGKILL"
+    return pid
+
+
+def ensure_pg_up(server, timeout: float = 40) -> None:
+    """Accepting connections (pg_ctl status can be fooled by a killed postmaster's pid file)."""
+    try:
+        server.psql("SELECT 1", timeout=10)
+        return
+    except Exception:
+        pass
+    deadline = time.monotonic() + timeout
+    while True:
+        pid = server.postmaster_pid()
+        if pid and pid_gone(pid, timeout=0.1):
+            try:
+                os.unlink(os.path.join(server.datadir, "postmaster.pid"))   # a stale pid file
+            except OSError:
+                pass
+        try:
+            server.start(timeout=20)
+            server.psql("SELECT 1", timeout=10)
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def settle(handle, aliases=ALIASES, timeout: float = 60) -> dict:
+    """Every copy in ``aliases`` RUNNING and every write applied."""
+    handle.wait_ready(timeout)
+    for alias in aliases:
+        handle.wait_state(alias, "RUNNING", timeout=timeout)
+    return handle.wait_drained(timeout)
+
+
+def markers() -> dict:
+    close_connections()
+    out = {}
+    for alias in ALIASES:
+        with connections[alias].cursor() as cursor:
+            cursor.execute(f"SELECT seq FROM {MARKER_TABLE} WHERE id = 1")
+            out[alias] = int(cursor.fetchone()[0])
+    return out
+
+
+def run_verify() -> tuple[int, str]:
+    close_connections()
+    out = io.StringIO()
+    code = verify(stream=out, progress=False)
+    return code, out.getvalue()
+
+
+def check_everything(handle, history: History, aliases=ALIASES) -> None:
+    """Settle, then: the history holds on every copy, the markers agree, verify says identical."""
+    status = settle(handle, aliases)
+    close_connections()
+    history.check(aliases)
+    last = status["coordinator"]["last_seq"]
+    seen = markers()
+    assert all(seen[a] == last for a in aliases), f"markers {seen} vs the coordinator's last_seq {last}"
+    code, out = run_verify()
+    assert code == EXIT_IDENTICAL, out
+
+
+def wait_restarted(handle, old_pid: int, timeout: float = 60) -> None:
+    """The supervisor started a new coordinator after ``old_pid`` died."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            status = handle.status(timeout=2)
+            if status["coordinator"]["pid"] not in (0, old_pid) and status["coordinator"]["state"] == "READY":
+                return
+        except Exception as exc:   # restarting
+            last = exc
+        time.sleep(0.1)
+    raise AssertionError(f"no new coordinator after kill -9 of {old_pid} within {timeout}s ({last!r}):\n{handle.log()}")
+
+
+def kill9_coordinator(handle) -> int:
+    pid = handle.coordinator_pid()
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+def create_author(rec, token: str, rating: int = 0):
+    return rec.run("create", [Write("author", "create", token, rating)],
+                   lambda: {token: Author.objects.create(name=token, rating=rating).pk})
+
+
+def refused_deferred_commit() -> None:
+    """A block whose deferred foreign key is refused at COMMIT: IntegrityError, nothing applied."""
+    with pytest.raises(IntegrityError):
+        with django_lb_shm.atomic():
+            Book.objects.create(author_id=10**9, title="orphan")
+
+
+class Faults:
+    """What a test broke, undone in teardown whatever happened (servers, files, mounts, processes)."""
+
+    def __init__(self, lb_factory, tmp: Path):
+        self.lb_factory = lb_factory
+        self.tmp = tmp
+        self.handles: list = []
+        self.proxies: list[FaultProxy] = []
+        self.moved: list[str] = []
+        self.mounts: list[str] = []
+        self.procs: list[subprocess.Popen] = []
+        self.history = History(tmp / "history")
+
+    # coordinators
+    def coordinator(self, **kwargs):
+        kwargs.setdefault("CLIENT_TIMEOUT", 10)
+        handle = self.lb_factory("faults", **kwargs)
+        self.handles.append(handle)
+        return handle
+
+    def proxy_for(self, alias: str) -> FaultProxy:
+        proxy = FaultProxy(pg_server(alias).port)
+        self.proxies.append(proxy)
+        return proxy
+
+    # a copy unreachable: PostgreSQL server stopped, SQLite file moved away
+    def copy_down(self, alias: str) -> None:
+        if BACKEND == "postgres":
+            pg_server(alias).stop(mode="immediate")
+            return
+        path = str(connections[alias].settings_dict["NAME"])
+        connections[alias].close()
+        os.rename(path, path + ".away")
+        self.moved.append(path)
+
+    def copy_up(self, alias: str) -> None:
+        if BACKEND == "postgres":
+            ensure_pg_up(pg_server(alias))
+            return
+        path = str(connections[alias].settings_dict["NAME"])
+        self._put_back(path)
+
+    @staticmethod
+    def _put_back(path: str) -> None:
+        if os.path.exists(path + ".away"):
+            if os.path.exists(path):
+                os.unlink(path)
+            os.rename(path + ".away", path)
+
+    def mount_tmpfs(self, size: str) -> Path:
+        if os.geteuid() != 0:
+            pytest.skip("a tmpfs JOURNAL_DIR needs root (mount -t tmpfs)")
+        target = Path(tempfile.mkdtemp(prefix="lb_fault_tmpfs_"))
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(target)],
+                              capture_output=True, text=True, timeout=30)
+        if proc.returncode != 0:
+            target.rmdir()
+            pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip() or proc.returncode}")
+        self.mounts.append(str(target))
+        return target
+
+    def remount(self, target: Path, size: str) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={size}", str(target)], check=True, timeout=30,
+                       capture_output=True)
+
+    def teardown(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+        for handle in self.handles:
+            handle.stop()
+        for proxy in self.proxies:
+            proxy.close()
+        for path in self.moved:
+            self._put_back(path)
+        if BACKEND == "postgres":
+            for alias in ALIASES:
+                ensure_pg_up(pg_server(alias))
+        close_connections()
+        for target in self.mounts:
+            subprocess.run(["umount", target], capture_output=True, timeout=30)
+            if subprocess.run(["mountpoint", "-q", target], timeout=10).returncode == 0:
+                subprocess.run(["umount", "-l", target], capture_output=True, timeout=30)
+            try:
+                os.rmdir(target)
+            except OSError:
+                pass
+        repair_copies()
+
+
+def repair_copies() -> None:
+    """What an operator does to a diverged copy: the same (empty) rows and the same marker everywhere."""
+    close_connections()
+    clear_tables()
+    rows = {}
+    for alias in ALIASES:
+        with connections[alias].cursor() as cursor:
+            cursor.execute(f"SELECT * FROM {MARKER_TABLE} WHERE id = 1")
+            columns = [c[0] for c in cursor.description]
+            rows[alias] = cursor.fetchone()
+    best = max(rows.values(), key=lambda r: r[columns.index("seq")])
+    for alias, row in rows.items():
+        if row != best:
+            sets = ", ".join(f"{c} = %s" for c in columns if c != "id")
+            with connections[alias].cursor() as cursor:
+                cursor.execute(f"UPDATE {MARKER_TABLE} SET {sets} WHERE id = 1",
+                               [v for c, v in zip(columns, best) if c != "id"])
+    close_connections()
+
+
+@pytest.fixture
+def faults(lb_factory, tmp_path):
+    env = Faults(lb_factory, tmp_path)
+    try:
+        yield env
+    finally:
+        env.teardown()
+
+
+# -- a. the leader's COMMIT answer is lost -------------------------------------------------------
+@postgres_only
+def test_lost_commit_answer_on_autocommit_create_is_success_everywhere(faults):
+    proxy = faults.proxy_for(LEADER)
+    handle = faults.coordinator(databases={LEADER: {"PORT": proxy.port}})
+    rec = faults.history.recorder("main")
+    assert create_author(rec, "a-before")[0] == "ok"
+    settle(handle)
+
+    proxy.cut_after_commit(1)
+    outcome, told = create_author(rec, "a-cut", 1)
+    assert proxy.cuts == 1, f"no COMMIT was cut (armed {proxy.armed}): the leader is not {LEADER}?"
+    assert outcome == "ok", f"the app was told {told!r} for a write whose record is durable"
+    assert isinstance(told["a-cut"], int)
+
+    # the next write gets a new sequence number and works
+    assert create_author(rec, "a-after", 2)[0] == "ok"
+    check_everything(handle, faults.history)
+
+
+# -- b. the same inside atomic() -----------------------------------------------------------------
+@postgres_only
+def test_lost_commit_answer_of_an_atomic_block_is_success_everywhere(faults):
+    proxy = faults.proxy_for(LEADER)
+    handle = faults.coordinator(databases={LEADER: {"PORT": proxy.port}})
+    rec = faults.history.recorder("main")
+    assert create_author(rec, "b-before")[0] == "ok"
+    settle(handle)
+
+    proxy.cut_after_commit(1)
+
+    def block():
+        with django_lb_shm.atomic():
+            author = Author.objects.create(name="b-author", rating=5)
+            tag = Tag.objects.create(label="b-tag")
+        return {"b-author": author.pk, "b-tag": tag.pk}
+
+    outcome, told = rec.run("atomic", [Write("author", "create", "b-author", 5), Write("tag", "create", "b-tag")],
+                            block)
+    assert proxy.cuts == 1, f"no COMMIT was cut (armed {proxy.armed})"
+    assert outcome == "ok", f"the app was told {type(told).__name__}: {told}"
+    assert create_author(rec, "b-after", 3)[0] == "ok"
+    check_everything(handle, faults.history)
+
+
+# -- c. issue case 2: a refused duplicate, then a lost COMMIT answer -----------------------------
+@postgres_only
+def test_lost_commit_after_a_refused_duplicate_keeps_the_told_key(faults):
+    proxy = faults.proxy_for(LEADER)
+    handle = faults.coordinator(databases={LEADER: {"PORT": proxy.port}})
+    rec = faults.history.recorder("main")
+    assert create_author(rec, "c-one")[0] == "ok"
+    outcome, exc = create_author(rec, "c-one")
+    assert outcome == "fail" and isinstance(exc, IntegrityError), exc
+    settle(handle)
+
+    proxy.cut_after_commit(1)
+    outcome, told = create_author(rec, "c-cut", 7)
+    assert proxy.cuts == 1
+    assert outcome == "ok", f"the app was told {told!r}"
+    pk = told["c-cut"]
+    assert create_author(rec, "c-after", 8)[0] == "ok"
+    check_everything(handle, faults.history)
+    close_connections()
+    for alias in ALIASES:
+        with connections[alias].cursor() as cursor:
+            cursor.execute("SELECT id FROM testapp_author WHERE name = %s", ["c-cut"])
+            assert cursor.fetchall() == [(pk,)], f"{alias}: the app was told pk {pk}"
+
+
+# -- d. issue case 5: a refused commit is the journal's last record, then restarts ---------------
+def test_refused_commit_as_last_record_does_not_block_writes_after_restarts(faults):
+    handle = faults.coordinator(CLIENT_TIMEOUT=8)
+    rec = faults.history.recorder("main")
+    assert create_author(rec, "d-before")[0] == "ok"
+
+    refused_deferred_commit()
+    handle.stop()                                  # SIGTERM, then start again
+    handle.start()
+    started = time.monotonic()
+    outcome, told = create_author(rec, "d-after-stop")
+    assert outcome == "ok", f"after a SIGTERM restart, {told!r} ({time.monotonic() - started:.1f}s)"
+
+    refused_deferred_commit()
+    old = kill9_coordinator(handle)                # kill -9: the supervisor starts a new one
+    wait_restarted(handle, old)
+    outcome, told = create_author(rec, "d-after-kill")
+    assert outcome == "ok", f"after kill -9 of the coordinator, {told!r}"
+
+    check_everything(handle, faults.history)
+    for alias in ALIASES:
+        with connections[alias].cursor() as cursor:
+            cursor.execute("SELECT COUNT(*) FROM testapp_book")
+            assert cursor.fetchone()[0] == 0, f"a refused block left a book on {alias}"
+
+
+# -- e. issue case 3: the journal disk fills up, then a restart with a copy away -----------------
+def test_full_journal_disk_fails_cleanly_and_a_restart_keeps_later_records(faults):
+    mount = faults.mount_tmpfs("1m")
+    journal_dir = mount / "journal"
+    handle = faults.coordinator(JOURNAL_DIR=str(journal_dir))
+    rec = faults.history.recorder("main")
+    assert create_author(rec, "e-owner")[0] == "ok"
+    book = Book.objects.create(title="big", author=Author.objects.get(name="e-owner"))
+    big = "x" * 30_000
+
+    acked, failure = 0, None
+    for i in range(80):
+        try:
+            Review.objects.create(book=book, stars=i, text=big)
+            acked += 1
+        except Exception as exc:
+            failure = exc
+            break
+    assert failure is not None, "80 writes of 30 KB fitted in a 1 MiB JOURNAL_DIR"
+    message = f"{type(failure).__name__}: {failure}"
+    # the coordinator keeps serving reads; the failed write is applied nowhere
+    assert Review.objects.count() == acked
+    handle.wait_drained()
+    close_connections()
+    for alias in ALIASES:
+        with connections[alias].cursor() as cursor:
+            cursor.execute("SELECT COUNT(*) FROM testapp_review WHERE stars >= %s", [acked])
+            assert cursor.fetchone()[0] == 0, f"the write refused for a full journal is on {alias}"
+    assert "JOURNAL_DIR" in str(failure) or str(journal_dir) in str(failure), \
+        f"the error does not name JOURNAL_DIR: {message}"
+
+    faults.remount(mount, "8m")
+    Review.objects.filter(book=book).delete()
+    assert Review.objects.count() == 0
+    assert create_author(rec, "e-small")[0] == "ok"
+
+    faults.copy_down(FOLLOWER)
+    for i in range(10):
+        outcome, told = create_author(rec, f"e-away-{i}", i)
+        assert outcome == "ok", told
+    handle.wait_state(FOLLOWER, "DOWN", timeout=15)
+    handle.stop()
+    handle.start()
+    faults.copy_up(FOLLOWER)
+    handle.wait_state(FOLLOWER, "RUNNING", timeout=30)
+    # no read may see the copy with a gap (round robin: every copy is read)
+    counts = [Author.objects.filter(name__startswith="e-").count() for _ in range(9)]
+    assert set(counts) == {12}, f"reads after the restart saw {counts}"
+    check_everything(handle, faults.history)
+
+
+# -- f. issue case 4: the journal is missing at a restart while a copy has pending writes -------
+def test_missing_journal_makes_the_behind_copy_diverged_never_running(faults):
+    journal_dir = faults.tmp / "journal-f"
+    handle = faults.coordinator(JOURNAL_DIR=str(journal_dir))
+    rec = faults.history.recorder("main")
+    for i in range(3):
+        assert create_author(rec, f"f-before-{i}")[0] == "ok"
+    settle(handle)
+
+    faults.copy_down(FOLLOWER)
+    for i in range(5):
+        assert create_author(rec, f"f-missed-{i}", i)[0] == "ok"
+    handle.wait_state(FOLLOWER, "DOWN", timeout=15)
+    handle.stop()
+    journal_dir.rename(journal_dir.with_name("journal-f.moved"))
+    handle.start()
+    faults.copy_up(FOLLOWER)
+
+    deadline, seen = time.monotonic() + 30, []
+    while time.monotonic() < deadline:
+        state = next(d for d in handle.status()["databases"] if d["name"] == FOLLOWER)["state"]
+        seen.append(state)
+        if state in ("RUNNING", "DIVERGED"):
+            break
+        time.sleep(0.1)
+    counts = [Author.objects.filter(name__startswith="f-").count() for _ in range(9)]
+    # it must stay out of RUNNING: watch it a little longer
+    for _ in range(20):
+        seen.append(next(d for d in handle.status()["databases"] if d["name"] == FOLLOWER)["state"])
+        time.sleep(0.1)
+    assert "RUNNING" not in seen and seen[-1] == "DIVERGED", f"{FOLLOWER} went through {sorted(set(seen))}"
+    assert set(counts) == {8}, f"reads saw {counts}: a copy with a gap served reads"
+    log = handle.log()
+    assert "DIVERGED" in log and FOLLOWER in log, log
+
+    # the other copies keep working
+    others = [a for a in ALIASES if a != FOLLOWER]
+    assert create_author(rec, "f-after", 9)[0] == "ok"
+    settle(handle, others)
+    faults.history.check(others)
+    code, out = run_verify()
+    assert code == EXIT_DIFFERENT and FOLLOWER in out, out
+
+
+# -- g. randomized schedules ----------------------------------------------------------------------
+FAULT_KINDS_PG = ("kill9_coordinator", "kill9_leader_postmaster", "cut_leader_commit", "kill9_worker")
+FAULT_KINDS_SQLITE = ("kill9_coordinator", "kill9_worker")
+
+
+def start_worker(faults, handle, name: str, seed: int, ops: int, seconds: float) -> subprocess.Popen:
+    args = {"settings_json": os.environ["LB_TEST_CONFIG"], "lb": handle.lb,
+            "history": faults.history.path_for(name), "process": name, "seed": seed, "ops": ops,
+            "seconds": seconds, "pause": 0.02}
+    args_path = faults.tmp / f"{name}.args.json"
+    args_path.write_text(json.dumps(args))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    log = open(faults.tmp / f"{name}.log", "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "tests.support.fault_workers", str(args_path)], cwd=str(REPO),
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()
+    faults.procs.append(proc)
+    return proc
+
+
+def test_randomized_fault_schedules(faults):
+    schedules = int(os.environ.get("LB_FAULT_SCHEDULES", "4"))
+    seed = int(os.environ.get("LB_FAULT_SEED", str(random.randrange(10**6))))
+    print(f"\nfault schedules: {schedules}, seed {seed} (LB_FAULT_SEED={seed} to replay)")
+    rng = random.Random(seed)
+    proxy = faults.proxy_for(LEADER) if BACKEND == "postgres" else None
+    databases = {LEADER: {"PORT": proxy.port}} if proxy else None
+    handle = faults.coordinator(databases=databases)
+    kinds = FAULT_KINDS_PG if BACKEND == "postgres" else FAULT_KINDS_SQLITE
+    ran, log = 0, []
+    for n in range(schedules):
+        workers = [start_worker(faults, handle, f"s{n}w{w}", rng.randrange(10**9), ops=40, seconds=20)
+                   for w in range(rng.choice((2, 3)))]
+        plan = [(rng.uniform(0.3, 2.0), rng.choice(kinds)) for _ in range(rng.randint(1, 3))]
+        log.append(f"schedule {n}: {len(workers)} workers, faults {[(round(t, 2), k) for t, k in plan]}")
+        for delay, kind in plan:
+            time.sleep(delay)
+            if kind == "kill9_coordinator":
+                try:
+                    wait_restarted(handle, kill9_coordinator(handle))
+                except Exception as exc:   # a coordinator still restarting from the previous fault
+                    log.append(f"  {kind}: {exc!r:.200}")
+            elif kind == "kill9_leader_postmaster":
+                server = pg_server(LEADER)
+                crash_pg(server)
+                time.sleep(rng.uniform(0.2, 1.5))
+                ensure_pg_up(server)
+            elif kind == "cut_leader_commit":
+                proxy.cut_after_commit(1)
+            elif kind == "kill9_worker":
+                live = [p for p in workers if p.poll() is None]
+                if live:
+                    rng.choice(live).kill()
+        for proc in workers:
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        if proxy:
+            log.append(f"  cuts so far: {proxy.cuts}")
+            proxy.heal()
+        if BACKEND == "postgres":
+            for alias in ALIASES:
+                ensure_pg_up(pg_server(alias))
+        log.append(f"  history so far: {faults.history.summary()}")
+        try:
+            check_everything(handle, faults.history)
+        finally:
+            print("\n".join(log))
+            log.clear()
+        ran += 1
+    print(f"fault schedules run: {ran} (seed {seed})")
+    assert ran == schedules
+    assert faults.history.summary().get("ok", 0) > 0
