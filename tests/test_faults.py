@@ -483,6 +483,7 @@ def test_missing_journal_makes_the_behind_copy_diverged_never_running(faults):
 
 
 # -- g. randomized schedules ----------------------------------------------------------------------
+LOAD_SECONDS = 6.0
 FAULT_KINDS_PG = ("kill9_coordinator", "kill9_leader_postmaster", "cut_leader_commit", "kill9_worker")
 FAULT_KINDS_SQLITE = ("kill9_coordinator", "kill9_worker")
 
@@ -513,12 +514,13 @@ def test_randomized_fault_schedules(faults):
     kinds = FAULT_KINDS_PG if BACKEND == "postgres" else FAULT_KINDS_SQLITE
     ran, log = 0, []
     for n in range(schedules):
-        workers = [start_worker(faults, handle, f"s{n}w{w}", rng.randrange(10**9), ops=40, seconds=20)
+        workers = [start_worker(faults, handle, f"s{n}w{w}", rng.randrange(10**9), ops=2000, seconds=LOAD_SECONDS)
                    for w in range(rng.choice((2, 3)))]
-        plan = [(rng.uniform(0.3, 2.0), rng.choice(kinds)) for _ in range(rng.randint(1, 3))]
+        plan = sorted((rng.uniform(0.5, LOAD_SECONDS - 1.0), rng.choice(kinds)) for _ in range(rng.randint(1, 3)))
         log.append(f"schedule {n}: {len(workers)} workers, faults {[(round(t, 2), k) for t, k in plan]}")
-        for delay, kind in plan:
-            time.sleep(delay)
+        started = time.monotonic()
+        for at, kind in plan:
+            time.sleep(max(0.0, started + at - time.monotonic()))
             if kind == "kill9_coordinator":
                 try:
                     wait_restarted(handle, kill9_coordinator(handle))
@@ -535,6 +537,7 @@ def test_randomized_fault_schedules(faults):
                 live = [p for p in workers if p.poll() is None]
                 if live:
                     rng.choice(live).kill()
+            log.append(f"  {kind} at {time.monotonic() - started:.2f}s")
         for proc in workers:
             try:
                 proc.wait(60)
