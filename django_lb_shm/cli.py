@@ -187,6 +187,12 @@ def format_status(data: dict) -> str:
         f"supervisor pid {s.get('pid', '?')}  rss {s.get('rss_mb', '?')} MB   "
         f"read algorithm {c.get('read_algorithm')}  write ack {c.get('write_ack')}  "
         f"last write #{c.get('last_seq')}  journal {c.get('journal_entries')} entries / {c.get('journal_bytes')} B",
+    ]
+    groups = c.get("write_groups")
+    if groups and groups.get("groups"):
+        lines.append(f"write groups {groups['groups']}  writes in them {groups['writes']}  "
+                     f"mean size {groups['writes'] / groups['groups']:.1f}  waiting {groups['waiting']}")
+    lines += [
         "",
     ]
     header = ("database", "state", "reads", "writes", "pending", "latency ms", "in flight", "read conns",

@@ -112,6 +112,9 @@ class Coordinator:
         snapshot["coordinator"]["address"] = str(self.config.address)
         snapshot["coordinator"]["read_algorithm"] = self.config.read_algorithm.name
         snapshot["coordinator"]["write_ack"] = self.config.write_ack
+        writes = self.sequencer.writes
+        snapshot["coordinator"]["write_groups"] = {"groups": writes.groups, "writes": writes.grouped_writes,
+                                                   "waiting": writes.waiting}
         supervisor_pid = snapshot["supervisor"]["pid"]
         if supervisor_pid:
             snapshot["supervisor"].update(process_vitals(supervisor_pid))

@@ -129,18 +129,82 @@ class DbConnection:
                 cursor.execute(statement.sql)
             else:
                 cursor.execute(statement.sql, statement.params)
-            description = cursor.description
-            rows = cursor.fetchall() if description else []
-            return Result(
-                rows=rows,
-                description=tuple((c[0], c[1], None, None, None, None, None) for c in description)
-                if description else None,
-                rowcount=cursor.rowcount,
-                lastrowid=getattr(cursor, "lastrowid", None),
-                database=self.alias,
-            )
+            return self._result_of(cursor)
         finally:
             cursor.close()
+
+    def _result_of(self, cursor: Any) -> Result:
+        description = cursor.description
+        rows = cursor.fetchall() if description else []
+        return Result(
+            rows=rows,
+            description=tuple((c[0], c[1], None, None, None, None, None) for c in description)
+            if description else None,
+            rowcount=cursor.rowcount,
+            lastrowid=getattr(cursor, "lastrowid", None),
+            database=self.alias,
+        )
+
+    def execute_group(self, statements: list) -> list:
+        """Run a group of autocommit writes inside the open transaction: for each, its Result or
+        the (non connection-level) error that refused it alone.  A connection-level error is
+        raised.  PostgreSQL: the whole group in one round trip; when one statement fails there,
+        the group is run again one statement at a time, each in its own savepoint."""
+        if len(statements) == 1:
+            try:
+                return [self.execute(statements[0])]
+            except Exception as exc:
+                if is_connection_error(exc):
+                    raise
+                return [exc]
+        if self.batched and self._begin_pending and not any(s.many for s in statements):
+            try:
+                return self._execute_at_once(statements)
+            except Exception as exc:
+                if is_connection_error(exc):
+                    raise
+                prefix = self._begin_pending or _BEGIN_IMMEDIATE
+                self.rollback_quietly()
+                self.begin(immediate_constraints=prefix == _BEGIN_IMMEDIATE)
+        return [self._execute_alone(statement) for statement in statements]
+
+    def _execute_at_once(self, statements: list) -> list:
+        prefix, self._begin_pending = self._begin_pending, False
+        cursor = self.wrapper.create_cursor()
+        try:
+            parts = [s.sql if s.params is None else cursor.mogrify(s.sql, s.params) for s in statements]
+            cursor.execute(prefix + _SEP.join(parts))
+            for _ in range(prefix.count(_SEP)):
+                cursor.nextset()
+            results = []
+            for _ in statements:
+                results.append(self._result_of(cursor))
+                cursor.nextset()
+            return results
+        except BaseException:
+            if self._server_idle():   # refused before it was sent: BEGIN still to come
+                self._begin_pending = prefix
+            raise
+        finally:
+            cursor.close()
+
+    def _execute_alone(self, statement: Statement) -> Any:
+        """One write of a group; its error undoes it alone (SQLite: a failed statement changes
+        nothing; PostgreSQL: a savepoint, since an error aborts the whole transaction)."""
+        savepoint = self.wrapper.vendor != "sqlite"
+        if savepoint:
+            self.run("SAVEPOINT lb_group_write")
+        try:
+            result = self.execute(statement)
+        except Exception as exc:
+            if is_connection_error(exc):
+                raise
+            if savepoint:
+                self.run("ROLLBACK TO SAVEPOINT lb_group_write")
+            return exc
+        if savepoint:
+            self.run("RELEASE SAVEPOINT lb_group_write")
+        return result
 
     def _execute_with_begin(self, cursor: Any, statement: Statement) -> None:
         """The deferred BEGIN shares the statement's round trip ("BEGIN;<sql>" is one
@@ -395,10 +459,10 @@ class DbThread(threading.Thread):
             log("database %r is %s%s", self.alias, state.name, f": {reason}" if reason else "")
         self.shared.set_state(self.index, state)
 
-    def mark_applied(self, seq: int) -> None:
+    def mark_applied(self, seq: int, writes: int = 1) -> None:
         self.applied_seq = seq
         self.shared.set(self.index, Slot.APPLIED_SEQ, seq)
-        self.shared.add(self.index, Slot.WRITES, 1)
+        self.shared.add(self.index, Slot.WRITES, writes)
 
     def mark_unresponsive(self, reason: str) -> None:
         """A read waited too long here: no more reads until it answers a probe again."""

@@ -174,13 +174,13 @@ class Journal:
             self.entry_count += len(entries)
             self.last_seq = max(self.last_seq, entries[-1].seq)
 
-    def void(self, entry: JournalEntry) -> None:
-        """Decide a recorded write as nothing (the first copy refused it at COMMIT)."""
+    def void(self, entries: Sequence[JournalEntry]) -> None:
+        """Decide recorded writes as nothing (the first copy refused them at COMMIT)."""
         with self._lock:
             try:
                 with self._transaction():
-                    self.db.execute("UPDATE entries SET void = 1, statements = NULL, result = NULL "
-                                    "WHERE seq = ?", (entry.seq,))
+                    self.db.executemany("UPDATE entries SET void = 1, statements = NULL, result = NULL "
+                                        "WHERE seq = ?", [(entry.seq,) for entry in entries])
             except sqlite3.Error as exc:
                 raise JournalError(self._cannot_write(exc)) from exc
 
@@ -248,7 +248,7 @@ class Journal:
         with self._lock:
             row = self.db.execute(
                 "SELECT seq, tag, request_id, database, void, statements, result FROM entries "
-                "WHERE request_id = ? AND request_id != ''", (request_id,)).fetchone()
+                "WHERE request_id = ? AND request_id != '' ORDER BY void, seq DESC LIMIT 1", (request_id,)).fetchone()
         return _entry(row) if row is not None else None
 
     @property

@@ -45,6 +45,7 @@ from .descriptors import InsertKeys, Result, Statement
 from .errors import (JournalError, NoDatabaseAvailable, NotSupportedError, TransactionError, WriteNotApplied,
                      WriteOutcomeUnknown)
 from .health import is_connection_error
+from .group_commit import PendingWrite, WriteQueue, pending_write
 from .journal import Journal, JournalEntry, JournalUncertain
 from .shared_state import DbState, Header, SharedState
 
@@ -68,6 +69,7 @@ class Sequencer:
         self.lock = threading.Lock()
         self.applied = threading.Condition()
         self.last_seq = 0
+        self.writes = WriteQueue(self.lock, self._run_group)
 
     # -- boot ---------------------------------------------------------------------
     def start_at(self, last_seq: int) -> None:
@@ -130,121 +132,167 @@ class Sequencer:
                     raise NoDatabaseAvailable(f"no database can take writes ({states}); nothing was applied")
                 self.applied.wait(min(remaining, 0.1))
 
-    # -- one autocommit write -------------------------------------------------------------
+    # -- autocommit writes, decided in groups -------------------------------------------------
     def write(self, statement: Statement, request_id: str) -> Result:
-        with self._ordered("write"):
-            done = self.journal.find_request(request_id) if request_id else None
-            if done is not None:
-                if done.void:
-                    raise WriteNotApplied(f"write #{done.seq} (request {request_id}) was refused at COMMIT; "
-                                          "it was applied nowhere")
-                return done.result
-            entry = self._commit_on_leader([statement], request_id, single=True)
-        self._wait_for_acks(entry.seq)
-        return entry.result
+        pending = pending_write(statement, request_id, self.config.client_timeout)
+        result = self.writes.submit(pending)
+        self._wait_for_acks(pending.seq)
+        return result
 
-    def _commit_on_leader(self, statements: list, request_id: str, single: bool) -> JournalEntry:
+    def _run_group(self, group: list) -> None:
+        """Holding the order: decide every write of ``group``; each caller's outcome is set."""
+        fresh = [pending for pending in group if not self._answered_from_journal(pending)]
+        if fresh:
+            self._decide_group(fresh)
+
+    def _answered_from_journal(self, pending: PendingWrite) -> bool:
+        """A write sent again after a lost answer: the journal has its outcome."""
+        done = self.journal.find_request(pending.request_id) if pending.request_id else None
+        if done is None:
+            return False
+        if done.void:
+            pending.fail(WriteNotApplied(f"write #{done.seq} (request {pending.request_id}) was refused at "
+                                         "COMMIT; it was applied nowhere"))
+        else:
+            pending.succeed(done.result, done.seq)
+        return True
+
+    def _decide_group(self, group: list) -> None:
         tried: list[DbThread] = []
         while True:
             leader = self.leader(exclude=tried)
             try:
-                return self._lead(leader, statements, request_id, single)
+                redo = self._lead_group(leader, group)
+                break
             except LeaderLost as lost:
                 tried.append(leader)
                 leader.go_down(lost.cause)
+        for pending in redo:   # refused as a whole: one at a time shows whose write it was
+            self._decide_group([pending])
 
-    def _lead(self, leader: DbThread, statements: list, request_id: str, single: bool) -> JournalEntry:
+    def _lead_group(self, leader: DbThread, group: list) -> list:
+        """Run ``group`` on ``leader`` in one transaction and decide it; the writes to run
+        again one by one when the group could not be decided as a whole."""
         conn = leader.writer
-        entry = JournalEntry(self.last_seq + 1, request_id, [], None, leader.alias)
+        accepted: list[tuple[PendingWrite, JournalEntry]] = []
         try:
             if not conn.is_open:
                 conn.open()
-            conn.begin(immediate_constraints=True)   # PostgreSQL: sent with the statement, one round trip
-            result = Result()
-            for statement in statements:
-                result = self._execute(conn, statement, entry.statements)
-            result.database = leader.alias
-            entry.result = result if single else None
-            conn.prepare_commit(entry.seq, entry.tag, check_deferred=False)
+            conn.begin(immediate_constraints=True)   # PostgreSQL: sent with the statements, one round trip
+            outcomes = conn.execute_group([pending.statement for pending in group])
+            seq = self.last_seq
+            for pending, outcome in zip(group, outcomes):
+                if isinstance(outcome, BaseException):
+                    continue
+                seq += 1
+                outcome.database = leader.alias
+                entry = JournalEntry(seq, pending.request_id, [], outcome, leader.alias)
+                entry.statements = follower_form(pending.statement, outcome)
+                accepted.append((pending, entry))
+            if accepted:
+                conn.prepare_commit(seq, accepted[-1][1].tag, check_deferred=False)
+            else:
+                conn.rollback_quietly()
         except Exception as exc:
             conn.rollback_quietly()
             if is_connection_error(exc):
                 raise LeaderLost(exc) from exc
+            if len(group) > 1:
+                return list(group)
             raise
-        self._decide(leader, entry)
-        return entry
+        for pending, outcome in zip(group, outcomes):
+            if isinstance(outcome, BaseException):
+                pending.fail(outcome)
+        if not accepted:
+            return []
+        try:
+            refused = self._decide(leader, [entry for _pending, entry in accepted])
+        except (JournalError, WriteOutcomeUnknown) as exc:
+            for pending, _entry in accepted:
+                pending.fail(exc)
+            return []
+        if refused is not None:
+            if len(accepted) > 1:
+                return [pending for pending, _entry in accepted]
+            accepted[0][0].fail(refused)
+            return []
+        for pending, entry in accepted:
+            pending.succeed(entry.result, entry.seq)
+        return []
 
-    def _decide(self, leader: DbThread, entry: JournalEntry) -> None:
-        """Journal ``entry`` (run on ``leader``, not committed yet), commit it there, publish it.
+    def _decide(self, leader: DbThread, entries: list) -> Optional[BaseException]:
+        """Journal ``entries`` (run on ``leader``, not committed yet), commit them there, publish them.
 
-        Raises what the caller must be told when the write was not decided, or was decided
-        void; returns (the write decided and on its way to every copy) otherwise.
+        None when they are decided and on their way to every copy; the leader's refusal of
+        COMMIT when they were decided void.  JournalError when the journal could not record
+        them (applied nowhere); WriteOutcomeUnknown when it cannot say.
         """
         conn = leader.writer
         try:
-            self.journal.append(entry)
+            self.journal.append_many(entries)
         except JournalError:
             conn.rollback_quietly()
             raise
         except JournalUncertain as exc:
             # Decided or not, the journal will say when it is opened again: restart from it.
             conn.rollback_quietly()
-            logger.critical("write #%d: %s; the coordinator restarts to read the journal again", entry.seq, exc)
+            logger.critical("writes #%d-#%d: %s; the coordinator restarts to read the journal again",
+                            entries[0].seq, entries[-1].seq, exc)
             self.fail_stop()
             raise WriteOutcomeUnknown(f"{exc}; the coordinator restarts, and then applies the write on every "
                                       "copy or on none") from None
+        last = entries[-1]
         try:
-            conn.commit_with_marker(entry.seq, entry.tag)   # PostgreSQL: marker + COMMIT, one round trip
+            conn.commit_with_marker(last.seq, last.tag)   # PostgreSQL: marker + COMMIT, one round trip
         except Exception as exc:
             conn.rollback_quietly()
-            if is_connection_error(exc):
-                # COMMIT may or may not have happened there: the marker will tell when it is back.
-                logger.warning("write #%d: the connection to %r failed at COMMIT (%s); the write is decided "
-                               "and reaches every copy, %r included when it is back", entry.seq, leader.alias,
-                               exc, leader.alias)
-                leader.go_down(exc)
-                self._publish(entry, applied_on=None)
-                return
-            self._void(entry)
-            raise
-        self._publish(entry, applied_on=leader)
+            if not is_connection_error(exc):
+                self._void(entries)
+                return exc
+            # COMMIT may or may not have happened there: its marker will tell when it is back.
+            logger.warning("writes #%d-#%d: the connection to %r failed at COMMIT (%s); they are decided "
+                           "and reach every copy, %r included when it is back", entries[0].seq, last.seq,
+                           leader.alias, exc, leader.alias)
+            leader.go_down(exc)
+            self._publish(entries, applied_on=None)
+            return None
+        self._publish(entries, applied_on=leader)
+        return None
 
-    def _void(self, entry: JournalEntry) -> None:
-        """The leader refused COMMIT: the record is decided as nothing, on every copy."""
-        void = entry.voided()
+    def _void(self, entries: list) -> None:
+        """The leader refused COMMIT: the records are decided as nothing, on every copy."""
+        voids = [entry.voided() for entry in entries]
         try:
-            self.journal.void(void)
+            self.journal.void(voids)
         except JournalError:
-            # Cannot happen silently: replayed, the write would reach the copies after all.
-            logger.critical("write #%d was refused at COMMIT and the journal could not record that; "
-                            "the coordinator stops so that it is not replayed", entry.seq)
+            # Cannot be left so: replayed, the writes would reach the copies after all.
+            logger.critical("writes #%d-#%d were refused at COMMIT and the journal could not record that; "
+                            "the coordinator stops so that they are not replayed", entries[0].seq, entries[-1].seq)
             self.fail_stop()
             raise
-        self._publish(void, applied_on=None)
+        self._publish(voids, applied_on=None)
 
     def fail_stop(self) -> None:
-        """Set by the coordinator process: stop and let the supervisor restart it."""
+        """Replaced by the coordinator process: stop, and let the supervisor start it again."""
 
-    def _publish(self, entry: JournalEntry, applied_on: Optional[DbThread]) -> None:
-        self.last_seq = entry.seq
-        self.shared.set_header(Header.LAST_SEQ, entry.seq)
+    def _publish(self, entries: list, applied_on: Optional[DbThread]) -> None:
+        last = entries[-1].seq
+        self.last_seq = last
+        self.shared.set_header(Header.LAST_SEQ, last)
         self.shared.set_header(Header.JOURNAL_ENTRIES, self.journal.entry_count)
         if applied_on is not None:
-            applied_on.mark_applied(entry.seq)
+            applied_on.mark_applied(last, writes=len(entries))
         for thread in self.threads:
             if thread is not applied_on:
-                thread.submit_write(entry)
+                for entry in entries:
+                    thread.submit_write(entry)
         self.notify_applied()
 
     @staticmethod
     def _execute(conn: DbConnection, statement: Statement, follower: list) -> Result:
         """Run on the leader; append what the followers must run to ``follower``."""
         result = conn.execute(statement)
-        keys = statement.insert_keys
-        if keys is None:
-            follower.append(Statement(statement.sql, statement.params, statement.many))
-        else:
-            follower.extend(explicit_key_statements(keys, result))
+        follower.extend(follower_form(statement, result))
         return result
 
     # -- acknowledgement policy ------------------------------------------------------------
@@ -325,7 +373,9 @@ class Sequencer:
                     raise   # the caller's IntegrityError
                 txn.leader.go_down(exc)
                 raise TransactionError(f"the transaction was not committed ({exc}); none of its writes were applied") from None
-            self._decide(txn.leader, entry)
+            refused = self._decide(txn.leader, [entry])
+            if refused is not None:
+                raise refused   # e.g. SQLite's deferred foreign key: the caller's IntegrityError
         finally:
             self._release(txn)
         self._wait_for_acks(entry.seq)
@@ -345,6 +395,13 @@ class LeaderLost(Exception):
     def __init__(self, cause: BaseException):
         super().__init__(str(cause))
         self.cause = cause
+
+
+def follower_form(statement: Statement, result: Result) -> list[Statement]:
+    """What every other copy runs for ``statement``, given the leader's ``result``."""
+    if statement.insert_keys is None:
+        return [Statement(statement.sql, statement.params, statement.many)]
+    return explicit_key_statements(statement.insert_keys, result)
 
 
 def explicit_key_statements(keys: InsertKeys, result: Result) -> list[Statement]:

@@ -187,6 +187,8 @@ class Faults:
     # coordinators
     def coordinator(self, **kwargs):
         kwargs.setdefault("CLIENT_TIMEOUT", 10)
+        # A journal of the test's own: a test that breaks one (the pre-fix code did) breaks no other test.
+        kwargs.setdefault("JOURNAL_DIR", str(self.tmp / "journal"))
         handle = self.lb_factory("faults", **kwargs)
         self.handles.append(handle)
         return handle
@@ -560,3 +562,83 @@ def test_randomized_fault_schedules(faults):
     print(f"fault schedules run: {ran} (seed {seed})")
     assert ran == schedules
     assert faults.history.summary().get("ok", 0) > 0
+
+
+# -- the harness itself ---------------------------------------------------------------------------
+@postgres_only
+def test_fault_proxy_cuts_after_commit_black_holes_and_refuses():
+    import threading
+
+    import psycopg
+
+    server = pg_server("DB2")
+    direct = psycopg.connect(server.conninfo("postgres"), autocommit=True)
+    direct.execute("DROP TABLE IF EXISTS fault_proxy_probe")
+    direct.execute("CREATE TABLE fault_proxy_probe (x int)")
+    proxy = FaultProxy(server.port)
+    try:
+        via = f"host=127.0.0.1 port={proxy.port} user=postgres dbname=postgres connect_timeout=5"
+        conn = psycopg.connect(via)   # sslmode=prefer: the proxy answers the SSLRequest 'N'
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+        conn.commit()
+
+        proxy.cut_after_commit(1)
+        conn.execute("INSERT INTO fault_proxy_probe VALUES (1)")
+        with pytest.raises(psycopg.OperationalError):
+            conn.commit()             # the COMMIT reached the server; its answer did not come back
+        assert proxy.cuts == 1 and proxy.armed == 0
+        assert direct.execute("SELECT count(*) FROM fault_proxy_probe").fetchone() == (1,)
+        conn.close()
+
+        conn = psycopg.connect(via, autocommit=True)
+        proxy.black_hole()
+        answer: list = []
+        worker = threading.Thread(target=lambda: answer.append(conn.execute("SELECT 2").fetchone()), daemon=True)
+        worker.start()
+        worker.join(1.0)
+        assert answer == [], "an answer crossed the black hole"
+        proxy.heal()
+        worker.join(10)
+        assert answer == [(2,)]
+
+        proxy.refuse()
+        with pytest.raises(psycopg.OperationalError):
+            conn.execute("SELECT 3")  # its connection was closed
+        with pytest.raises(psycopg.OperationalError):
+            psycopg.connect(via)
+        proxy.heal()
+        with psycopg.connect(via) as again:
+            assert again.execute("SELECT 4").fetchone() == (4,)
+    finally:
+        proxy.close()
+        direct.execute("DROP TABLE IF EXISTS fault_proxy_probe")
+        direct.close()
+
+
+def test_history_check_reports_lost_forbidden_and_stray_writes(coordinator, tmp_path):
+    history = History(tmp_path / "h")
+    rec = history.recorder("main")
+    assert create_author(rec, "h-kept", 1)[0] == "ok"
+    assert create_author(rec, "h-lost", 2)[0] == "ok"
+    outcome, exc = create_author(rec, "h-kept", 3)          # a duplicate: IntegrityError, applied nowhere
+    assert outcome == "fail" and isinstance(exc, IntegrityError)
+    op_id = rec.invoke("create", [Write("author", "create", "h-unknown", 4)])   # as if killed here
+    assert op_id and create_author(rec, "h-forbidden", 5)[0] == "ok"
+    coordinator.wait_drained()
+    history.check(ALIASES)                                   # all is well so far
+    close_connections()
+    with connections["DB2"].cursor() as cursor:              # behind the coordinator's back
+        cursor.execute("DELETE FROM testapp_author WHERE name = 'h-lost'")
+        cursor.execute("UPDATE testapp_author SET name = 'h-stray' WHERE name = 'h-forbidden'")
+    with connections["DB1"].cursor() as cursor:
+        cursor.execute("UPDATE testapp_author SET rating = 99 WHERE name = 'h-kept'")
+    close_connections()
+    problems = history.check(ALIASES, raise_on_failure=False)
+    text = "\n".join(problems)
+    assert "'h-lost' on DB2: absent" in text, text
+    assert "'h-forbidden' on DB2: absent" in text, text
+    assert "'h-kept' on DB1: present(pk=" in text and "value=99" in text, text
+    assert "no recorded operation wrote: ['h-stray']" in text, text
+    assert "testapp_author: DB1 differs from default" in text, text
+    with pytest.raises(AssertionError, match="history check failed"):
+        history.check(ALIASES)

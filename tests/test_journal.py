@@ -49,7 +49,7 @@ def test_a_void_record_keeps_its_number_and_tag_but_applies_nothing(tmp_path):
     journal.append(entry(1))
     refused = entry(2)
     journal.append(refused)
-    journal.void(refused.voided())
+    journal.void([refused.voided()])
     journal.append(entry(3))
     journal.close()
     again = Journal(tmp_path).open()

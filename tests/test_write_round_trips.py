@@ -272,3 +272,34 @@ def test_a_connection_closed_inside_a_transaction_is_not_silently_replaced(conn)
     assert is_connection_error(caught.value)  # the sequencer then aborts the transaction
     conn.rollback_quietly()
     assert names(conn) == []  # reopened outside any transaction: nothing of it committed
+
+
+def test_a_group_of_writes_is_one_round_trip(conn):
+    counter = Counting(conn)
+    conn.begin(immediate_constraints=True)
+    results = conn.execute_group([
+        Statement("INSERT INTO rt_item (name) VALUES (%s) RETURNING id", ("a",)),
+        Statement("UPDATE rt_item SET note = %s WHERE name = %s", ("n", "a")),
+        Statement("INSERT INTO rt_item (name, note) VALUES ('b', '100%') RETURNING id"),
+    ])
+    assert len(counter.calls) == 1
+    assert [type(r).__name__ for r in results] == ["Result", "Result", "Result"]
+    assert len(results[0].rows) == 1 and results[1].rowcount == 1 and len(results[2].rows) == 1
+    conn.commit_with_marker(3, 30)
+    assert names(conn) == ["a", "b"] and marker(conn) == 3 and idle(conn)
+
+
+def test_a_refused_write_in_a_group_fails_alone(conn):
+    conn.apply_block([Statement("INSERT INTO rt_item (name) VALUES ('dup')")], 1, 10)
+    conn.begin(immediate_constraints=True)
+    results = conn.execute_group([
+        Statement("INSERT INTO rt_item (name) VALUES (%s)", ("x",)),
+        Statement("INSERT INTO rt_item (name) VALUES (%s)", ("dup",)),                    # unique violation
+        Statement("INSERT INTO rt_child (id, item_id) VALUES (1, 999)"),                  # deferred FK, immediate here
+        Statement("INSERT INTO rt_item (name) VALUES (%s)", ("y",)),
+    ])
+    kinds = [type(r).__name__ for r in results]
+    assert kinds == ["Result", "UniqueViolation", "ForeignKeyViolation", "Result"]
+    conn.commit_with_marker(2, 20)
+    assert names(conn) == ["dup", "x", "y"] and marker(conn) == 2 and idle(conn)
+    assert conn.run("SELECT count(*) FROM rt_child").rows[0][0] == 0

@@ -1,0 +1,61 @@
+"""Group commit: concurrent autocommit writes from several processes share one leader
+transaction, one journal append and one COMMIT, and each keeps its own outcome."""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+
+from tests.support.group_workers import create_authors
+from tests.support.lb import ALIASES
+from tests.testapp.models import Author
+
+WRITERS = 6
+PER_WRITER = 40
+
+
+def _run_writers(tmp_path) -> list[dict]:
+    ctx = multiprocessing.get_context("spawn")
+    shared = [f"shared-{n}" for n in range(10)]
+    outs = [tmp_path / f"writer-{n}.jsonl" for n in range(WRITERS)]
+    procs = [ctx.Process(target=create_authors, args=(os.environ["LB_TEST_CONFIG"], f"w{n}", PER_WRITER, shared, str(out)))
+             for n, out in enumerate(outs)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(180)
+        assert proc.exitcode == 0
+    return [json.loads(line) for out in outs for line in out.read_text().splitlines()]
+
+
+def test_concurrent_writes_are_grouped_and_one_duplicate_fails_only_its_caller(coordinator, replicas, tmp_path):
+    before = coordinator.status()["coordinator"]["write_groups"]
+    told = _run_writers(tmp_path)
+    after = coordinator.status()["coordinator"]["write_groups"]
+    assert len(told) == WRITERS * PER_WRITER * 2
+    acked = {r["name"]: r["pk"] for r in told if r["ok"]}
+    refused = [r for r in told if not r["ok"]]
+    # each writer's own names all succeed; of the shared names each succeeds exactly once
+    assert all(r["ok"] for r in told if not r["name"].startswith("shared-")), refused[:3]
+    assert sorted(n for n in acked if n.startswith("shared-")) == [f"shared-{n}" for n in range(10)]
+    assert all(r["error"] == "IntegrityError" for r in refused)
+    assert len(refused) == WRITERS * PER_WRITER - 10
+    # every acknowledged write is on every copy with the key the app was told, and nothing else
+    replicas.assert_identical(["testapp_author"])
+    for alias in ALIASES:
+        rows = {row[1]: row[0] for row in replicas.rows("testapp_author")[alias]}
+        assert rows == acked, alias
+    # writes were actually grouped (six writers at once: some groups hold several writes)
+    groups = after["groups"] - before["groups"]
+    writes = after["writes"] - before["writes"]
+    assert writes >= WRITERS * PER_WRITER * 2 and groups < writes
+    assert Author.objects.count() == len(acked)
+
+
+def test_a_lone_write_is_a_group_of_one(coordinator, replicas):
+    before = coordinator.status()["coordinator"]["write_groups"]
+    author = Author.objects.create(name="alone")
+    after = coordinator.status()["coordinator"]["write_groups"]
+    assert (after["groups"] - before["groups"], after["writes"] - before["writes"]) == (1, 1)
+    replicas.assert_identical(["testapp_author"])
+    assert Author.objects.get(pk=author.pk).name == "alone"
