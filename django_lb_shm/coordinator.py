@@ -721,7 +721,8 @@ class CoordinatorProcess:
 
     def _trim_journal(self) -> None:
         applied = min(t.applied_seq for t in self.threads)
-        self.journal.trim(applied)
+        if self.journal.trim(applied):
+            release_free_memory()
         self.shared.set_header(Header.JOURNAL_ENTRIES, self.journal.entry_count)
         self.shared.set_header(Header.JOURNAL_BYTES, self.journal.size_bytes)
 
@@ -739,6 +740,17 @@ class CoordinatorProcess:
         self.journal.close()
         self.shared.set_header(Header.COORDINATOR_STATE, CoordinatorState.STOPPED)
         logger.info("coordinator pid %d stopped", os.getpid())
+
+
+def release_free_memory() -> None:
+    """Large writes leave freed blocks in glibc's per-thread arenas, which it keeps; once the
+    journal no longer needs them, give them back so that RSS follows what is pending."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):   # not glibc: nothing to do
+        pass
 
 
 def configure_logging(level: str = "INFO") -> None:

@@ -97,6 +97,7 @@ class Journal:
         self._take_directory_lock()
         self.db = sqlite3.connect(str(self.directory / FILENAME), isolation_level=None,
                                   check_same_thread=False)
+        self.db.execute("PRAGMA auto_vacuum=INCREMENTAL")   # takes effect on a new file only
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute(f"PRAGMA synchronous={'FULL' if self.fsync else 'OFF'}")
         self._create_schema()
@@ -275,11 +276,16 @@ class Journal:
                 return 0
             self.entry_count -= removed
             if removed:
-                try:
-                    self.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
-                except sqlite3.Error:
-                    pass
+                self._give_space_back()
         return removed
+
+    def _give_space_back(self) -> None:
+        """After a trim: the freed pages go back to the file system, and the WAL is emptied."""
+        try:
+            self.db.executescript("PRAGMA incremental_vacuum;")   # (execute() would free one page)
+            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            logger.debug("journal: could not give space back yet (%s)", exc)
 
     # -- helpers ------------------------------------------------------------------
     def _transaction(self) -> "_Transaction":
