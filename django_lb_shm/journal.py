@@ -93,10 +93,11 @@ class Journal:
 
     # -- open / close ----------------------------------------------------------
     def open(self) -> "Journal":
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self._make_private_directory()
         self._take_directory_lock()
-        self.db = sqlite3.connect(str(self.directory / FILENAME), isolation_level=None,
-                                  check_same_thread=False)
+        path = self.directory / FILENAME
+        os.close(os.open(str(path), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600))   # -wal/-shm get its mode
+        self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA auto_vacuum=INCREMENTAL")   # takes effect on a new file only
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute(f"PRAGMA synchronous={'FULL' if self.fsync else 'OFF'}")
@@ -108,6 +109,20 @@ class Journal:
                     break
         self._load_state()
         return self
+
+    def _make_private_directory(self) -> None:
+        """The records hold row values and pickles: only the coordinator's user may read them."""
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        mode = self.directory.stat().st_mode & 0o777
+        if mode & 0o077:
+            logger.warning("JOURNAL_DIR %s is readable or writable by other users (mode %o): its records hold "
+                           "row values and pickles; chmod 700 it", self.directory, mode)
+        for name in (FILENAME, FILENAME + "-wal", FILENAME + "-shm"):
+            try:
+                if (self.directory / name).stat().st_mode & 0o077:
+                    os.chmod(self.directory / name, 0o600)
+            except FileNotFoundError:
+                pass
 
     def _take_directory_lock(self) -> None:
         fd = os.open(str(self.directory / LOCK_FILENAME), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)

@@ -201,3 +201,17 @@ def test_an_older_default_directory_is_imported_into_a_new_journal(tmp_path):
     _old_segment(legacy / f"{1:020d}.journal", [("E", entry(1)), ("E", entry(2))])
     journal = Journal(tmp_path / "databases-x", import_from=[legacy]).open()
     assert journal.last_seq == 2 and [e.seq for e in journal.entries_after(0)] == [1, 2]
+
+
+def test_the_journal_is_private_to_the_coordinators_user(tmp_path, caplog):
+    journal = Journal(tmp_path / "new").open()
+    journal.append(entry(1))
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "new").iterdir()}
+    assert (tmp_path / "new").stat().st_mode & 0o777 == 0o700
+    assert modes["journal.sqlite3"] == 0o600 and modes["journal.sqlite3-wal"] == 0o600, modes
+    journal.close()
+    loose = tmp_path / "loose"
+    loose.mkdir(mode=0o755)
+    loose.chmod(0o755)
+    Journal(loose).open().close()
+    assert "readable or writable by other users" in caplog.text
