@@ -738,6 +738,10 @@ class CoordinatorProcess:
             thread.join(max(0.1, deadline - time.monotonic()))
         self._trim_journal()
         self.journal.close()
+        writes = self.sequencer.writes
+        if writes.groups:
+            logger.info("autocommit writes: %d in %d groups (mean size %.2f)", writes.grouped_writes, writes.groups,
+                        writes.grouped_writes / writes.groups)
         self.shared.set_header(Header.COORDINATOR_STATE, CoordinatorState.STOPPED)
         logger.info("coordinator pid %d stopped", os.getpid())
 

@@ -7,7 +7,7 @@ from array import array
 from typing import Any, Iterable, Optional
 
 NUMERIC = ("ops_per_s", "p50_ms", "p95_ms", "p99_ms", "mean_ms", "max_ms", "duration_s", "ops",
-           "coord_cpu_pct", "coord_rss_mb", "pgpool_cpu_pct", "error_rate")
+           "coord_cpu_pct", "coord_rss_mb", "pgpool_cpu_pct", "error_rate", "write_group_mean_size")
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -157,8 +157,8 @@ def phase_table(rows: list[dict]) -> str:
     direct = next((r for r in rows if r["target"] == "direct"), None)
     pgpool = next((r for r in rows if r["target"] == "pgpool"), None)
     header = ["target", "clients", "ops/s", "p50 ms", "p95 ms", "p99 ms", "errors",
-              "thr lb/direct", "p50 lb/direct", "vs pgpool thr", "reads per db", "coord CPU%", "coord RSS MB",
-              "CPU% cli/coord/db/pool (machine)"]
+              "thr lb/direct", "p50 lb/direct", "vs pgpool thr", "reads per db", "write group", "coord CPU%",
+              "coord RSS MB", "CPU% cli/coord/db/pool (machine)"]
     body = []
     for r in rows:
         m = r["metrics"]
@@ -170,6 +170,7 @@ def phase_table(rows: list[dict]) -> str:
             fmt(ratio(m.get("p50_ms"), direct["metrics"].get("p50_ms")) if direct and r is not direct else None),
             fmt(ratio(m.get("ops_per_s"), pgpool["metrics"].get("ops_per_s")) if pgpool and is_lb else None),
             dist_text(m.get("read_distribution")) if is_lb else "-",
+            fmt(m.get("write_group_mean_size"), 2) if is_lb and m.get("write_group_mean_size") else "-",
             fmt(m.get("coord_cpu_pct"), 0) if is_lb else (fmt(m.get("pgpool_cpu_pct"), 0) + " (pgpool)"
                                                           if r["target"] == "pgpool" else "-"),
             fmt(m.get("coord_rss_mb"), 1) if is_lb else "-",

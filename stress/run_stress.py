@@ -518,6 +518,12 @@ class Driver:
             metrics["coord_threads"] = _threads(proc)
             metrics["coord_restarts"] = after["coordinator"].get("restarts", 0)
             metrics["db_states"] = {d["name"]: d["state"] for d in after["databases"]}
+            groups_after = after["coordinator"].get("write_groups") or {}
+            groups_before = before["coordinator"].get("write_groups") or {}
+            grouped = groups_after.get("writes", 0) - groups_before.get("writes", 0)
+            if grouped:
+                metrics["write_group_mean_size"] = round(
+                    grouped / max(1, groups_after.get("groups", 0) - groups_before.get("groups", 0)), 2)
         if pg_cpu0 is not None and end_sampled and end_sampled[2] is not None:
             metrics["pgpool_cpu_pct"] = 100.0 * (end_sampled[2] - pg_cpu0) / max(1e-9, end_sampled[0] - t_cpu0)
         if soak:

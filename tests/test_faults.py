@@ -17,7 +17,6 @@ import io
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -31,7 +30,7 @@ from django.db import IntegrityError, connections
 import django_lb_shm
 from django_lb_shm.verify import EXIT_DIFFERENT, EXIT_IDENTICAL, verify
 from tests.support.fault_proxy import FaultProxy
-from tests.support.history import History, Write, new_token
+from tests.support.history import History, Write
 from tests.support.lb import ALIASES, BACKEND, REPO, clear_tables
 from tests.testapp.models import Author, Book, Review, Tag
 
@@ -115,7 +114,7 @@ def settle(handle, aliases=ALIASES, timeout: float = 60) -> dict:
         if time.monotonic() > deadline:
             raise AssertionError(f"not every copy RUNNING after {timeout}s: {states}:\n{handle.log()}")
         time.sleep(0.05)
-    return handle.wait_drained(timeout)
+    return handle.wait_drained(min(timeout, 30))
 
 
 def markers() -> dict:
@@ -248,29 +247,44 @@ class Faults:
                        capture_output=True)
 
     def teardown(self) -> None:
+        """Every step runs even when an earlier one fails (a mount must never be left behind)."""
+        errors: list[BaseException] = []
+
+        def step(action, *args) -> None:
+            try:
+                action(*args)
+            except BaseException as exc:   # noqa: BLE001 - reported after the other steps
+                errors.append(exc)
+
         for proc in self.procs:
             if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
+                step(proc.kill)
+                step(proc.wait, 10)
         for handle in self.handles:
-            handle.stop()
+            step(handle.stop)
         for proxy in self.proxies:
-            proxy.close()
+            step(proxy.close)
         for path in self.moved:
-            self._put_back(path)
+            step(self._put_back, path)
         if BACKEND == "postgres":
             for alias in ALIASES:
-                ensure_pg_up(pg_server(alias))
+                step(ensure_pg_up, pg_server(alias))
         close_connections()
         for target in self.mounts:
-            subprocess.run(["umount", target], capture_output=True, timeout=30)
-            if subprocess.run(["mountpoint", "-q", target], timeout=10).returncode == 0:
-                subprocess.run(["umount", "-l", target], capture_output=True, timeout=30)
-            try:
-                os.rmdir(target)
-            except OSError:
-                pass
-        repair_copies()
+            step(_umount, target)
+        step(repair_copies)
+        if errors:
+            raise errors[0]
+
+
+def _umount(target: str) -> None:
+    subprocess.run(["umount", target], capture_output=True, timeout=30)
+    if subprocess.run(["mountpoint", "-q", target], timeout=10).returncode == 0:
+        subprocess.run(["umount", "-l", target], capture_output=True, timeout=30)
+    try:
+        os.rmdir(target)
+    except OSError:
+        pass
 
 
 def repair_copies() -> None:
@@ -391,6 +405,13 @@ def test_refused_commit_as_last_record_does_not_block_writes_after_restarts(faul
     outcome, told = create_author(rec, "d-after-kill")
     assert outcome == "ok", f"after kill -9 of the coordinator, {told!r}"
 
+    refused_deferred_commit()
+    old = handle.coordinator_pid()
+    os.kill(handle.supervisor_pid, signal.SIGHUP)  # the supervisor restarts the coordinator gracefully
+    wait_restarted(handle, old)
+    outcome, told = create_author(rec, "d-after-sighup")
+    assert outcome == "ok", f"after SIGHUP, {told!r}"
+
     check_everything(handle, faults.history)
     for alias in ALIASES:
         with connections[alias].cursor() as cursor:
@@ -447,7 +468,10 @@ def test_full_journal_disk_fails_cleanly_and_a_restart_keeps_later_records(fault
     counts = [Author.objects.filter(name__startswith="e-").count() for _ in range(9)]
     if set(counts) != {12}:
         problems.append(f"reads after the restart saw {counts} (12 rows acknowledged)")
-    settle(handle)
+    try:
+        settle(handle, timeout=30)
+    except AssertionError as exc:
+        problems.append(str(exc)[:600])
     close_connections()
     problems += faults.history.check(ALIASES, raise_on_failure=False)
     assert not problems, "\n".join(problems)
