@@ -145,6 +145,11 @@ class DbConnection:
             database=self.alias,
         )
 
+    def lost(self, exc: BaseException) -> bool:
+        """A connection-level failure, or the connection closed under the caller (the database's
+        own thread took it down meanwhile: whatever the driver then raised says nothing of SQL)."""
+        return is_connection_error(exc) or not self.is_open
+
     def execute_group(self, statements: list) -> list:
         """Run a group of autocommit writes inside the open transaction: for each, its Result or
         the (non connection-level) error that refused it alone.  A connection-level error is
@@ -154,14 +159,14 @@ class DbConnection:
             try:
                 return [self.execute(statements[0])]
             except Exception as exc:
-                if is_connection_error(exc):
+                if self.lost(exc):
                     raise
                 return [exc]
         if self.batched and self._begin_pending and not any(s.many for s in statements):
             try:
                 return self._execute_at_once(statements)
             except Exception as exc:
-                if is_connection_error(exc):
+                if self.lost(exc):
                     raise
                 prefix = self._begin_pending or _BEGIN_IMMEDIATE
                 self.rollback_quietly()
@@ -197,7 +202,7 @@ class DbConnection:
         try:
             result = self.execute(statement)
         except Exception as exc:
-            if is_connection_error(exc):
+            if self.lost(exc):
                 raise
             if savepoint:
                 self.run("ROLLBACK TO SAVEPOINT lb_group_write")

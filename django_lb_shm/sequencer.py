@@ -194,8 +194,9 @@ class Sequencer:
             else:
                 conn.rollback_quietly()
         except Exception as exc:
+            lost = conn.lost(exc)
             conn.rollback_quietly()
-            if is_connection_error(exc):
+            if lost:
                 raise LeaderLost(exc) from exc
             if len(group) > 1:
                 return list(group)
@@ -245,8 +246,9 @@ class Sequencer:
         try:
             conn.commit_with_marker(last.seq, last.tag)   # PostgreSQL: marker + COMMIT, one round trip
         except Exception as exc:
+            lost = conn.lost(exc)
             conn.rollback_quietly()
-            if not is_connection_error(exc):
+            if not lost:
                 self._void(entries)
                 return exc
             # COMMIT may or may not have happened there: its marker will tell when it is back.
@@ -345,7 +347,7 @@ class Sequencer:
             follower: list = []
             result = self._execute(txn.leader.writer, statement, follower)
         except Exception as exc:
-            if is_connection_error(exc):
+            if txn.leader.writer.lost(exc):
                 self.abandon(txn)
                 txn.leader.go_down(exc)
                 raise TransactionError(
@@ -368,8 +370,9 @@ class Sequencer:
             try:
                 conn.prepare_commit(entry.seq, entry.tag, check_deferred=True)   # a deferred foreign key fails here
             except Exception as exc:
+                lost = conn.lost(exc)
                 conn.rollback_quietly()
-                if not is_connection_error(exc):
+                if not lost:
                     raise   # the caller's IntegrityError
                 txn.leader.go_down(exc)
                 raise TransactionError(f"the transaction was not committed ({exc}); none of its writes were applied") from None
