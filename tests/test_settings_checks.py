@@ -350,3 +350,21 @@ def test_log_level_must_be_a_level_name_and_a_tiny_rss_limit_is_a_warning():
     assert build_config({**valid(), "LOG_LEVEL": "debug"}, settings.DATABASES).log_level == "DEBUG"
     assert ids(run_check({**valid(), "MAX_RSS_MB": 54})) == ["django_lb_shm.W003"]
     assert run_check({**valid(), "MAX_RSS_MB": 400}) == [] and run_check({**valid(), "MAX_RSS_MB": 0}) == []
+
+
+def test_the_default_journal_dir_follows_the_databases_not_the_port(tmp_path):
+    from django_lb_shm.conf import build_config
+
+    base = valid()
+    base.pop("JOURNAL_DIR", None)
+    databases = sqlite_databases(*base["DATABASES"])
+    first = dict(base, ADDRESS={"HOST": "127.0.0.1", "PORT": 5001, "AUTHKEY": "x"})
+    moved = dict(base, ADDRESS={"HOST": "127.0.0.1", "PORT": 5002, "AUTHKEY": "x"})
+    with override_settings(BASE_DIR=tmp_path):
+        a, b = build_config(first, databases), build_config(moved, databases)
+        other = build_config(first, dict(databases, DB1={**databases["DB1"], "NAME": "elsewhere.sqlite3"}))
+    assert a.journal_dir == b.journal_dir and a.journal_dir.startswith(str(tmp_path / ".loadbalancer-journal"))
+    assert other.journal_dir != a.journal_dir                       # other databases: another journal
+    assert a.legacy_journal_dirs == (str(tmp_path / ".loadbalancer-journal" / "5001"),)   # imported once
+    explicit = build_config(dict(first, JOURNAL_DIR=str(tmp_path / "j")), databases)
+    assert explicit.journal_dir == str(tmp_path / "j") and explicit.legacy_journal_dirs == ()
