@@ -121,8 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", type=int, default=SEED_ROWS, help="rows seeded in every table")
     p.add_argument("--warmup", type=float, default=0.5, help="warm-up seconds per client per phase (max 200 ops)")
     p.add_argument("--max-ops", type=int, default=500_000, help="hard cap of operations per client per phase")
-    p.add_argument("--journal-fsync", choices=("on", "off"), default="off",
-                   help="LOAD_BALANCER JOURNAL_FSYNC (the throw-away PostgreSQL servers run with fsync=off)")
+    p.add_argument("--journal-fsync", choices=("on", "off"), default="on",
+                   help="LOAD_BALANCER JOURNAL_FSYNC: on, the package's durable default (the throw-away "
+                        "PostgreSQL servers run with fsync=off)")
     p.add_argument("--pgpool-statement-lb", choices=("on", "off"), default="on",
                    help="pgpool statement_level_load_balance (on: every SELECT balanced, off: per session)")
     p.add_argument("--profile", metavar="DIR", help="py-spy the coordinator (raw stacks) and pyinstrument client 0 "
