@@ -615,6 +615,7 @@ class CoordinatorProcess:
         self.sequencer.fail_stop = self._restart_to_read_journal
         self.sequencer.start_at(self.journal.last_seq)
         self.shared.set_header(Header.JOURNAL_ENTRIES, self.journal.entry_count)
+        self.shared.set_header(Header.JOURNAL_BYTES, self.journal.size_bytes)
         for thread in self.threads:
             self.shared.set_state(thread.index, DbState.STARTING)
             thread.start()
