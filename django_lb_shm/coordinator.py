@@ -610,10 +610,9 @@ class CoordinatorProcess:
                                    import_from=self.config.legacy_journal_dirs).open()
         except (OSError, sqlite3.Error) as exc:
             raise OSError(f"LOAD_BALANCER['JOURNAL_DIR'] ({self.config.journal_dir}) cannot be used: {exc}") from exc
-        self._settle_history()
         self.sequencer = Sequencer(self.threads, self.journal, self.shared, self.config)
         self.sequencer.fail_stop = self._restart_to_read_journal
-        self.sequencer.start_at(self.journal.last_seq)
+        self.sequencer.settle_history({t.alias: t.boot_marker for t in self.threads})
         self.shared.set_header(Header.JOURNAL_ENTRIES, self.journal.entry_count)
         self.shared.set_header(Header.JOURNAL_BYTES, self.journal.size_bytes)
         for thread in self.threads:
@@ -626,8 +625,8 @@ class CoordinatorProcess:
     def client_gone(self) -> None:
         self.coordinator.client_gone()
 
-    def _catch_up_from(self, read_marker: Any) -> str:
-        return self.sequencer.catch_up_from(read_marker)
+    def _catch_up_from(self, alias: str, read_marker: Any) -> str:
+        return self.sequencer.catch_up_from(alias, read_marker)
 
     def _replay_after(self, seq: int) -> Any:
         return self.sequencer.replay_after(seq)
@@ -656,17 +655,6 @@ class CoordinatorProcess:
                 owned.append(str(exc))
         if owned:
             raise DatabaseOwnedElsewhere("; ".join(owned))
-
-    def _settle_history(self) -> None:
-        """Numbering goes on after the highest write any reachable copy or the journal has: a copy
-        ahead of the journal means the journal is new, older or restored, and it is told so (a copy
-        behind that point, which the journal cannot bring up to it, then becomes DIVERGED)."""
-        reached = [t.boot_marker for t in self.threads if t.boot_marker is not None]
-        if not reached:
-            return
-        seq, tag = max(reached, key=lambda marker: marker[0])
-        if seq > self.journal.last_seq:
-            self.journal.rebase(seq, tag)
 
     def run(self) -> int:
         self._install_signals()

@@ -38,6 +38,7 @@ logger = logging.getLogger("django_lb_shm.db")
 
 MARKER_TABLE = "django_lb_shm_applied"
 TRANSIENT_RETRIES = 5
+COMMIT_BUSY_RETRIES = 5
 WRITE_BATCH = 64   # queued follower writes applied in one transaction
 
 
@@ -173,6 +174,16 @@ class DbConnection:
                 self.begin(immediate_constraints=prefix == _BEGIN_IMMEDIATE)
         return [self._execute_alone(statement) for statement in statements]
 
+    def in_transaction(self) -> bool:
+        raw = self.wrapper.connection
+        if self.wrapper.vendor == "sqlite":
+            return raw.in_transaction
+        if self.batched:
+            from psycopg.pq import TransactionStatus
+
+            return raw.info.transaction_status in (TransactionStatus.INTRANS, TransactionStatus.INERROR)
+        return True   # psycopg2: statements cannot end the transaction unseen here
+
     def _execute_at_once(self, statements: list) -> list:
         prefix, self._begin_pending = self._begin_pending, False
         cursor = self.wrapper.create_cursor()
@@ -181,10 +192,12 @@ class DbConnection:
             cursor.execute(prefix + _SEP.join(parts))
             for _ in range(prefix.count(_SEP)):
                 cursor.nextset()
-            results = []
-            for _ in statements:
+            results = [self._result_of(cursor)]
+            while cursor.nextset():
                 results.append(self._result_of(cursor))
-                cursor.nextset()
+            if len(results) != len(statements):
+                # A write of several statements: whose result is whose cannot be told.
+                raise GroupShapeError(f"{len(statements)} writes gave {len(results)} results")
             return results
         except BaseException:
             if self._server_idle():   # refused before it was sent: BEGIN still to come
@@ -194,21 +207,20 @@ class DbConnection:
             cursor.close()
 
     def _execute_alone(self, statement: Statement) -> Any:
-        """One write of a group; its error undoes it alone (SQLite: a failed statement changes
-        nothing; PostgreSQL: a savepoint, since an error aborts the whole transaction)."""
-        savepoint = self.wrapper.vendor != "sqlite"
-        if savepoint:
-            self.run("SAVEPOINT lb_group_write")
+        """One write of a group, in a savepoint: its error undoes it alone (PostgreSQL: an error
+        would abort the whole transaction; SQLite: INSERT OR FAIL keeps its earlier rows)."""
+        self.run("SAVEPOINT lb_group_write")
         try:
             result = self.execute(statement)
         except Exception as exc:
             if self.lost(exc):
                 raise
-            if savepoint:
-                self.run("ROLLBACK TO SAVEPOINT lb_group_write")
+            if not self.in_transaction():
+                # SQLite's INSERT OR ROLLBACK, RAISE(ROLLBACK), an interrupt: the whole group is gone.
+                raise GroupShapeError(f"a refused write ended the group's transaction ({exc})") from exc
+            self.run("ROLLBACK TO SAVEPOINT lb_group_write")
             return exc
-        if savepoint:
-            self.run("RELEASE SAVEPOINT lb_group_write")
+        self.run("RELEASE SAVEPOINT lb_group_write")
         return result
 
     def _execute_with_begin(self, cursor: Any, statement: Statement) -> None:
@@ -258,7 +270,17 @@ class DbConnection:
         if self._begin_pending:
             self._begin_pending = self._in_transaction = False   # nothing was sent: nothing to commit
             return
-        self.run("COMMIT")
+        for attempt in range(COMMIT_BUSY_RETRIES + 1):
+            try:
+                self.run("COMMIT")
+                break
+            except Exception as exc:
+                # SQLite: a COMMIT refused as BUSY (readers hold the file) leaves the transaction
+                # open, and may be tried again; only a real refusal is one.
+                if not (self.wrapper.vendor == "sqlite" and is_transient(exc) and self.in_transaction()
+                        and attempt < COMMIT_BUSY_RETRIES):
+                    raise
+                time.sleep(0.05 * (attempt + 1))
         self._in_transaction = False
 
     # The leader's commit: the marker is in the transaction, the journal append comes
@@ -374,6 +396,10 @@ _BEGIN_PREFIX = "BEGIN" + _SEP
 _BEGIN_IMMEDIATE = _BEGIN_PREFIX + "SET CONSTRAINTS ALL IMMEDIATE" + _SEP
 
 
+class GroupShapeError(Exception):
+    """A group of writes cannot be run as one: the sequencer runs its writes one by one."""
+
+
 def _marker_sql(seq: int, tag: int) -> str:
     return f"UPDATE {MARKER_TABLE} SET seq = {int(seq)}, tag = {int(tag)} WHERE id = 1"
 
@@ -409,19 +435,21 @@ class CancelQuery:
 
 STOP = object()
 GROW_READ_POOL = object()
+WAKE = object()   # nothing to do: the loop's maintenance (a probe that is due) runs next
 
 
 class Hub:
     """What a database thread needs from the coordinator (kept small for tests)."""
 
     def __init__(self, shared: SharedState, config: Any,
-                 catch_up_from: Callable[[Callable[[], tuple[int, int]]], str],
+                 catch_up_from: Callable[[str, Callable[[], tuple[int, int]]], str],
                  replay_after: Callable[[int], Iterator[JournalEntry]],
                  notify_applied: Callable[[], None],
                  probe_interval: Optional[float] = None):
         self.shared = shared
         self.config = config
-        # (read the marker) -> "" when the journal can bring the copy up to date, else why not
+        # (alias, read the marker) -> "" when the journal can bring the copy up to date, else why
+        # not; HistoryUnsettled while copies that may know more writes have not been seen
         self.catch_up_from = catch_up_from
         self.replay_after = replay_after
         self.notify_applied = notify_applied
@@ -479,7 +507,8 @@ class DbThread(threading.Thread):
     def go_down(self, exc: BaseException) -> None:
         self.shared.add(self.index, Slot.ERRORS, 1)
         self.set_state(DbState.DOWN, f"{type(exc).__name__}: {exc}".strip())
-        self.conn.close()
+        if threading.current_thread() is self:
+            self.conn.close()   # another thread's go_down leaves it to this thread: it may be using it
         self.writer.close()
         self.read_pool.reset()
         self.next_probe = time.monotonic() + self.hub.config.wait_time
@@ -491,6 +520,11 @@ class DbThread(threading.Thread):
 
     def submit_write(self, entry: JournalEntry) -> None:
         self.queue.put(WriteWork(entry))
+
+    def probe_now(self) -> None:
+        """A DOWN copy tries to recover at once instead of at its next probe."""
+        self.next_probe = 0.0
+        self.queue.put(WAKE)
 
     def stop(self) -> None:
         """Finish the work queued before this call, then stop (STOP is handled in queue order)."""
@@ -680,7 +714,7 @@ class DbThread(threading.Thread):
         try:
             self.conn.apply_block([s for e in entries for s in e.statements], entries[-1].seq, entries[-1].tag)
         except Exception as exc:
-            if is_connection_error(exc):
+            if self.conn.lost(exc) or self.state == DbState.DOWN:
                 self.go_down(exc)
                 return True
             return False
@@ -697,7 +731,7 @@ class DbThread(threading.Thread):
                 self.conn.apply_block(entry.statements, entry.seq, entry.tag)
                 break
             except Exception as exc:
-                if is_connection_error(exc):
+                if self.conn.lost(exc) or self.state == DbState.DOWN:
                     self.go_down(exc)
                     return False
                 if is_transient(exc) and attempt < TRANSIENT_RETRIES:
@@ -761,7 +795,7 @@ class DbThread(threading.Thread):
                 self._claim()
             self.server_info = self.conn.describe_server()
             self.set_state(DbState.RECOVERING)
-            gap = self.hub.catch_up_from(self._read_marker)
+            gap = self.hub.catch_up_from(self.alias, self._read_marker)
         except Exception as exc:
             if self.state != DbState.DOWN:
                 self.go_down(exc)

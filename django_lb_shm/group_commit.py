@@ -61,6 +61,9 @@ class WriteQueue:
             self._queue.append(pending)
             while self._committing and not pending.done:
                 self._cv.wait(0.5)
+                if not pending.done and time.monotonic() >= pending.deadline and pending in self._queue:
+                    self._queue.remove(pending)   # not taken into a group: it gives up, applied nowhere
+                    pending.fail(order_held())
             if pending.done:
                 return pending.outcome()
             self._committing = True
@@ -100,6 +103,7 @@ class WriteQueue:
                 raise
 
     def _take(self) -> list:
+        self._expire(time.monotonic())   # a caller whose deadline passed was told "not applied"
         with self._cv:
             group = self._queue[:self.max_group]
             del self._queue[:len(group)]
@@ -113,14 +117,17 @@ class WriteQueue:
         with self._cv:
             for pending in [p for p in self._queue if p.deadline <= now]:
                 self._queue.remove(pending)
-                pending.fail(WriteNotApplied(
-                    "write: the write order was held by another transaction for longer than CLIENT_TIMEOUT; "
-                    "nothing was applied"))
+                pending.fail(order_held())
             self._cv.notify_all()
 
     @property
     def waiting(self) -> int:
         return len(self._queue)
+
+
+def order_held() -> WriteNotApplied:
+    return WriteNotApplied("write: the write order was held for longer than CLIENT_TIMEOUT (by a transaction, "
+                           "or a write that could not be decided); nothing was applied")
 
 
 def pending_write(statement: Statement, request_id: str, timeout: float) -> PendingWrite:

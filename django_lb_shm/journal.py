@@ -31,7 +31,7 @@ import uuid
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 from .descriptors import Result, Statement
 from .errors import JournalCorrupt, JournalError
@@ -88,6 +88,7 @@ class Journal:
         self.base_tag = 0
         self.journal_id = ""
         self.entry_count = 0
+        self.is_new = False              # created by this open(): it knows nothing of the copies' past
         self._lock = threading.Lock()
         self._lock_file: Optional[int] = None
 
@@ -96,6 +97,7 @@ class Journal:
         self._make_private_directory()
         self._take_directory_lock()
         path = self.directory / FILENAME
+        existed = path.exists()
         os.close(os.open(str(path), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600))   # -wal/-shm get its mode
         self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA auto_vacuum=INCREMENTAL")   # takes effect on a new file only
@@ -108,6 +110,7 @@ class Journal:
                 if import_segments(self, source):
                     break
         self._load_state()
+        self.is_new = not existed and self.entry_count == 0 and not self.base_seq
         return self
 
     def _make_private_directory(self) -> None:
@@ -225,17 +228,19 @@ class Journal:
         return row is not None and row[0] == entry.tag
 
     # -- reading ----------------------------------------------------------------
-    def entries_after(self, seq: int, limit: int = REPLAY_CHUNK) -> list[JournalEntry]:
+    def entries_after(self, seq: int, limit: int = REPLAY_CHUNK, up_to: Optional[int] = None) -> list[JournalEntry]:
         with self._lock:
             rows = self.db.execute(
                 "SELECT seq, tag, request_id, database, void, statements, result FROM entries "
-                "WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit)).fetchall()
+                "WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
+                (seq, self.last_seq if up_to is None else up_to, limit)).fetchall()
         return [_entry(row) for row in rows]
 
-    def iter_after(self, seq: int) -> Iterator[JournalEntry]:
-        """Every record after ``seq``, read from disk a chunk at a time."""
+    def iter_after(self, seq: int, up_to: Callable[[], int]) -> Iterator[JournalEntry]:
+        """Every record after ``seq`` up to ``up_to()`` (read again for every chunk), read from
+        disk a chunk at a time."""
         while True:
-            chunk = self.entries_after(seq)
+            chunk = self.entries_after(seq, up_to=up_to())
             if not chunk:
                 return
             yield from chunk

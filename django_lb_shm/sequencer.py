@@ -69,6 +69,7 @@ class Sequencer:
         self.lock = threading.Lock()
         self.applied = threading.Condition()
         self.last_seq = 0
+        self.awaited: Optional[dict] = None   # markers seen while the history is not settled (see settle_history)
         self.writes = WriteQueue(self.lock, self._run_group)
 
     # -- boot ---------------------------------------------------------------------
@@ -76,16 +77,56 @@ class Sequencer:
         self.last_seq = last_seq
         self.shared.set_header(Header.LAST_SEQ, last_seq)
 
-    def catch_up_from(self, read_marker: Callable[[], tuple[int, int]]) -> str:
-        """Whether the journal can bring a copy up to date from the marker ``read_marker()``
-        reads (while no write is half done): "" if so, else what is wrong with it.
-        WriteNotApplied if the order stays held past CLIENT_TIMEOUT."""
+    def settle_history(self, markers: dict) -> None:
+        """At boot, from the markers of the copies reached (None: not reached): where numbering
+        goes on.  After the highest of the journal and the copies -- but when the journal is new
+        or ends before a copy's marker, a copy not reached may hold writes no one else knows:
+        then no copy is caught up (nor serves reads) until every copy has been seen."""
+        self.start_at(self.journal.last_seq)
+        reached = {alias: m for alias, m in markers.items() if m is not None}
+        top = max(reached.values(), key=lambda marker: marker[0], default=(0, 0))
+        unsure = self.journal.is_new or top[0] > self.journal.last_seq
+        if unsure and len(reached) < len(markers):
+            self.awaited = reached
+            logger.warning("the journal in JOURNAL_DIR (%s) is %s; %s not reachable: no copy serves reads or "
+                           "takes writes until every copy has been seen", self.journal.directory,
+                           "new" if self.journal.is_new else f"behind the copies (#{self.journal.last_seq} < #{top[0]})",
+                           ", ".join(sorted(set(markers) - set(reached))))
+            return
+        self._rebase_on(reached)
+
+    def _rebase_on(self, markers: dict) -> None:
+        seq, tag = max(markers.values(), key=lambda marker: marker[0], default=(0, 0))
+        if seq > self.journal.last_seq:
+            self.journal.rebase(seq, tag)
+        self.start_at(self.journal.last_seq)
+        if self.awaited is not None:
+            self.awaited = None
+            for thread in self.threads:   # the copies that waited: caught up now, not at their next probe
+                thread.probe_now()
+
+    def catch_up_from(self, alias: str, read_marker: Callable[[], tuple[int, int]]) -> str:
+        """Whether the journal can bring copy ``alias`` up to date from the marker
+        ``read_marker()`` reads (while no write is half done): "" if so, else what is wrong
+        with it.  WriteNotApplied if the order stays held past CLIENT_TIMEOUT; HistoryUnsettled
+        while a copy that may hold more writes has not been seen since boot."""
         with self._ordered("replay"):
             seq, tag = read_marker()
+            if self.awaited is not None:
+                self.awaited[alias] = (seq, tag)
+                unseen = sorted(t.alias for t in self.threads if t.alias not in self.awaited)
+                if unseen:
+                    raise HistoryUnsettled(
+                        f"waiting for {', '.join(unseen)}: the journal is new or ends before the copies' writes, "
+                        "so until every copy has been seen no copy is known to hold every acknowledged write "
+                        "(a copy that is gone for good: remove it from LOAD_BALANCER['DATABASES'] and send SIGHUP)")
+                self._rebase_on(self.awaited)
             return gap_in_history(self.journal, seq, tag, self.last_seq)
 
     def replay_after(self, seq: int) -> Iterator[JournalEntry]:
-        return self.journal.iter_after(seq)
+        """Records after ``seq`` that are decided and published: a record still being decided
+        (appended, COMMIT not answered yet) may yet become void; it comes through the queue."""
+        return self.journal.iter_after(seq, up_to=lambda: self.last_seq)
 
     def notify_applied(self) -> None:
         with self.applied:
@@ -141,9 +182,22 @@ class Sequencer:
 
     def _run_group(self, group: list) -> None:
         """Holding the order: decide every write of ``group``; each caller's outcome is set."""
-        fresh = [pending for pending in group if not self._answered_from_journal(pending)]
+        fresh, repeats = [], []
+        first_of: dict[str, PendingWrite] = {}
+        for pending in group:
+            if pending.request_id in first_of:   # sent again while the first send still waited
+                repeats.append((pending, first_of[pending.request_id]))
+            elif not self._answered_from_journal(pending):
+                fresh.append(pending)
+                if pending.request_id:
+                    first_of[pending.request_id] = pending
         if fresh:
             self._decide_group(fresh)
+        for repeat, first in repeats:
+            if first.error is not None:
+                repeat.fail(first.error)
+            else:
+                repeat.succeed(first.result, first.seq)
 
     def _answered_from_journal(self, pending: PendingWrite) -> bool:
         """A write sent again after a lost answer: the journal has its outcome."""
@@ -201,22 +255,25 @@ class Sequencer:
             if len(group) > 1:
                 return list(group)
             raise
-        for pending, outcome in zip(group, outcomes):
-            if isinstance(outcome, BaseException):
-                pending.fail(outcome)
+        refused_alone = [(p, o) for p, o in zip(group, outcomes) if isinstance(o, BaseException)]
         if not accepted:
+            for pending, error in refused_alone:
+                pending.fail(error)
             return []
         try:
             refused = self._decide(leader, [entry for _pending, entry in accepted])
         except (JournalError, WriteOutcomeUnknown) as exc:
-            for pending, _entry in accepted:
+            # The others' errors may come from these writes' uncommitted rows: all get this one.
+            for pending in group:
                 pending.fail(exc)
             return []
         if refused is not None:
-            if len(accepted) > 1:
-                return [pending for pending, _entry in accepted]
+            if len(group) > 1:
+                return list(group)   # errors seen next to the refused writes are re-run too
             accepted[0][0].fail(refused)
             return []
+        for pending, error in refused_alone:
+            pending.fail(error)
         for pending, entry in accepted:
             pending.succeed(entry.result, entry.seq)
         return []
@@ -264,14 +321,19 @@ class Sequencer:
     def _void(self, entries: list) -> None:
         """The leader refused COMMIT: the records are decided as nothing, on every copy."""
         voids = [entry.voided() for entry in entries]
-        try:
-            self.journal.void(voids)
-        except JournalError:
-            # Cannot be left so: replayed, the writes would reach the copies after all.
-            logger.critical("writes #%d-#%d were refused at COMMIT and the journal could not record that; "
-                            "the coordinator stops so that they are not replayed", entries[0].seq, entries[-1].seq)
-            self.fail_stop()
-            raise
+        attempt = 0
+        while True:
+            try:
+                self.journal.void(voids)
+                break
+            except JournalError as exc:
+                # It cannot be left so (replayed, the writes would reach the copies after all), nor
+                # skipped: the write order stays held -- no write is decided -- until it is recorded.
+                if attempt % 20 == 0:
+                    logger.critical("writes #%d-#%d were refused at COMMIT and the journal cannot record that "
+                                    "(%s); no write is decided until it can", entries[0].seq, entries[-1].seq, exc)
+                attempt += 1
+                time.sleep(0.5)
         self._publish(voids, applied_on=None)
 
     def fail_stop(self) -> None:
@@ -392,6 +454,10 @@ class Sequencer:
         if txn.holds_order:
             txn.holds_order = False
             self.lock.release()
+
+
+class HistoryUnsettled(Exception):
+    """A copy cannot be caught up yet: another copy that may hold more writes has not been seen."""
 
 
 class LeaderLost(Exception):

@@ -503,6 +503,9 @@ def test_missing_journal_makes_the_behind_copy_diverged_never_running(faults):
         if state in ("RUNNING", "DIVERGED"):
             break
         time.sleep(0.1)
+    others = [a for a in ALIASES if a != FOLLOWER]
+    for alias in others:
+        handle.wait_state(alias, "RUNNING", timeout=15)
     counts = [Author.objects.filter(name__startswith="f-").count() for _ in range(9)]
     # it must stay out of RUNNING: watch it a little longer
     for _ in range(20):
@@ -514,12 +517,54 @@ def test_missing_journal_makes_the_behind_copy_diverged_never_running(faults):
     assert "DIVERGED" in log and FOLLOWER in log, log
 
     # the other copies keep working
-    others = [a for a in ALIASES if a != FOLLOWER]
     assert create_author(rec, "f-after", 9)[0] == "ok"
     settle(handle, others)
     faults.history.check(others)
     code, out = run_verify()
     assert code == EXIT_DIFFERENT and FOLLOWER in out, out
+
+
+def test_new_journal_with_the_most_advanced_copies_away_holds_every_copy_until_all_are_seen(faults):
+    """The journal is lost while the copies that hold the latest writes are unreachable: the copy
+    that is reachable may miss acknowledged writes, and nothing at boot can tell. It serves no
+    read and takes no write until every copy has been seen; then the history is settled."""
+    from django_lb_shm.errors import NoDatabaseAvailable
+
+    journal_dir = faults.tmp / "journal-h"
+    handle = faults.coordinator(JOURNAL_DIR=str(journal_dir), CLIENT_TIMEOUT=3)
+    rec = faults.history.recorder("main")
+    for i in range(3):
+        assert create_author(rec, f"h-before-{i}")[0] == "ok"
+    settle(handle)
+    faults.copy_down(FOLLOWER)                       # FOLLOWER stops at #3...
+    for i in range(5):
+        assert create_author(rec, f"h-missed-{i}", i)[0] == "ok"   # ...the others go on to #8
+    handle.wait_state(FOLLOWER, "DOWN", timeout=15)
+    handle.stop()
+    journal_dir.rename(journal_dir.with_name("journal-h.moved"))
+    advanced = [a for a in ALIASES if a != FOLLOWER]
+    for alias in advanced:
+        faults.copy_down(alias)
+    faults.copy_up(FOLLOWER)
+    handle.start()
+
+    time.sleep(2.5)   # several probes of the reachable copy
+    status = handle.status()
+    states = {d["name"]: d["state"] for d in status["databases"]}
+    assert states[FOLLOWER] != "RUNNING", states
+    with pytest.raises(NoDatabaseAvailable):
+        Author.objects.filter(name__startswith="h-").count()
+    assert "waiting for" in handle.log() and all(a in handle.log() for a in advanced), handle.log()
+
+    for alias in advanced:
+        faults.copy_up(alias)
+    for alias in advanced:
+        handle.wait_state(alias, "RUNNING", timeout=30)
+    handle.wait_state(FOLLOWER, "DIVERGED", timeout=30)
+    assert Author.objects.filter(name__startswith="h-").count() == 8
+    assert create_author(rec, "h-after", 9)[0] == "ok"
+    settle(handle, advanced)
+    faults.history.check(advanced)
 
 
 # -- g. randomized schedules ----------------------------------------------------------------------
