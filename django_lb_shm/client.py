@@ -33,6 +33,7 @@ from .errors import (
     from_dict,
 )
 from .protocol import CoordinatorManager, private_directory, timed_client
+from .reads import zero_hop_reader
 
 logger = logging.getLogger("django_lb_shm.client")
 
@@ -310,6 +311,14 @@ class ClientSession:
     # -- statements -------------------------------------------------------
     def run(self, statement: d.Statement) -> d.Result:
         kind = classify(statement.sql)
+        if kind == READ and (self.autocommit or not self.transaction_open):
+            # Zero-hop: this process picks the copy from shared memory and runs the read
+            # on its own connection; None means "take the coordinator path".
+            reader = zero_hop_reader()
+            if reader is not None:
+                result = reader.read(statement)
+                if result is not None:
+                    return result
         if kind == BOUNDARY:
             raise NotSupportedError(
                 f"{statement.sql.split()[0]} sent through the load-balanced connection; "
