@@ -95,7 +95,8 @@ def test_idle_and_dropped_connections_leave_it_serving_with_bounded_memory(coord
 
 
 def test_oversized_request_is_refused_with_a_clear_error(lb_factory):
-    handle = lb_factory("size", MAX_REQUEST_BYTES=20_000)
+    # a read is the smallest way to send a big request; zero-hop reads send none (nothing to limit)
+    handle = lb_factory("size", MAX_REQUEST_BYTES=20_000, READ_PATH="COORDINATOR")
     with pytest.raises(RequestRejected, match="MAX_REQUEST_BYTES"):
         Author.objects.filter(name="x" * 50_000).count()
     # a client that ignores the limit is cut off at the coordinator, which goes on serving
