@@ -70,6 +70,13 @@ QUARANTINE = 1.0          # a copy that failed here gets no reads from this proc
 # adapter) takes the coordinator path, whose pickling decides, as it always did.
 _PLAIN = frozenset({int, str, float, bool, type(None), bytes, decimal.Decimal, datetime.datetime,
                     datetime.date, datetime.time, datetime.timedelta, uuid.UUID, memoryview, bytearray})
+try:  # Django's PostgreSQL backend wraps some values in psycopg's typed numbers (SELECT %s AS "a" of exists())
+    from psycopg.types import numeric as _pg_numeric
+
+    _PLAIN = _PLAIN | {getattr(_pg_numeric, name) for name in ("Int2", "Int4", "Int8", "IntNumeric", "Float4",
+                                                                 "Float8", "Oid") if hasattr(_pg_numeric, name)}
+except ImportError:
+    pass
 _RUNNING = float(DbState.RUNNING)
 
 
@@ -291,8 +298,8 @@ class ZeroHopReader:
             cursor = wrapper.create_cursor()
         except BaseException as exc:
             _close_wrapper(wrapper)
-            if state.cut:
-                raise _Cut() from exc
+            if state.cut or time.monotonic() - state.busy_since >= self.timeout:
+                raise _Cut() from exc   # no answer within READ_TIMEOUT (connect_timeout): hung, not down
             raise
         finally:
             state.busy_since = 0.0
