@@ -46,7 +46,7 @@ import weakref
 from typing import Any, Optional
 
 from .descriptors import Result, Statement
-from .errors import QueryTimeout
+from .errors import DatabaseDown, QueryTimeout
 from .health import is_connection_error, is_transient
 from .shared_state import (
     HEADER_SIZE,
@@ -279,6 +279,11 @@ class ZeroHopReader:
                    alias: copy.deepcopy(self.databases[alias])}
         entry = connections.configure_settings(entries)[alias]
         vendor_engine = entry["ENGINE"]
+        if "sqlite" in vendor_engine:
+            from .ownership import sqlite_path
+
+            if not os.path.exists(sqlite_path(entry)):   # SQLite would create an empty database there
+                raise DatabaseDown(f"the SQLite file of {alias!r} ({sqlite_path(entry)}) does not exist")
         if "postgresql" in vendor_engine:
             # A server that accepts but never answers must not hold the connect forever.
             options = entry.setdefault("OPTIONS", {})

@@ -67,3 +67,55 @@ def atomic_blocks(settings_json: str, prefix: str, count: int) -> None:
                 raise ValueError("roll back")
         except ValueError:
             pass
+
+
+def write_and_announce(settings_json: str, prefix: str, count: int, announce: Any) -> None:
+    """Create rows one by one; put each acknowledged row's pk on ``announce`` at once (None at the end)."""
+    setup_child(settings_json)
+    from tests.testapp.models import Author
+
+    try:
+        for i in range(count):
+            author = Author.objects.create(name=f"{prefix}-{i}")
+            announce.put(author.pk)
+    finally:
+        announce.put(None)
+
+
+def read_back_announced(settings_json: str, announce: Any, results: Any, timeout: float = 60) -> None:
+    """Read back every announced pk as soon as it arrives; report misses and how reads were routed."""
+    import queue as queue_module
+    import time
+
+    setup_child(settings_json)
+    from django_lb_shm.reads import zero_hop_reader
+    from tests.testapp.models import Author
+
+    seen, misses, errors = 0, [], []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            pk = announce.get(timeout=max(0.1, deadline - time.monotonic()))
+        except queue_module.Empty:
+            break
+        if pk is None:
+            break
+        seen += 1
+        try:
+            if not Author.objects.filter(pk=pk).exists():
+                misses.append(pk)
+        except Exception as exc:  # reported, the test decides
+            errors.append(f"{type(exc).__name__}: {exc}")
+    results.put({"seen": seen, "misses": misses, "errors": errors, "zero_hop": zero_hop_reader() is not None})
+
+
+def count_reads(settings_json: str, count: int, results: Any) -> None:
+    """``count`` reads; reports whether this process could route reads itself."""
+    setup_child(settings_json)
+    from django_lb_shm.reads import zero_hop_reader
+    from tests.testapp.models import Author
+
+    total = 0
+    for _ in range(count):
+        total += Author.objects.filter(name__startswith="x").count() >= 0
+    results.put({"reads": total, "zero_hop": zero_hop_reader() is not None})
