@@ -156,7 +156,11 @@ class ZeroHopReader:
         self.heartbeat_timeout = config.heartbeat_timeout
         self.state_at = [HEADER_SIZE + i * SLOT_SIZE + Slot.STATE for i in range(self.n)]
         self.applied_at = [HEADER_SIZE + i * SLOT_SIZE + Slot.APPLIED_SEQ for i in range(self.n)]
+        self.since_at = [HEADER_SIZE + i * SLOT_SIZE + Slot.STATE_SINCE for i in range(self.n)]
+        # A copy that failed here gets no reads from this process for QUARANTINE seconds, or until
+        # the coordinator changes its state (it went DOWN and came back meanwhile).
         self.quarantine = [0.0] * self.n
+        self.quarantine_since = [0.0] * self.n
         self.indices = list(range(self.n))
         self._local = threading.local()
         self._threads: "weakref.WeakSet[_Thread]" = weakref.WeakSet()
@@ -193,7 +197,8 @@ class ZeroHopReader:
             quarantine = self.quarantine
             candidates = [i for i in self.indices
                           if values[self.state_at[i]] == _RUNNING and values[self.applied_at[i]] >= last
-                          and i not in tried and quarantine[i] <= now]
+                          and i not in tried and (quarantine[i] <= now
+                                                  or values[self.since_at[i]] != self.quarantine_since[i])]
             if not candidates:
                 if tried or not any(values[self.state_at[i]] == _RUNNING for i in self.indices):
                     return None   # the coordinator path says what is down, or retries with its own connections
@@ -226,6 +231,7 @@ class ZeroHopReader:
                 elif not is_transient(exc):
                     raise   # the caller's error (bad SQL, bad data): as Django would raise it
             tried.append(db)
+            self.quarantine_since[db] = values[self.since_at[db]]
             self.quarantine[db] = time.monotonic() + QUARANTINE
             now = time.monotonic()
 

@@ -322,10 +322,10 @@ def test_a_read_after_an_acknowledged_write_of_another_process_sees_it(lb_factor
     handle = lb_factory("ryw", databases=lagging_db2, R_ALGORITHM={"NAME": "ROUND_ROBIN"})
     handle.wait_drained()
     before = counters(handle)
-    announce, results = SPAWN.Queue(), SPAWN.Queue()
+    announce, results, done = SPAWN.Queue(), SPAWN.Queue(), SPAWN.Queue()
     settings_json = str(handle.config_path)
-    reader = SPAWN.Process(target=workers.read_back_announced, args=(settings_json, announce, results))
-    writer = SPAWN.Process(target=workers.write_and_announce, args=(settings_json, "ryw", 60, announce))
+    reader = SPAWN.Process(target=workers.read_back_announced, args=(settings_json, announce, results, 60, done))
+    writer = SPAWN.Process(target=workers.write_and_announce, args=(settings_json, "ryw", 60, announce, done))
     reader.start()
     writer.start()
     try:
@@ -339,6 +339,7 @@ def test_a_read_after_an_acknowledged_write_of_another_process_sees_it(lb_factor
     assert outcome["misses"] == [] and outcome["errors"] == [], outcome
     reads_done = delta(before, counters(handle), 1)
     assert sum(reads_done.values()) >= 60, reads_done   # the read-backs ran in the reading process
+    assert sum(delta(before, counters(handle), 0).values()) == 0, "a read-back took the coordinator path"
     if lagging_db2:
         # DB2 lagged behind every write: the read-backs went to copies that had applied it
         assert reads_done["DB2"] < sum(reads_done.values()) / 3, reads_done
