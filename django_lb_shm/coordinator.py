@@ -304,6 +304,7 @@ class Coordinator:
         if not ok and isinstance(value, QueryTimeout) and thread.state == DbState.RUNNING:
             thread.mark_unresponsive(str(value))
         elif ok:
+            self.shared.add(thread.index, Slot.READS, -1)   # a probe, not an app's read
             logger.info("database %r answered a probe after an app process's read failed there", thread.alias)
 
     def _reply_queue(self) -> "queue.SimpleQueue":
