@@ -62,11 +62,12 @@ class RoundRobin(ReadAlgorithm):
         if bad:
             raise ConfigurationError(f"R_ALGORITHM['WEIGHTS'] must map database names to whole numbers >= 0: {bad}")
         self.weights = [weights.get(n, 1) for n in self.names]
+        self.unweighted = all(w == 1 for w in self.weights)
         self._current = [0] * len(self.names)
         self._lock = threading.Lock()
 
     def choose(self, candidates: Sequence[int]) -> int:
-        if all(self.weights[i] == 1 for i in candidates):
+        if self.unweighted or all(self.weights[i] == 1 for i in candidates):
             return self._rotate(candidates)
         return self._smooth_weighted(candidates)
 

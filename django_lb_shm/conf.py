@@ -535,12 +535,16 @@ def build_config(raw: Any, django_dbs: Mapping[str, Any]) -> LoadBalancerConfig:
 
 
 _cached: list = [object(), None]  # [raw LOAD_BALANCER value, its config]
+_settings: list = [None]          # django.conf.settings
 
 
 def get_config() -> LoadBalancerConfig:
     """The validated LOAD_BALANCER of the current Django settings (rebuilt when the setting changes)."""
-    from django.conf import settings
+    settings = _settings[0]
+    if settings is None:   # imported on first use (never at import time), then kept: this runs per query
+        from django.conf import settings
 
+        _settings[0] = settings
     raw = getattr(settings, SETTING_NAME, None)
     if _cached[0] is not raw:
         _cached[1] = build_config(raw, settings.DATABASES)

@@ -45,6 +45,7 @@ import uuid
 import weakref
 from typing import Any, Optional
 
+from .conf import _settings, get_config
 from .descriptors import Result, Statement
 from .errors import DatabaseDown, QueryTimeout
 from .health import is_connection_error, is_transient
@@ -103,6 +104,7 @@ class _Thread:
     def bind(self, shared: SharedState) -> None:
         """Take the slot in (a possibly new) segment: this thread is now its only writer."""
         values = self.values = shared.values
+        self.base = [shared.reader_index(self.slot, db, 0) for db in range(shared.n_databases)]
         head = shared.reader_head(self.slot)
         values[head] = os.getpid()
         values[head + 1] += 1
@@ -145,6 +147,7 @@ class ZeroHopReader:
         from .balancing import build_read_algorithm
 
         self.config = config
+        self.raw = settings.LOAD_BALANCER   # what the fast path compares
         self.pid = os.getpid()
         self.shared = shared
         self.values = shared.values
@@ -162,6 +165,7 @@ class ZeroHopReader:
         self.quarantine = [0.0] * self.n
         self.quarantine_since = [0.0] * self.n
         self.indices = list(range(self.n))
+        self.fields = tuple(zip(self.indices, self.state_at, self.applied_at, self.since_at))
         self._local = threading.local()
         self._threads: "weakref.WeakSet[_Thread]" = weakref.WeakSet()
         self._lock = threading.Lock()        # claims and re-attach only, never a read
@@ -195,10 +199,10 @@ class ZeroHopReader:
         waited_until = 0.0
         while True:
             quarantine = self.quarantine
-            candidates = [i for i in self.indices
-                          if values[self.state_at[i]] == _RUNNING and values[self.applied_at[i]] >= last
-                          and i not in tried and (quarantine[i] <= now
-                                                  or values[self.since_at[i]] != self.quarantine_since[i])]
+            candidates = [i for i, state_at, applied_at, since_at in self.fields
+                          if values[state_at] == _RUNNING and values[applied_at] >= last
+                          and (quarantine[i] <= now or values[since_at] != self.quarantine_since[i])
+                          and i not in tried]
             if not candidates:
                 if tried or not any(values[self.state_at[i]] == _RUNNING for i in self.indices):
                     return None   # the coordinator path says what is down, or retries with its own connections
@@ -240,12 +244,12 @@ class ZeroHopReader:
         if cursor is None:
             cursor = self._open(state, db)
         values = state.values
-        inflight = self.shared.reader_index(state.slot, db, Reader.INFLIGHT)
+        base = state.base[db]
+        inflight = base + Reader.INFLIGHT
         values[inflight] += 1
         state.cut = False
         state.busy_db = db
-        started = time.perf_counter()
-        state.busy_since = time.monotonic()
+        state.busy_since = started = time.monotonic()
         try:
             if statement.params is None:
                 cursor.execute(statement.sql)
@@ -264,8 +268,7 @@ class ZeroHopReader:
         finally:
             state.busy_since = 0.0
             values[inflight] -= 1
-        elapsed_ms = (time.perf_counter() - started) * 1000
-        base = inflight - Reader.INFLIGHT
+        elapsed_ms = (time.monotonic() - started) * 1000
         values[base + Reader.READS] += 1
         values[base + Reader.LATENCY_SUM_MS] += elapsed_ms
         values[base + Reader.LATENCY_COUNT] += 1
@@ -472,11 +475,11 @@ _warned: set = set()
 
 
 def zero_hop_reader() -> Optional[ZeroHopReader]:
-    """This process's reader, or None: reads take the coordinator path."""
-    from .conf import get_config
-
-    config = get_config()
+    """This process's reader, or None: reads take the coordinator path (called on every read)."""
     reader = _reader
+    if reader is not None and _settings[0].LOAD_BALANCER is reader.raw:
+        return reader   # (a fork resets _reader)
+    config = get_config()
     if reader is not None and reader.config is config and reader.pid == os.getpid():
         return reader
     if config.read_path != "AUTO":
