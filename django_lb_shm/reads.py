@@ -176,8 +176,17 @@ class ZeroHopReader:
     # -- the hot path -----------------------------------------------------------------
     def read(self, statement: Statement) -> Optional[Result]:
         """The result of a read run here, or None: take the coordinator path."""
-        params = statement.params
-        if statement.many or (params and not _plain(params)):
+        if statement.many:
+            return None
+        out = self.run(statement.sql, statement.params)
+        if out is None:
+            return None
+        rows, description, rowcount, database = out
+        return Result(rows, description, rowcount, None, database)
+
+    def run(self, sql: str, params: Any) -> Optional[tuple]:
+        """(rows, description, rowcount, database) of a read run here, or None: take the coordinator path."""
+        if params and not _plain(params):
             return None
         values = self.values
         heartbeat = values[Header.HEARTBEAT]
@@ -217,7 +226,7 @@ class ZeroHopReader:
             algorithm = self.algorithm
             db = algorithm.choose(algorithm.eligible(candidates))
             try:
-                return self._run(state, db, statement)
+                return self._run(state, db, sql, params)
             except _Cut:
                 self._count(state, db, Reader.TIMEOUTS)
                 if timed_out:
@@ -239,7 +248,7 @@ class ZeroHopReader:
             self.quarantine[db] = time.monotonic() + QUARANTINE
             now = time.monotonic()
 
-    def _run(self, state: _Thread, db: int, statement: Statement) -> Result:
+    def _run(self, state: _Thread, db: int, sql: str, params: Any) -> tuple:
         cursor = state.cursors.get(db)
         if cursor is None:
             cursor = self._open(state, db)
@@ -251,10 +260,10 @@ class ZeroHopReader:
         state.busy_db = db
         state.busy_since = started = time.monotonic()
         try:
-            if statement.params is None:
-                cursor.execute(statement.sql)
+            if params is None:
+                cursor.execute(sql)
             else:
-                cursor.execute(statement.sql, statement.params)
+                cursor.execute(sql, params)
             description = cursor.description
             rows = cursor.fetchall() if description is not None else []
         except BaseException as exc:
@@ -272,7 +281,7 @@ class ZeroHopReader:
         values[base + Reader.READS] += 1
         values[base + Reader.LATENCY_SUM_MS] += elapsed_ms
         values[base + Reader.LATENCY_COUNT] += 1
-        return Result(rows, description, cursor.rowcount, None, self.names[db])
+        return rows, description, cursor.rowcount, self.names[db]
 
     def _count(self, state: _Thread, db: int, field: Reader) -> None:
         state.values[self.shared.reader_index(state.slot, db, field)] += 1
