@@ -764,8 +764,8 @@ class Driver:
                 r = report.ratio(lb.get("p50_ms"), direct.get("p50_ms"))
                 out[f"point_read_p50_ratio[{v.label}]"] = {
                     "lb_p50_ms": lb.get("p50_ms"), "direct_p50_ms": direct.get("p50_ms"), "ratio": r,
-                    "target": "<= 1.3 (1 client)", "clients": self.args.clients,
-                    "met": (r is not None and r <= 1.3) if self.args.clients == 1 else None}
+                    "target": "<= 1.10 (1 client; issue 15)", "clients": self.args.clients,
+                    "met": (r is not None and r <= 1.10) if self.args.clients == 1 else None}
         for work in workload.WORKLOADS:
             d = find(work, "direct")
             p = find(work, "pgpool")
