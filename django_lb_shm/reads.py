@@ -228,13 +228,15 @@ class ZeroHopReader:
             try:
                 return self._run(state, db, sql, params)
             except _Cut:
-                self._count(state, db, Reader.TIMEOUTS)
+                # The first database that times out is treated as hung (reported: the coordinator takes
+                # it out of the rotation); a second one means the query itself is slow (not reported).
                 if timed_out:
                     raise QueryTimeout(
                         f"database {self.names[db]!r} did not finish a read within {self.timeout:.2f} s, after "
                         f"{timed_out!r} did too: the query takes longer than READ_TIMEOUT ({self.timeout:.2f} s); "
                         "raise READ_TIMEOUT or make the query faster"
                     ) from None
+                self._count(state, db, Reader.TIMEOUTS)
                 timed_out = self.names[db]
             except Exception as exc:
                 if is_connection_error(exc):
