@@ -4,6 +4,10 @@ objects the virtual Django connection uses (a session and its cursors).
 Every process (and every thread, via the Manager proxy's thread-local socket)
 gets its own connection, opened lazily on the first query and rebuilt after a
 fork, so gunicorn or celery workers never share a socket.
+
+Reads outside a transaction (or before its first write) first try the zero-hop
+path (``reads.py``): on the coordinator's host the process routes and runs them
+itself; when it cannot, they are sent to the coordinator as before.
 """
 from __future__ import annotations
 
@@ -264,10 +268,11 @@ os.register_at_fork(after_in_child=_reset_after_fork)
 class ClientSession:
     """The DB-API 'connection' behind the virtual Django connection alias.
 
-    Outside a transaction every statement is one request.  Inside one
-    (autocommit off), reads go through the read algorithm until the first
-    write; that write opens the transaction on the coordinator, which then
-    holds the global write order until commit or rollback.
+    Outside a transaction every statement is one request (a read: zero-hop when
+    this process can).  Inside one (autocommit off), reads go through the read
+    algorithm until the first write; that write opens the transaction on the
+    coordinator, which then holds the global write order until commit or
+    rollback, and runs the transaction's later reads on the leader.
     """
 
     def __init__(self, alias: str):
