@@ -308,7 +308,9 @@ class ZeroHopReader:
             # A server that accepts but never answers must not hold the connect forever.
             options = entry.setdefault("OPTIONS", {})
             options.setdefault("connect_timeout", max(2, int(self.timeout + 0.999)))
-        wrapper = load_backend(vendor_engine).DatabaseWrapper(entry, alias)
+        # Its own alias name: not one of connections' (Django's test cases treat a connection under
+        # such a name as dynamically created, not as the app reaching a database it did not declare).
+        wrapper = load_backend(vendor_engine).DatabaseWrapper(entry, f"{alias}:zero-hop")
         wrapper.inc_thread_sharing()   # closed from the watchdog or a finalizer, maybe on another thread
         state.busy_db, state.cut = db, False
         state.busy_since = time.monotonic()
