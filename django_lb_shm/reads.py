@@ -479,6 +479,17 @@ def _lock_directory(config: Any) -> str:
     return ""
 
 
+def close_connections() -> None:
+    """Close the zero-hop connections of every thread of this process (e.g. before test databases
+    are dropped); they are opened again on the next read.  Call it when no read is running."""
+    reader = _reader
+    if reader is None or reader.pid != os.getpid():
+        return
+    for state in list(reader._threads):
+        for db in list(state.wrappers):
+            reader._drop(state, db)
+
+
 # -- this process's reader ------------------------------------------------------------------
 _reader: Optional[ZeroHopReader] = None
 _reader_key: tuple = ()
