@@ -501,7 +501,7 @@ _warned: set = set()
 def zero_hop_reader() -> Optional[ZeroHopReader]:
     """This process's reader, or None: reads take the coordinator path (called on every read)."""
     reader = _reader
-    if reader is not None and _settings[0].LOAD_BALANCER is reader.raw:
+    if reader is not None and getattr(_settings[0], "LOAD_BALANCER", None) is reader.raw:
         return reader   # (a fork resets _reader)
     config = get_config()
     if reader is not None and reader.config is config and reader.pid == os.getpid():
