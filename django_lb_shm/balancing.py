@@ -1,8 +1,11 @@
 """Read algorithms: which ONE database serves the next read.
 
-Every algorithm chooses among the candidates the coordinator hands it (the
-databases that are RUNNING and allowed to serve reads), reading the shared
-latency and in-flight arrays directly, without any round trip.  Writes do not
+Every algorithm chooses among the candidates it is handed (the databases that
+are RUNNING and allowed to serve reads), reading the shared latency and
+in-flight arrays directly, without any round trip.  An instance runs in the
+coordinator (reads that take the coordinator path) and one in every app process
+that runs reads itself (``reads.py``): counters such as the round-robin turn are
+per process, the shared arrays are common to all.  Writes do not
 come here: they go to every database.
 
 A custom algorithm is a ``ReadAlgorithm`` subclass named by dotted path in
@@ -59,11 +62,12 @@ class RoundRobin(ReadAlgorithm):
         if bad:
             raise ConfigurationError(f"R_ALGORITHM['WEIGHTS'] must map database names to whole numbers >= 0: {bad}")
         self.weights = [weights.get(n, 1) for n in self.names]
+        self.unweighted = all(w == 1 for w in self.weights)
         self._current = [0] * len(self.names)
         self._lock = threading.Lock()
 
     def choose(self, candidates: Sequence[int]) -> int:
-        if all(self.weights[i] == 1 for i in candidates):
+        if self.unweighted or all(self.weights[i] == 1 for i in candidates):
             return self._rotate(candidates)
         return self._smooth_weighted(candidates)
 
@@ -104,10 +108,12 @@ class IntervalTime(ReadAlgorithm):
 
 
 class LeastConnections(ReadAlgorithm):
-    """The database with the fewest reads queued or running (shared in-flight counts)."""
+    """The database with the fewest reads queued or running (shared in-flight counts:
+    the coordinator's and those of every app process that runs reads itself)."""
 
     def choose(self, candidates: Sequence[int]) -> int:
-        loads = {i: self.shared.get(i, Slot.INFLIGHT) for i in candidates}
+        inflight = self.shared.inflight
+        loads = {i: inflight(i) for i in candidates}
         least = min(loads.values())
         return self._rotate([i for i in candidates if loads[i] <= least])
 

@@ -4,6 +4,10 @@ objects the virtual Django connection uses (a session and its cursors).
 Every process (and every thread, via the Manager proxy's thread-local socket)
 gets its own connection, opened lazily on the first query and rebuilt after a
 fork, so gunicorn or celery workers never share a socket.
+
+Reads outside a transaction (or before its first write) first try the zero-hop
+path (``reads.py``): on the coordinator's host the process routes and runs them
+itself; when it cannot, they are sent to the coordinator as before.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ from .errors import (
     from_dict,
 )
 from .protocol import CoordinatorManager, private_directory, timed_client
+from .reads import zero_hop_reader
 
 logger = logging.getLogger("django_lb_shm.client")
 
@@ -44,8 +49,22 @@ _SEQUENCE_RESET = re.compile(r"\bsetval\s*\(", re.IGNORECASE)
 _CONNECTION_LOST = (EOFError, ConnectionError, BrokenPipeError, OSError)
 
 
+_KINDS: dict = {}   # sql -> kind: an ORM query's SQL repeats (its parameters are apart)
+_KINDS_MAX = 2048
+
+
 def classify(sql: str) -> str:
     """What a statement does: READ, WRITE, LOCK (locking read), SAVEPOINT or BOUNDARY."""
+    kind = _KINDS.get(sql)
+    if kind is None:
+        kind = _classify(sql)
+        if len(_KINDS) >= _KINDS_MAX:
+            _KINDS.clear()
+        _KINDS[sql] = kind
+    return kind
+
+
+def _classify(sql: str) -> str:
     words = sql.lstrip(" \t\r\n(").split(None, 2)
     head = words[0].upper() if words else ""
     if head in ("SELECT", "VALUES", "EXPLAIN", "SHOW", "WITH", "TABLE"):
@@ -249,10 +268,11 @@ os.register_at_fork(after_in_child=_reset_after_fork)
 class ClientSession:
     """The DB-API 'connection' behind the virtual Django connection alias.
 
-    Outside a transaction every statement is one request.  Inside one
-    (autocommit off), reads go through the read algorithm until the first
-    write; that write opens the transaction on the coordinator, which then
-    holds the global write order until commit or rollback.
+    Outside a transaction every statement is one request (a read: zero-hop when
+    this process can).  Inside one (autocommit off), reads go through the read
+    algorithm until the first write; that write opens the transaction on the
+    coordinator, which then holds the global write order until commit or
+    rollback, and runs the transaction's later reads on the leader.
     """
 
     def __init__(self, alias: str):
@@ -310,6 +330,14 @@ class ClientSession:
     # -- statements -------------------------------------------------------
     def run(self, statement: d.Statement) -> d.Result:
         kind = classify(statement.sql)
+        if kind == READ and (self.autocommit or not self.transaction_open):
+            # Zero-hop: this process picks the copy from shared memory and runs the read
+            # on its own connection; None means "take the coordinator path".
+            reader = zero_hop_reader()
+            if reader is not None:
+                result = reader.read(statement)
+                if result is not None:
+                    return result
         if kind == BOUNDARY:
             raise NotSupportedError(
                 f"{statement.sql.split()[0]} sent through the load-balanced connection; "
@@ -409,8 +437,20 @@ class ProxyCursor:
         self.lastrowid = None
 
     def execute(self, sql: str, params: Any = None) -> "ProxyCursor":
-        keys = self.session.take_insert_keys(sql)
-        self._load(self.session.run(d.Statement(sql, params, False, keys)))
+        session = self.session
+        if not session.transaction_open and not session.expected_inserts:
+            # The zero-hop fast lane (the same decision as ClientSession.run, without building
+            # a Statement and a Result): this process runs the read itself.
+            reader = zero_hop_reader()
+            if reader is not None and classify(sql) == READ:
+                out = reader.run(sql, params)
+                if out is not None:
+                    self._rows, self.description, self.rowcount, _database = out
+                    self._pos = 0
+                    self.lastrowid = None
+                    return self
+        keys = session.take_insert_keys(sql)
+        self._load(session.run(d.Statement(sql, params, False, keys)))
         return self
 
     def executemany(self, sql: str, param_list: Iterable[Any]) -> "ProxyCursor":

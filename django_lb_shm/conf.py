@@ -23,6 +23,7 @@ BUILTIN_READ_ALGORITHMS = (
     "INTERVAL_NUMBER_OF_CONNECTIONS",  # the seed's name for least connections
 )
 WRITE_ACK_POLICIES = ("FIRST", "QUORUM", "ALL")
+READ_PATHS = ("AUTO", "COORDINATOR")  # AUTO: zero-hop reads where the shared memory can be attached
 SUPPORTED_VENDORS = ("sqlite", "postgresql")
 MIN_REMOTE_AUTHKEY_LENGTH = 32
 
@@ -30,7 +31,7 @@ KNOWN_KEYS = {
     "CUD_ALGORITHM", "R_ALGORITHM", "DATABASES", "WAIT_TIME", "ADDRESS", "ALIAS",
     "JOURNAL_DIR", "JOURNAL_FSYNC", "WRITE_ACK", "CLIENT_TIMEOUT", "CONNECT_TIMEOUT",
     "HEARTBEAT_TIMEOUT", "GRACEFUL_TIMEOUT", "MAX_RSS_MB", "MAX_REQUEST_BYTES",
-    "STATEMENT_TIMEOUT", "READ_TIMEOUT", "READ_CONNECTIONS", "LOG_LEVEL",
+    "STATEMENT_TIMEOUT", "READ_TIMEOUT", "READ_CONNECTIONS", "LOG_LEVEL", "READ_PATH",
 }
 # Optional numeric settings: name -> (default, zero allowed)
 NUMERIC_DEFAULTS: dict[str, tuple[float, bool]] = {
@@ -133,6 +134,7 @@ class LoadBalancerConfig:
     read_timeout: float = 0.0
     read_connections: int = 4
     log_level: str = "INFO"
+    read_path: str = "AUTO"
 
     @property
     def database_answer_timeout(self) -> float:
@@ -393,8 +395,9 @@ def _check_numbers(raw: Mapping[str, Any]) -> list[Problem]:
             f"Use at least {MIN_SENSIBLE_RSS_MB} (or 0, no limit).",
             level="warning",
         ))
-    return problems + _check_choice(raw, "WRITE_ACK", WRITE_ACK_POLICIES, "django_lb_shm.E014",
-                                    "acknowledgement policy") + _check_log_level(raw)
+    return (problems + _check_choice(raw, "WRITE_ACK", WRITE_ACK_POLICIES, "django_lb_shm.E014",
+                                     "acknowledgement policy") + _check_log_level(raw)
+            + _check_choice(raw, "READ_PATH", READ_PATHS, "django_lb_shm.E026", "read path"))
 
 
 def _check_log_level(raw: Mapping[str, Any]) -> list[Problem]:
@@ -539,17 +542,22 @@ def build_config(raw: Any, django_dbs: Mapping[str, Any]) -> LoadBalancerConfig:
         journal_fsync=bool(raw.get("JOURNAL_FSYNC", True)),
         write_ack=raw.get("WRITE_ACK", "FIRST"),
         log_level=str(raw.get("LOG_LEVEL", "INFO")).upper(),
+        read_path=raw.get("READ_PATH", "AUTO"),
         **numbers,
     )
 
 
 _cached: list = [object(), None]  # [raw LOAD_BALANCER value, its config]
+_settings: list = [None]          # django.conf.settings
 
 
 def get_config() -> LoadBalancerConfig:
     """The validated LOAD_BALANCER of the current Django settings (rebuilt when the setting changes)."""
-    from django.conf import settings
+    settings = _settings[0]
+    if settings is None:   # imported on first use (never at import time), then kept: this runs per query
+        from django.conf import settings
 
+        _settings[0] = settings
     raw = getattr(settings, SETTING_NAME, None)
     if _cached[0] is not raw:
         _cached[1] = build_config(raw, settings.DATABASES)

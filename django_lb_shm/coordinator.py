@@ -55,7 +55,7 @@ from .protocol import (
     no_delay,
     private_directory,
 )
-from .shared_state import CoordinatorState, DbState, Header, SharedState, Slot
+from .shared_state import CoordinatorState, DbState, Header, Reader, SharedState, Slot
 
 logger = logging.getLogger("django_lb_shm.coordinator")
 
@@ -302,6 +302,17 @@ class Coordinator:
             for pooled in thread.read_pool.cut_overdue(limit):
                 thread.cancel_query_of(pooled.conn)
 
+    def probe(self, thread: Any) -> None:
+        """An app process's read failed on its own connection to ``thread``'s database:
+        check it on ours (a failure marks it DOWN, a hang past READ_TIMEOUT too)."""
+        statement = d.Statement("SELECT 1")
+        ok, value = self._read_on(thread, statement, time.monotonic() + self.config.client_timeout)
+        if not ok and isinstance(value, QueryTimeout) and thread.state == DbState.RUNNING:
+            thread.mark_unresponsive(str(value))
+        elif ok:
+            self.shared.add(thread.index, Slot.READS, -1)   # a probe, not an app's read
+            logger.info("database %r answered a probe after an app process's read failed there", thread.alias)
+
     def _reply_queue(self) -> "queue.SimpleQueue":
         reply = getattr(self._local, "reply", None)
         if reply is None:
@@ -323,6 +334,89 @@ class Coordinator:
             if got_token == token:
                 return ok, value
             # a late answer to an earlier request that timed out: drop it
+
+
+class ReaderWatch(threading.Thread):
+    """Acts on what app processes running zero-hop reads report in their reader slots.
+
+    * a read cut after READ_TIMEOUT (``Reader.TIMEOUTS``): the database is treated as
+      hung, as when one of the coordinator's own reads times out: DOWN until it answers
+      a probe again;
+    * a connection failure on an app's connection (``Reader.FAILURES``): probed on the
+      coordinator's own connection (one probe at a time per database);
+    * their reads' latencies (``LATENCY_SUM_MS``/``LATENCY_COUNT``): fed into the shared
+      latency average that INTERVAL_TIME reads, next to the probes and the coordinator's reads.
+    """
+
+    POLL = 0.05
+    LATENCY_EVERY = 0.5
+
+    def __init__(self, coordinator: "Coordinator", threads: list):
+        super().__init__(name="reader-watch", daemon=True)
+        self.coordinator = coordinator
+        self.shared = coordinator.shared
+        self.threads = threads   # the live list: replaced database threads are seen
+        self.stop_event = threading.Event()
+        self.seen = self._sums()   # what earlier coordinators already answered
+        self.next_latency = 0.0
+        self.probing: set = set()
+        self._probing_lock = threading.Lock()
+
+    def _sums(self) -> list[dict]:
+        fields = (Reader.TIMEOUTS, Reader.FAILURES, Reader.LATENCY_SUM_MS, Reader.LATENCY_COUNT)
+        return [{f: self.shared.reader_sum(i, f) for f in fields} for i in range(self.shared.n_databases)]
+
+    def run(self) -> None:
+        while not self.stop_event.wait(self.POLL):
+            try:
+                self.run_once()
+            except Exception:  # never let the watch stop
+                logger.exception("reader watch failed")
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def run_once(self, now: Optional[float] = None) -> None:
+        now = time.monotonic() if now is None else now
+        sums = self._sums()
+        latency_due = now >= self.next_latency
+        if latency_due:
+            self.next_latency = now + self.LATENCY_EVERY
+        for thread, seen, current in zip(self.threads, self.seen, sums):
+            if current[Reader.TIMEOUTS] > seen[Reader.TIMEOUTS]:
+                seen[Reader.TIMEOUTS] = current[Reader.TIMEOUTS]
+                if thread.state == DbState.RUNNING:
+                    limit = self.coordinator.config.database_answer_timeout
+                    thread.mark_unresponsive(f"database {thread.alias!r} did not finish a read within {limit:.2f} s; "
+                                             "it was cut (an app process's own connection)")
+            if current[Reader.FAILURES] > seen[Reader.FAILURES]:
+                seen[Reader.FAILURES] = current[Reader.FAILURES]
+                if thread.state == DbState.RUNNING:
+                    self._probe_soon(thread)
+            if latency_due:
+                count = current[Reader.LATENCY_COUNT] - seen[Reader.LATENCY_COUNT]
+                if count > 0:
+                    total = current[Reader.LATENCY_SUM_MS] - seen[Reader.LATENCY_SUM_MS]
+                    self.shared.record_latency(thread.index, total / count)
+                seen[Reader.LATENCY_COUNT] = current[Reader.LATENCY_COUNT]
+                seen[Reader.LATENCY_SUM_MS] = current[Reader.LATENCY_SUM_MS]
+
+    def _probe_soon(self, thread: Any) -> None:
+        with self._probing_lock:
+            if thread.index in self.probing:
+                return
+            self.probing.add(thread.index)
+
+        def probe() -> None:
+            try:
+                self.coordinator.probe(thread)
+            except Exception:
+                logger.exception("probing database %r failed", thread.alias)
+            finally:
+                with self._probing_lock:
+                    self.probing.discard(thread.index)
+
+        threading.Thread(target=probe, name=f"probe-{thread.alias}", daemon=True).start()
 
 
 class WriteGuard:
@@ -620,6 +714,8 @@ class CoordinatorProcess:
             thread.start()
         self._wait_for_databases()
         self.coordinator = Coordinator(self.config, self.shared, self.threads, self.sequencer, self.algorithm)
+        self.reader_watch = ReaderWatch(self.coordinator, self.threads)
+        self.reader_watch.start()
         self.server.serve_forever_on_all()
 
     def client_gone(self) -> None:
@@ -718,6 +814,7 @@ class CoordinatorProcess:
     def _shutdown(self) -> None:
         self.shared.set_header(Header.COORDINATOR_STATE, CoordinatorState.STOPPING)
         self.server.close()
+        self.reader_watch.stop()
         if not self.coordinator.wait_idle(self.config.graceful_timeout):
             logger.warning("stopping with requests still in flight after %.1f s", self.config.graceful_timeout)
         for thread in self.threads:

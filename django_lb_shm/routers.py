@@ -13,7 +13,23 @@ from django.db import DEFAULT_DB_ALIAS
 from .backend.alias import lb_alias
 
 
+_LOAD_BALANCED: dict = {}   # model class -> bool (asked by the router on every query)
+
+
 def is_load_balanced(model: Any) -> bool:
+    if isinstance(model, type):
+        known = _LOAD_BALANCED.get(model)
+        if known is None:
+            known = _is_load_balanced(model)
+            from django.apps import apps
+
+            if apps.models_ready:   # relations resolved: the answer no longer changes
+                _LOAD_BALANCED[model] = known
+        return known
+    return _is_load_balanced(model)
+
+
+def _is_load_balanced(model: Any) -> bool:
     from .load_balancer_model import LoadBalancerModel
 
     if model is None:

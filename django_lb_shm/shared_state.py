@@ -4,11 +4,23 @@ One named ``multiprocessing.shared_memory`` segment per coordinator address,
 created and unlinked by the supervisor, written by the coordinator process
 (each field has exactly one writer thread, so no lock is needed) and read
 without any round trip by the supervisor, the read algorithms and ``status``.
-The layout is a flat array of float64 (exact for integers below 2**53).
+The layout is a flat array of float64 (exact for integers below 2**53):
+
+    header (HEADER_SIZE) | one Slot per database (SLOT_SIZE each) | READER_SLOTS reader slots
+
+A reader slot belongs to one thread of one app process that runs reads itself
+(zero-hop reads, ``reads.py``): it claims the slot with an ``flock`` on a lock
+file of its own (released by the kernel when the thread's state is dropped or the
+process dies) and is then the only writer of the slot's fields: its per-database
+read count, in-flight reads, latency sums, and the connection failures and
+timeouts it saw (which the coordinator's ``ReaderWatch`` acts on).  Readers sum
+the slots; nobody takes a lock to count.  ``LAYOUT_VERSION`` is checked on attach:
+an app process that finds another layout keeps the coordinator path.
 """
 from __future__ import annotations
 
 import enum
+import mmap
 import os
 import threading
 import time
@@ -16,7 +28,7 @@ from multiprocessing import resource_tracker, shared_memory
 from typing import Any, Optional
 
 MAGIC = 0x4C42_5348  # "LBSH"
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 
 
 class DbState(enum.IntEnum):
@@ -54,9 +66,11 @@ class Header(enum.IntEnum):
     SUPERVISOR_STARTED_AT = 12
     REQUESTS = 13
     ACTIVE_REQUESTS = 14
+    READER_SLOTS = 15       # number of reader slots after the database slots
+    READERS_HIGH = 16       # one past the highest reader slot claimed so far (scan bound)
 
 
-HEADER_SIZE = 16
+HEADER_SIZE = 24
 
 
 class Slot(enum.IntEnum):
@@ -77,6 +91,25 @@ class Slot(enum.IntEnum):
 SLOT_SIZE = 12
 
 
+class Reader(enum.IntEnum):
+    """Per database, in each reader slot (one writer: the thread that holds the slot)."""
+    READS = 0
+    INFLIGHT = 1
+    LATENCY_SUM_MS = 2
+    LATENCY_COUNT = 3
+    FAILURES = 4            # connection-level failures on the app's own connection
+    TIMEOUTS = 5            # reads cut after READ_TIMEOUT
+
+
+READER_FIELDS = 6
+READER_HEAD = 2             # PID, CLAIMS (how many times the slot was claimed)
+READER_SLOTS = 128
+
+
+class LayoutMismatch(RuntimeError):
+    """The segment was laid out by another version of the package."""
+
+
 def segment_name(address: Any) -> str:
     """One segment per coordinator address: django_lb_shm_<port> (or _u<hash of the socket path>)."""
     from .conf import address_key
@@ -91,15 +124,30 @@ class SharedState:
         self.shm = shm
         self.owner = owner
         self.values = shm.buf.cast("d")
+        self._layout()
         # Counters are bumped by many threads of the coordinator (server threads run
         # reads): "+=" on the buffer is a read and a write, so it takes a lock.
         self._add_lock = threading.Lock()
 
     # -- life cycle --------------------------------------------------------
+    def _layout(self) -> None:
+        values = self.values
+        n = int(values[Header.N_DATABASES]) if len(values) > Header.N_DATABASES else 0
+        self.reader_base = HEADER_SIZE + SLOT_SIZE * n
+        self.reader_size = READER_HEAD + READER_FIELDS * n
+        slots = int(values[Header.READER_SLOTS]) if len(values) > Header.READER_SLOTS else 0
+        # never past the end of the mapping, whatever the header says
+        fits = (len(values) - self.reader_base) // self.reader_size if self.reader_size else 0
+        self.reader_slots = max(0, min(slots, fits))
+
+    @staticmethod
+    def size_for(n_databases: int, reader_slots: int = READER_SLOTS) -> int:
+        return 8 * (HEADER_SIZE + SLOT_SIZE * n_databases + reader_slots * (READER_HEAD + READER_FIELDS * n_databases))
+
     @classmethod
-    def create(cls, name: str, n_databases: int) -> "SharedState":
+    def create(cls, name: str, n_databases: int, reader_slots: int = READER_SLOTS) -> "SharedState":
         """Create the segment, reclaiming one a dead supervisor left behind."""
-        size = 8 * (HEADER_SIZE + SLOT_SIZE * n_databases)
+        size = cls.size_for(n_databases, reader_slots)
         try:
             shm = shared_memory.SharedMemory(name=name, create=True, size=size)
         except FileExistsError:
@@ -117,6 +165,8 @@ class SharedState:
         state.set_header(Header.MAGIC, MAGIC)
         state.set_header(Header.VERSION, LAYOUT_VERSION)
         state.set_header(Header.N_DATABASES, n_databases)
+        state.set_header(Header.READER_SLOTS, reader_slots)
+        state._layout()
         state.set_header(Header.SUPERVISOR_PID, os.getpid())
         state.set_header(Header.SUPERVISOR_STARTED_AT, time.time())
         return state
@@ -137,11 +187,39 @@ class SharedState:
                 resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
             except Exception:
                 pass
+        return cls._checked(shm, name)
+
+    @classmethod
+    def _checked(cls, shm: Any, name: str) -> "SharedState":
         state = cls(shm, owner=False)
         if int(state.header(Header.MAGIC)) != MAGIC:
             state.close()
             raise RuntimeError(f"shared memory segment {name!r} is not a django_lb_shm segment")
+        version = int(state.header(Header.VERSION))
+        if version != LAYOUT_VERSION:
+            state.close()
+            raise LayoutMismatch(f"shared memory segment {name!r} has layout version {version}, this "
+                                 f"django_lb_shm reads version {LAYOUT_VERSION}")
         return state
+
+    @classmethod
+    def attach_untracked(cls, name: str) -> "SharedState":
+        """Attach without the resource tracker (app processes: no tracker process is started).
+
+        FileNotFoundError when there is no segment, PermissionError when it belongs to
+        another OS user, LayoutMismatch when another version laid it out.
+        """
+        try:
+            import _posixshmem
+        except ImportError:  # not POSIX: the tracked way
+            return cls.attach(name)
+        fd = _posixshmem.shm_open("/" + name, os.O_RDWR, mode=0o600)
+        try:
+            size = os.fstat(fd).st_size
+            mapping = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        return cls._checked(_Mapped(name, mapping), name)
 
     def close(self) -> None:
         try:
@@ -198,6 +276,27 @@ class SharedState:
         self.set(db, Slot.LAST_LATENCY_MS, ms)
         self.set(db, Slot.LATENCY_MS, ms if previous <= 0 else previous + weight * (ms - previous))
 
+    # -- reader slots (zero-hop reads of app processes) ---------------------------------
+    def reader_index(self, slot: int, db: int, field: Reader) -> int:
+        return self.reader_base + slot * self.reader_size + READER_HEAD + db * READER_FIELDS + field
+
+    def reader_head(self, slot: int) -> int:
+        return self.reader_base + slot * self.reader_size
+
+    def readers_high(self) -> int:
+        return max(0, min(int(self.values[Header.READERS_HIGH]), self.reader_slots))
+
+    def reader_sum(self, db: int, field: Reader) -> float:
+        """One field of one database, summed over the reader slots claimed so far."""
+        values = self.values
+        start = self.reader_base + READER_HEAD + db * READER_FIELDS + field
+        step = self.reader_size
+        return sum(values[start + slot * step] for slot in range(self.readers_high()))
+
+    def inflight(self, db: int) -> float:
+        """Reads running on ``db`` now: the coordinator's and every app process's."""
+        return self.values[HEADER_SIZE + db * SLOT_SIZE + Slot.INFLIGHT] + self.reader_sum(db, Reader.INFLIGHT)
+
     def snapshot(self, names: Optional[list[str]] = None) -> dict:
         """Everything in the segment as plain data (for status and tests)."""
         now = time.monotonic()
@@ -207,12 +306,14 @@ class SharedState:
             databases.append({
                 "name": names[i] if names and i < len(names) else str(i),
                 "state": self.state(i).name,
-                "reads": int(self.get(i, Slot.READS)),
+                "reads": int(self.get(i, Slot.READS) + self.reader_sum(i, Reader.READS)),
+                "coordinator_reads": int(self.get(i, Slot.READS)),
+                "zero_hop_reads": int(self.reader_sum(i, Reader.READS)),
                 "writes": int(self.get(i, Slot.WRITES)),
                 "applied_seq": int(self.get(i, Slot.APPLIED_SEQ)),
                 "pending_writes": max(0, int(self.header(Header.LAST_SEQ) - self.get(i, Slot.APPLIED_SEQ))),
                 "latency_ms": round(self.get(i, Slot.LATENCY_MS), 3),
-                "inflight_reads": int(self.get(i, Slot.INFLIGHT)),
+                "inflight_reads": int(self.inflight(i)),
                 "errors": int(self.get(i, Slot.ERRORS)),
                 "heartbeat_age_s": round(now - heartbeat, 3) if heartbeat else None,
                 "thread_restarts": int(self.get(i, Slot.THREAD_RESTARTS)),
@@ -232,9 +333,30 @@ class SharedState:
                 "journal_bytes": int(self.header(Header.JOURNAL_BYTES)),
                 "requests": int(self.header(Header.REQUESTS)),
                 "active_requests": int(self.header(Header.ACTIVE_REQUESTS)),
+                "reader_slots_used": self.readers_high(),
+                "layout_version": int(self.header(Header.VERSION)),
             },
             "supervisor": {"pid": int(self.header(Header.SUPERVISOR_PID))},
         }
+
+
+class _Mapped:
+    """What SharedState needs of a SharedMemory, for a segment mapped by hand (attach_untracked)."""
+
+    def __init__(self, name: str, mapping: mmap.mmap):
+        self.name = self._name = name
+        self._mmap = mapping
+        self.buf = memoryview(mapping)
+
+    def close(self) -> None:
+        try:
+            self.buf.release()
+            self._mmap.close()
+        except (BufferError, ValueError):
+            pass   # a view is still exported: the mapping goes with the process
+
+    def unlink(self) -> None:
+        raise RuntimeError("an app process never unlinks the segment")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -248,15 +370,25 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _owner_pid(name: str) -> int:
-    """The supervisor pid recorded in an existing segment; 0 if it is not readable as ours."""
+    """The supervisor pid recorded in an existing segment (of any layout version); 0 if it is not ours."""
     try:
-        existing = SharedState.attach(name)
-    except (RuntimeError, ValueError, FileNotFoundError):
+        shm = shared_memory.SharedMemory(name=name, create=False)
+    except (ValueError, FileNotFoundError, PermissionError):
         return 0
     try:
-        return int(existing.header(Header.SUPERVISOR_PID))
+        resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+    except Exception:
+        pass
+    try:
+        values = shm.buf.cast("d")
+        try:
+            if len(values) <= Header.SUPERVISOR_PID or int(values[Header.MAGIC]) != MAGIC:
+                return 0
+            return int(values[Header.SUPERVISOR_PID])   # the same place in every layout version
+        finally:
+            values.release()
     finally:
-        existing.close()
+        shm.close()
 
 
 def _unlink(name: str) -> None:

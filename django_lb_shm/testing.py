@@ -109,7 +109,10 @@ class LoadBalancerTestRunner(DiscoverRunner):
         return old_config
 
     def teardown_databases(self, old_config: Any, **kwargs: Any) -> None:
+        from .reads import close_connections
+
         self._stop_coordinator()
+        close_connections()   # zero-hop reads' own connections: PostgreSQL refuses to drop a database in use
         super().teardown_databases(old_config, **kwargs)
         shutil.rmtree(self._workdir, ignore_errors=True)
 

@@ -75,7 +75,7 @@ class Environment:
 
     # -- settings -----------------------------------------------------------------------
     def write_settings(self, databases: dict, port: int, read_algorithm: str, write_ack: str,
-                       journal_fsync: bool) -> Path:
+                       journal_fsync: bool, read_path: str = "AUTO") -> Path:
         self.settings = {
             "DATABASES": databases,
             "LOAD_BALANCER": {
@@ -87,6 +87,7 @@ class Environment:
                 "JOURNAL_DIR": str(self.tmp / "journal"),
                 "JOURNAL_FSYNC": journal_fsync,
                 "WRITE_ACK": write_ack,
+                "READ_PATH": read_path,
                 "CLIENT_TIMEOUT": 30,
                 "CONNECT_TIMEOUT": 10,
             },

@@ -19,6 +19,7 @@ from tests.support.lb import (  # noqa: F401  (fixtures)
     BACKEND,
     CoordinatorHandle,
     coordinator,
+    coordinator_path,
     lb_factory,
     replicas,
 )

@@ -95,7 +95,8 @@ def test_idle_and_dropped_connections_leave_it_serving_with_bounded_memory(coord
 
 
 def test_oversized_request_is_refused_with_a_clear_error(lb_factory):
-    handle = lb_factory("size", MAX_REQUEST_BYTES=20_000)
+    # a read is the smallest way to send a big request; zero-hop reads send none (nothing to limit)
+    handle = lb_factory("size", MAX_REQUEST_BYTES=20_000, READ_PATH="COORDINATOR")
     with pytest.raises(RequestRejected, match="MAX_REQUEST_BYTES"):
         Author.objects.filter(name="x" * 50_000).count()
     # a client that ignores the limit is cut off at the coordinator, which goes on serving
@@ -153,9 +154,10 @@ def test_unpicklable_argument_does_not_touch_the_coordinator(coordinator):
 
 
 @pytest.mark.postgres_only
-@pytest.mark.parametrize("read_path", ["database thread", "pooled connection"])
+@pytest.mark.parametrize("read_path", ["database thread", "pooled connection", "zero-hop"])
 def test_a_hung_database_is_treated_as_down_for_reads(lb_factory, read_path):
-    handle = lb_factory("hung", READ_TIMEOUT=1, CLIENT_TIMEOUT=8)
+    handle = lb_factory("hung", READ_TIMEOUT=1, CLIENT_TIMEOUT=8,
+                        READ_PATH="AUTO" if read_path == "zero-hop" else "COORDINATOR")
     author = Author.objects.create(name="h")
     if read_path == "pooled connection":  # reads open the pools; the hung read is cut by the watchdog
         handle.wait_drained()
@@ -173,6 +175,8 @@ def test_a_hung_database_is_treated_as_down_for_reads(lb_factory, read_path):
         for _ in range(9):
             assert Author.objects.filter(pk=author.pk).exists()
         assert time.monotonic() - started < 8
+        if read_path == "zero-hop":   # the app reported it; the coordinator's reader watch marks it
+            handle.wait_state("DB2", "DOWN", timeout=3)
         assert next(d for d in handle.status()["databases"] if d["name"] == "DB2")["state"] == "DOWN"
     finally:
         for proc in frozen:

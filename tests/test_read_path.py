@@ -1,5 +1,8 @@
 """Issue 6: the short read path, checked for behaviour (timings live in the stress suite).
 
+Most of these are about the coordinator path (READ_PATH='COORDINATOR'); zero-hop
+reads have their own tests in test_zero_hop_reads.py.
+
 * reads run on the coordinator's server thread, on a few pooled connections
   per database (READ_CONNECTIONS), and fall back to the database thread's queue;
 * same-host clients reach a loopback TCP coordinator over a private Unix socket;
@@ -40,7 +43,8 @@ def reads(status: dict) -> int:
     return sum(d["reads"] for d in status["databases"])
 
 
-def test_reads_run_on_pooled_connections_and_give_them_back(coordinator):
+def test_reads_run_on_pooled_connections_and_give_them_back(coordinator_path):
+    coordinator = coordinator_path
     Author.objects.create(name="pooled")
     coordinator.wait_drained()
     status = coordinator.status()
@@ -55,7 +59,15 @@ def test_reads_run_on_pooled_connections_and_give_them_back(coordinator):
     assert all(p["busy"] == 0 and 1 <= p["open"] <= p["size"] == 4 for p in pools.values()), pools
 
 
-def test_read_counters_stay_exact_when_server_threads_read_at_once(coordinator):
+@pytest.mark.parametrize("path", ["COORDINATOR", "AUTO"])
+def test_read_counters_stay_exact_when_server_threads_read_at_once(coordinator, path):
+    from tests.support.lb import read_path
+
+    with read_path(path):
+        _counters_stay_exact(coordinator)
+
+
+def _counters_stay_exact(coordinator):
     Author.objects.create(name="counted")
     coordinator.wait_drained()
     before = reads(coordinator.status())
@@ -82,7 +94,7 @@ def test_read_counters_stay_exact_when_server_threads_read_at_once(coordinator):
 
 
 def test_without_read_connections_every_read_goes_through_the_database_thread(lb_factory):
-    handle = lb_factory("queued-reads", READ_CONNECTIONS=0)
+    handle = lb_factory("queued-reads", READ_CONNECTIONS=0, READ_PATH="COORDINATOR")
     Author.objects.create(name="queued")
     handle.wait_drained()
     before = reads(handle.status())
@@ -139,12 +151,13 @@ def test_read_connections_must_be_a_whole_number(value):
     assert "zero or a positive integer" in problems[0].msg
 
 
-def test_a_slow_read_is_cut_and_takes_down_one_database_not_all(lb_factory):
-    handle = lb_factory("slow-read", READ_TIMEOUT=0.5, CLIENT_TIMEOUT=20, WAIT_TIME=0.5)
+@pytest.mark.parametrize("path", ["COORDINATOR", "AUTO"])
+def test_a_slow_read_is_cut_and_takes_down_one_database_not_all(lb_factory, path):
+    handle = lb_factory("slow-read", READ_TIMEOUT=0.5, CLIENT_TIMEOUT=20, WAIT_TIME=0.5, READ_PATH=path)
     Author.objects.create(name="after")
     handle.wait_drained()
     deadline = time.monotonic() + 10
-    while not all(p["open"] for p in read_connections(handle.status()).values()):
+    while path == "COORDINATOR" and not all(p["open"] for p in read_connections(handle.status()).values()):
         assert Author.objects.filter(name="after").exists()  # first reads open the pools
         assert time.monotonic() < deadline, read_connections(handle.status())
     pid = handle.coordinator_pid()

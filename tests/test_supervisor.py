@@ -254,7 +254,9 @@ def test_a_restart_takes_over_the_claim_of_a_session_the_server_still_runs(lb_fa
     # The stopped coordinator's connection is busy in a query: the server keeps its session
     # (and the claim) until the query ends. The new coordinator must not take that for
     # another coordinator's claim.
-    handle = lb_factory("busy", READ_CONNECTIONS=0, READ_TIMEOUT=1, GRACEFUL_TIMEOUT=1, CLIENT_TIMEOUT=5)
+    # the read must run in the coordinator (not on this process's own connection): READ_PATH
+    handle = lb_factory("busy", READ_CONNECTIONS=0, READ_TIMEOUT=1, GRACEFUL_TIMEOUT=1, CLIENT_TIMEOUT=5,
+                        READ_PATH="COORDINATOR")
     Author.objects.create(name="x")
     old_pid = handle.coordinator_pid()
     slow = threading.Thread(target=sleep_in_the_database, args=(30,), daemon=True)
@@ -271,7 +273,7 @@ def test_a_restart_takes_over_the_claim_of_a_session_the_server_still_runs(lb_fa
 
 @pytest.mark.postgres_only
 def test_sigterm_during_a_restart_stops_the_supervisor_instead_of_being_swallowed(lb_factory):
-    handle = lb_factory("hup-term", GRACEFUL_TIMEOUT=8, READ_CONNECTIONS=0)
+    handle = lb_factory("hup-term", GRACEFUL_TIMEOUT=8, READ_CONNECTIONS=0, READ_PATH="COORDINATOR")
     slow = threading.Thread(target=sleep_in_the_database, args=(4,), daemon=True)
     slow.start()
     time.sleep(1.0)                       # the read is in flight: the graceful stop waits for it

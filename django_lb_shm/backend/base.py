@@ -16,10 +16,16 @@ from ..client import ClientSession, get_client
 
 
 class ProxyOperationsMixin:
-    def compiler(self, compiler_name: str):
-        from .compiler import load_balanced_compiler
+    _compilers: dict = {}   # (operations class, compiler name) -> compiler class; asked on every query
 
-        return load_balanced_compiler(super().compiler(compiler_name))
+    def compiler(self, compiler_name: str):
+        key = (type(self), compiler_name)
+        compiler = self._compilers.get(key)
+        if compiler is None:
+            from .compiler import load_balanced_compiler
+
+            compiler = self._compilers[key] = load_balanced_compiler(super().compiler(compiler_name))
+        return compiler
 
     def last_executed_query(self, cursor: Any, sql: str, params: Any) -> str:
         # The vendor versions ask the real driver connection (mogrify); there is none here.

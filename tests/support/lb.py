@@ -46,6 +46,7 @@ class CoordinatorHandle:
             lb["ADDRESS"] = dict(lb["ADDRESS"], PORT=free_port())
         lb.update(overrides)
         self.name = name
+        self.database_overrides = dict(databases or {})
         self.settings = settings
         self.lb = lb
         base = Path(os.environ["LB_TEST_CONFIG"]).parent
@@ -142,11 +143,27 @@ class CoordinatorHandle:
 
     @contextlib.contextmanager
     def active(self) -> Iterator["CoordinatorHandle"]:
-        """Point this process's load-balanced queries at this coordinator."""
+        """Point this process's load-balanced queries at this coordinator.
+
+        When it reaches some databases another way (a delaying proxy), this process's
+        zero-hop reads use the same way: DATABASES is overridden too (Django warns that
+        its own connections keep theirs, which is what the tests' direct checks want).
+        """
+        import warnings
+
+        from django.conf import settings as django_settings
         from django.test import override_settings
 
-        with override_settings(LOAD_BALANCER=self.lb):
-            yield self
+        overrides: dict = {"LOAD_BALANCER": self.lb}
+        if self.database_overrides:
+            databases = {alias: dict(entry) for alias, entry in django_settings.DATABASES.items()}
+            for alias, changes in self.database_overrides.items():
+                databases[alias].update(changes)
+            overrides["DATABASES"] = databases
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Overriding setting DATABASES")
+            with override_settings(**overrides):
+                yield self
 
     def wait_drained(self, timeout: float = 30) -> dict:
         """Until every RUNNING database has applied every write."""
@@ -244,6 +261,23 @@ def coordinator() -> Iterator[CoordinatorHandle]:
     handle.wait_drained()
     clear_tables()
     yield handle
+
+
+@contextlib.contextmanager
+def read_path(value: str) -> Iterator[None]:
+    """This process's reads take ``value`` ('AUTO': zero-hop where it can; 'COORDINATOR')."""
+    from django.conf import settings
+    from django.test import override_settings
+
+    with override_settings(LOAD_BALANCER=dict(settings.LOAD_BALANCER, READ_PATH=value)):
+        yield
+
+
+@pytest.fixture
+def coordinator_path(coordinator: CoordinatorHandle) -> Iterator[CoordinatorHandle]:
+    """The default coordinator, with this process's reads forced through it (READ_PATH='COORDINATOR')."""
+    with read_path("COORDINATOR"):
+        yield coordinator
 
 
 @pytest.fixture
