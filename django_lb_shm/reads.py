@@ -63,6 +63,7 @@ from .shared_state import (
 
 logger = logging.getLogger("django_lb_shm.reads")
 
+STALE_AFTER = 2.0         # a heartbeat older than this (the coordinator beats every 0.5 s): look for a new segment
 CATCH_UP_WAIT = 0.02      # how long a read waits for a copy to apply the last write, then the coordinator path
 RETRY_ATTACH_EVERY = 2.0  # no segment (coordinator not started yet): try again after this long
 QUARANTINE = 1.0          # a copy that failed here gets no reads from this process meanwhile
@@ -191,8 +192,10 @@ class ZeroHopReader:
         values = self.values
         heartbeat = values[Header.HEARTBEAT]
         now = time.monotonic()
-        if heartbeat and now - heartbeat > self.heartbeat_timeout and not self._fresh_segment(now):
-            return None   # the coordinator has not beaten for long: its states are not to be trusted
+        if heartbeat and now - heartbeat > STALE_AFTER:
+            # Not beating: a coordinator restarted by its supervisor writes a new segment.
+            if not self._fresh_segment(now) and now - heartbeat > self.heartbeat_timeout:
+                return None   # the coordinator has not beaten for long: its states are not to be trusted
         values = self.values
         last = values[Header.LAST_SEQ]
         try:
@@ -213,6 +216,10 @@ class ZeroHopReader:
                           and (quarantine[i] <= now or values[since_at] != self.quarantine_since[i])
                           and i not in tried]
             if not candidates:
+                if not tried and not any(values[self.state_at[i]] == _RUNNING for i in self.indices) \
+                        and self._fresh_segment(now):
+                    values = self.values   # a stopped coordinator's segment: its successor's is here
+                    continue
                 if tried or not any(values[self.state_at[i]] == _RUNNING for i in self.indices):
                     return None   # the coordinator path says what is down, or retries with its own connections
                 # RUNNING copies still applying the last write: wait a little, then the coordinator path
@@ -367,7 +374,8 @@ class ZeroHopReader:
         return None
 
     def _fresh_segment(self, now: float) -> bool:
-        """The heartbeat is old: is there a new segment (a restarted supervisor)? Checked once a second."""
+        """The heartbeat is old or no copy runs: is there a new segment (a restarted supervisor or
+        coordinator)? Checked once a second."""
         if now < self._next_attach:
             return False
         with self._lock:
@@ -377,7 +385,9 @@ class ZeroHopReader:
             except (OSError, RuntimeError, ValueError):
                 return False
             heartbeat = shared.header(Header.HEARTBEAT)
-            if not heartbeat or now - heartbeat > self.heartbeat_timeout or shared.n_databases != self.n:
+            same = all(shared.header(h) == self.shared.header(h)
+                       for h in (Header.SUPERVISOR_PID, Header.SUPERVISOR_STARTED_AT))
+            if same or not heartbeat or now - heartbeat > self.heartbeat_timeout or shared.n_databases != self.n:
                 shared.close()
                 return False
             self.shared, self.values = shared, shared.values
