@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from django.db import connections
 
 from .descriptors import Result, Statement
 from .errors import DatabaseDown, DatabaseOwnedElsewhere, QueryTimeout
-from .health import is_connection_error, is_transient
+from .health import interrupt_statement, is_connection_error, is_transient
 from .journal import JournalEntry
 from .conf import vendor_of
 from .ownership import CLAIM_WAIT, Ownership, sqlite_path
@@ -97,23 +96,7 @@ class DbConnection:
 
     def interrupt(self) -> None:
         """Cut the statement another thread is running here (the watchdog's tool for a hung database)."""
-        wrapper = self.wrapper
-        raw = getattr(wrapper, "connection", None)
-        if raw is None:
-            return
-        if wrapper.vendor == "sqlite":
-            try:
-                raw.interrupt()
-            except Exception:  # closed meanwhile
-                pass
-            return
-        try:
-            # Shutting the socket down wakes the driver with an error even when the
-            # server never answers again (SIGSTOPped, network gone).
-            with socket.socket(fileno=os.dup(raw.fileno())) as sock:
-                sock.shutdown(socket.SHUT_RDWR)
-        except Exception:  # closed meanwhile (psycopg raises OperationalError): nothing to cut
-            pass
+        interrupt_statement(self.wrapper)
 
     def execute(self, statement: Statement) -> Result:
         if not self.is_open:

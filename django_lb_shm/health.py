@@ -6,6 +6,8 @@ in different ways: psycopg with SQLSTATE classes, sqlite3 with error names.
 """
 from __future__ import annotations
 
+import os
+import socket
 from typing import Any, Optional
 
 import psutil
@@ -90,3 +92,21 @@ def process_vitals(pid: int) -> dict[str, Any]:
             }
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return {"alive": False, "pid": pid}
+
+
+def interrupt_statement(wrapper: Any) -> None:
+    """Cut the statement another thread runs on Django connection ``wrapper`` (a watchdog's tool
+    for a hung database): SQLite's interrupt(); on PostgreSQL the socket is shut down, which
+    wakes the driver with an error even when the server never answers again (SIGSTOPped,
+    network gone)."""
+    raw = getattr(wrapper, "connection", None)
+    if raw is None:
+        return
+    try:
+        if wrapper.vendor == "sqlite":
+            raw.interrupt()
+            return
+        with socket.socket(fileno=os.dup(raw.fileno())) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+    except Exception:  # closed meanwhile (psycopg raises OperationalError): nothing to cut
+        pass

@@ -38,7 +38,6 @@ import decimal
 import fcntl
 import logging
 import os
-import socket
 import threading
 import time
 import uuid
@@ -48,7 +47,7 @@ from typing import Any, Optional
 from .conf import _settings, get_config
 from .descriptors import Result, Statement
 from .errors import DatabaseDown, QueryTimeout
-from .health import is_connection_error, is_transient
+from .health import interrupt_statement, is_connection_error, is_transient
 from .shared_state import (
     HEADER_SIZE,
     SLOT_SIZE,
@@ -414,7 +413,7 @@ class ZeroHopReader:
                 state.cut = True
                 wrapper = state.wrappers.get(state.busy_db)
                 if wrapper is not None:
-                    _interrupt(wrapper)
+                    interrupt_statement(wrapper)
                 cut += 1
         return cut
 
@@ -431,25 +430,6 @@ def _watch(reader_ref: Any, pid: int) -> None:
             logger.exception("cutting overdue reads failed")
         del reader
         time.sleep(tick)
-
-
-def _interrupt(wrapper: Any) -> None:
-    """Cut the statement running on ``wrapper`` (from the watchdog thread)."""
-    raw = getattr(wrapper, "connection", None)
-    if raw is None:
-        return
-    if wrapper.vendor == "sqlite":
-        try:
-            raw.interrupt()
-        except Exception:
-            pass
-        return
-    try:
-        # Shutting the socket down wakes the driver even when the server never answers again.
-        with socket.socket(fileno=os.dup(raw.fileno())) as sock:
-            sock.shutdown(socket.SHUT_RDWR)
-    except Exception:
-        pass
 
 
 def _is_statement_timeout(exc: BaseException) -> bool:
