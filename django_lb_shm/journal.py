@@ -27,7 +27,6 @@ import secrets
 import sqlite3
 import struct
 import threading
-import uuid
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,7 +85,6 @@ class Journal:
         self.last_seq = 0                # highest sequence number decided (or the base after a rebase)
         self.base_seq = 0                # history at and before it is not (entirely) here
         self.base_tag = 0
-        self.journal_id = ""
         self.entry_count = 0
         self.is_new = False              # created by this open(): it knows nothing of the copies' past
         self._lock = threading.Lock()
@@ -146,11 +144,8 @@ class Journal:
             for sql in _SCHEMA:
                 self.db.execute(sql)
             self.db.execute(f"PRAGMA user_version={FORMAT_VERSION}")
-            if self._meta("journal_id") is None:
-                self._set_meta("journal_id", uuid.uuid4().hex)
 
     def _load_state(self) -> None:
-        self.journal_id = self._meta("journal_id")
         self.base_seq = int(self._meta("base_seq") or 0)
         self.base_tag = int(self._meta("base_tag") or 0)
         highest = self.db.execute("SELECT MAX(seq) FROM entries").fetchone()[0] or 0
