@@ -25,6 +25,7 @@ from multiprocessing.managers import BaseProxy, State
 from typing import Any, Iterable, Optional
 
 from . import descriptors as d
+from . import determinism
 from .conf import LoadBalancerConfig, database_identity, get_config
 from .errors import (
     AuthenticationFailed,
@@ -275,10 +276,13 @@ class ClientSession:
     rollback, and runs the transaction's later reads on the leader.
     """
 
-    def __init__(self, alias: str):
+    def __init__(self, alias: str, vendor: str = ""):
         self.alias = alias
+        self.vendor = vendor               # the real databases' vendor: how writes are made deterministic
         self.autocommit = True
         self.transaction_open = False
+        # now() / CURRENT_TIMESTAMP of the current transaction, read at its first use (see _deterministic)
+        self.transaction_time: Optional[float] = None
         self.prelude: list[tuple[str, str]] = []   # (savepoint name, sql) not yet sent
         self.expected_inserts: deque = deque()
         self.closed = False
@@ -293,17 +297,20 @@ class ClientSession:
         if autocommit:
             self.prelude.clear()
         self.autocommit = autocommit
+        self.transaction_time = None
 
     def begin(self) -> None:
         self.autocommit = False
 
     def commit(self) -> None:
         self.prelude.clear()
+        self.transaction_time = None
         if self.transaction_open:
             self._finish(d.OP_COMMIT)
 
     def rollback(self) -> None:
         self.prelude.clear()
+        self.transaction_time = None
         if self.transaction_open:
             self._finish(d.OP_ROLLBACK)
 
@@ -343,6 +350,8 @@ class ClientSession:
                 f"{statement.sql.split()[0]} sent through the load-balanced connection; "
                 "use django.db.transaction.atomic(using=...) instead."
             )
+        if kind == WRITE:
+            statement = self._deterministic(statement)
         if self.autocommit:
             if kind == SAVEPOINT:
                 return d.Result()
@@ -359,6 +368,20 @@ class ClientSession:
                 return self._send(d.OP_READ, statement, False)
         op = d.OP_READ if kind == READ else d.OP_WRITE
         return self._send(op, statement, True)
+
+    def _deterministic(self, statement: d.Statement) -> d.Statement:
+        """The write with its clock functions made literals (one value for every copy, and for
+        the journal's replay); NonDeterministicWrite for random functions."""
+        keys = statement.insert_keys
+        vendor = self.vendor
+        if not (determinism.may_vary(statement.sql, vendor)
+                or keys is not None and determinism.may_vary(keys.follower_sql, vendor)):
+            return statement
+        now = time.time()
+        if not self.autocommit and self.transaction_time is None:
+            self.transaction_time = now   # PostgreSQL's now() stands still for a whole transaction
+        clock = determinism.Clock(now, None if self.autocommit else self.transaction_time)
+        return determinism.deterministic(statement, vendor, clock)
 
     def _send(self, op: str, statement: d.Statement, in_transaction: bool) -> d.Result:
         client = get_client()

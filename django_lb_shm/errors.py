@@ -41,6 +41,10 @@ class NotSupportedError(LoadBalancerError, db_utils.NotSupportedError):
     """An ORM feature that cannot be load balanced safely."""
 
 
+class NonDeterministicWrite(NotSupportedError):
+    """A write calls a function each copy would evaluate itself (random(), gen_random_uuid()...)."""
+
+
 class CoordinatorUnavailable(LoadBalancerError, db_utils.OperationalError):
     """No coordinator answers at ADDRESS (not started, crashed, or restarting)."""
 
@@ -117,6 +121,7 @@ _OWN_ERRORS: dict[str, type[Exception]] = {
         RequestRejected,
         SerializationError,
         NotSupportedError,
+        NonDeterministicWrite,
         CoordinatorUnavailable,
         AuthenticationFailed,
         QueryTimeout,

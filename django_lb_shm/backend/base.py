@@ -65,6 +65,10 @@ class ProxyFeaturesMixin:
     # not be given to every database; Django then checks for existing rows instead
     # (many-to-many add()) or raises NotSupportedError (bulk_create(ignore_conflicts=True)).
     supports_ignore_conflicts = False
+    # A db_default compiles inline in the INSERT, not as DEFAULT: the client then sees a
+    # Now() (rewritten to one value) or a random function (refused) that each copy would
+    # otherwise evaluate itself.
+    supports_default_keyword_in_insert = False
 
 
 class ProxyCreationMixin:
@@ -84,7 +88,7 @@ class ProxyWrapperMixin:
         return {}
 
     def get_new_connection(self, conn_params: dict) -> ClientSession:
-        return ClientSession(self.alias)
+        return ClientSession(self.alias, self.vendor)
 
     def init_connection_state(self) -> None:
         # Session state (time zone, roles...) is set on the coordinator's own connections.

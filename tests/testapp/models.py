@@ -1,6 +1,8 @@
 import uuid
 
+import django
 from django.db import models
+from django.db.models.functions import Now
 from django.utils import timezone
 
 from django_lb_shm import LoadBalancerModel
@@ -62,3 +64,16 @@ class Note(models.Model):
 
     author = models.ForeignKey(Author, on_delete=models.DO_NOTHING, db_constraint=False, related_name="notes")
     text = models.CharField(max_length=100)
+
+
+class Stamp(LoadBalancerModel):
+    """Values a database could compute itself: the clock, random numbers (tests/test_determinism.py)."""
+
+    label = models.CharField(max_length=50)
+    at = models.DateTimeField(null=True)
+    day = models.DateField(null=True)
+    number = models.FloatField(null=True)
+    text = models.CharField(max_length=100, blank=True, default="")
+    now = models.CharField(max_length=100, blank=True, default="")   # a column named like the function
+    # Django 5: the database's own default (DEFAULT in a plain INSERT, evaluated by each copy)
+    created = models.DateTimeField(**({"db_default": Now()} if django.VERSION >= (5, 0) else {"null": True}))
