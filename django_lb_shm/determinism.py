@@ -99,13 +99,16 @@ _PG_CANDIDATE = re.compile(
     r"|gen_random_(?:uuid|bytes)|uuid_generate_v(?:1mc|1|4)|uuidv[47]|age)\"?\s*\("
     r"|current_(?:timestamp|date|time)\b|localtime(?:stamp)?\b)"
     r"|'\s*(?:now|today|tomorrow|yesterday)\s*'")
-_SQLITE_HINTS = ("now", "current_", "rand", "date", "time", "julianday", "unixepoch")
+_SQLITE_HINTS = ("now", "current_", "rand")
+_EMPTY_CALL = re.compile(r"\(\s*\)")   # date(): without a hint (column names hold "date" and "time" often)
 _SQLITE_CANDIDATE = re.compile(
     r"\b(?:(?:random|randomblob|rand)[\"`\]]?\s*\(|current_(?:timestamp|date|time)\b"
     r"|(?:date|time|datetime|julianday|unixepoch)[\"`\]]?\s*\(\s*\))"
     r"|['\"`\[]now['\"`\]]")
 _VERDICTS: dict[str, dict[str, bool]] = {POSTGRESQL: {}, SQLITE: {}}
 _VERDICTS_MAX = 2048
+_PLANS: dict[str, dict[str, "Plan | str"]] = {POSTGRESQL: {}, SQLITE: {}}
+_PLANS_MAX = 512
 
 
 def may_vary(sql: str, vendor: str) -> bool:
@@ -124,7 +127,12 @@ def may_vary(sql: str, vendor: str) -> bool:
 
 def _candidate(sql: str, vendor: str) -> bool:
     low = sql.lower()
-    hints, pattern = (_PG_HINTS, _PG_CANDIDATE) if vendor == POSTGRESQL else (_SQLITE_HINTS, _SQLITE_CANDIDATE)
+    if vendor == POSTGRESQL:
+        hints, pattern = _PG_HINTS, _PG_CANDIDATE
+    else:
+        hints, pattern = _SQLITE_HINTS, _SQLITE_CANDIDATE
+        if _EMPTY_CALL.search(low):
+            return pattern.search(low) is not None
     for hint in hints:
         if hint in low:
             return pattern.search(low) is not None
@@ -147,6 +155,25 @@ class Clock:
         seconds = self.transaction if which == "transaction" else self.statement
         micros = int(round(seconds * 1_000_000))
         return datetime.fromtimestamp(micros // 1_000_000, timezone.utc).replace(microsecond=micros % 1_000_000)
+
+
+class Literal(NamedTuple):
+    """What replaces a clock function: ``template`` around the instant ``which``, written in ``style``
+    ("pg": a timestamptz literal; "sqlite": SQLite's time string; else a strftime format)."""
+
+    which: str
+    template: str
+    style: str
+
+    def render(self, clock: Clock) -> str:
+        moment = clock.at(self.which)
+        if self.style == "pg":
+            value = _pg_timestamptz(moment)
+        elif self.style == "sqlite":
+            value = _sqlite_time(moment)
+        else:
+            value = moment.strftime(self.style)
+        return self.template.format(value)
 
 
 def _pg_timestamptz(moment: datetime) -> str:
@@ -238,26 +265,20 @@ def _comment_end(sql: str, pos: int, nested: bool) -> int:
 
 
 # -- rewriting --------------------------------------------------------------------------------
+Plan = tuple   # ((start, end, Literal), ...) in text order: how to rewrite one SQL text
+
+
 class _Rewriter:
-    """Walks the tokens of one statement and collects the edits (start, end, replacement)."""
+    """Walks the tokens of one statement and plans its edits; raises NonDeterministicWrite."""
 
-    def __init__(self, sql: str, clock: Clock, vendor: str):
+    def __init__(self, sql: str, vendor: str):
         self.sql = sql
-        self.clock = clock
         self.tokens = tokenize(sql, vendor)
-        self.edits: list[tuple[int, int, str]] = []
+        self.edits: list[tuple[int, int, Literal]] = []
 
-    def run(self) -> str:
+    def plan(self) -> Plan:
         self.walk()
-        if not self.edits:
-            return self.sql
-        parts, pos = [], 0
-        for start, end, text in sorted(self.edits):
-            parts.append(self.sql[pos:start])
-            parts.append(text)
-            pos = end
-        parts.append(self.sql[pos:])
-        return "".join(parts)
+        return tuple(sorted(self.edits))
 
     def walk(self) -> None:
         raise NotImplementedError
@@ -344,8 +365,7 @@ class _PostgresqlRewriter(_Rewriter):
             close, count = self.closing(i + 1)
             if count:
                 self.refuse(f"{name.upper()}() with arguments", _TYPED_NOW)
-            moment = self.clock.at(_PG_CLOCKS[name])
-            self.edits.append((self.name_start(i), self.tokens[close].end, f"({_pg_timestamptz(moment)})"))
+            self.edits.append((self.name_start(i), self.tokens[close].end, Literal(_PG_CLOCKS[name], "({})", "pg")))
             return close
         if name in _PG_REFUSED and self.is_call(i):
             self.refuse(f"{name.upper()}()", _PG_REFUSED[name])
@@ -354,15 +374,15 @@ class _PostgresqlRewriter(_Rewriter):
         return i
 
     def keyword(self, i: int, t: Token) -> int:
-        clock, kind = _PG_KEYWORDS[t.value]
-        literal = _pg_timestamptz(self.clock.at(clock))
-        if kind != "timestamptz":
-            literal += "::" + kind
+        which, kind = _PG_KEYWORDS[t.value]
+        cast = "" if kind == "timestamptz" else "::" + kind
         last = i
-        if kind != "date" and self.is_punct(i + 1, "(") and self.is_kind(i + 2, "number") and self.is_punct(i + 3, ")"):
-            literal += f"({self.tokens[i + 2].value})"
+        precision = self.token(i + 2)
+        if (kind != "date" and self.is_punct(i + 1, "(") and precision is not None and precision.kind == "number"
+                and precision.value.isdigit() and self.is_punct(i + 3, ")")):
+            cast += f"({precision.value})"
             last = i + 3
-        self.edits.append((t.start, self.tokens[last].end, f"({literal})"))
+        self.edits.append((t.start, self.tokens[last].end, Literal(which, "({}" + cast + ")", "pg")))
         return last
 
     def special_date(self, i: int, t: Token) -> None:
@@ -371,8 +391,7 @@ class _PostgresqlRewriter(_Rewriter):
         cast = to_datetime and (self.is_kind(i + 1, "cast")
                                 or self.is_word(i + 1, "as") and self.is_punct(i - 1, "(") and self.is_word(i - 2, "cast"))
         if cast:
-            moment = _pg_timestamptz(self.clock.at("transaction"))
-            self.edits.append((t.start, t.end, _PG_SPECIAL_DATES[t.value.strip().lower()].format(moment)))
+            self.edits.append((t.start, t.end, Literal("transaction", _PG_SPECIAL_DATES[t.value.strip().lower()], "pg")))
         elif self.is_word(i - 1, "zone", *_PG_DATETIME_TYPES):
             self.refuse(f"the typed literal {self.sql[self.tokens[i - 1].start:t.end]}", _TYPED_NOW)
 
@@ -392,7 +411,7 @@ class _SqliteRewriter(_Rewriter):
                 self.function(i, value.lower())   # "random"() calls random()
             elif in_date and value.lower() == "now" and not (frames[-1][0] == "strftime" and frames[-1][1] == 0):
                 if kind == "string":
-                    self.edits.append((t.start, t.end, _sqlite_time(self.clock.at("statement"))))
+                    self.edits.append((t.start, t.end, Literal("statement", "{}", "sqlite")))
                 elif kind == "qident":
                     self.refuse(f"the quoted {self.sql[t.start:t.end]} in a date function", _SQLITE_QUOTED_NOW)
 
@@ -412,8 +431,7 @@ class _SqliteRewriter(_Rewriter):
 
     def word(self, i: int, t: Token) -> None:
         if t.value in _SQLITE_KEYWORDS and not self.is_punct(i - 1, "."):
-            text = self.clock.at("statement").strftime(_SQLITE_KEYWORDS[t.value])
-            self.edits.append((t.start, t.end, f"'{text}'"))
+            self.edits.append((t.start, t.end, Literal("statement", "'{}'", _SQLITE_KEYWORDS[t.value])))
         else:
             self.function(i, t.value)
 
@@ -421,8 +439,7 @@ class _SqliteRewriter(_Rewriter):
         if name in _SQLITE_REFUSED and self.is_call(i):
             self.refuse(f"{name.upper()}()", _SQLITE_REFUSED[name])
         elif name in _SQLITE_NOW_WITHOUT_ARGUMENT and self.is_call(i) and self.is_punct(i + 2, ")"):
-            self.edits.append((self.tokens[i + 1].start, self.tokens[i + 2].end,
-                               f"({_sqlite_time(self.clock.at('statement'))})"))
+            self.edits.append((self.tokens[i + 1].start, self.tokens[i + 2].end, Literal("statement", "({})", "sqlite")))
 
 
 _REWRITERS = {POSTGRESQL: _PostgresqlRewriter, SQLITE: _SqliteRewriter}
@@ -436,7 +453,33 @@ def rewrite_sql(sql: str, vendor: str, clock: Clock) -> str:
     """
     if not may_vary(sql, vendor):
         return sql
-    return _REWRITERS[vendor](sql, clock, vendor).run()
+    plan = _plan(sql, vendor)
+    if isinstance(plan, str):
+        raise NonDeterministicWrite(plan)
+    if not plan:
+        return sql
+    parts, pos = [], 0
+    for start, end, literal in plan:
+        parts.append(sql[pos:start])
+        parts.append(literal.render(clock))
+        pos = end
+    parts.append(sql[pos:])
+    return "".join(parts)
+
+
+def _plan(sql: str, vendor: str) -> "Plan | str":
+    """The edits of ``sql``, or why it is refused; kept per SQL text (Now() in an ORM query repeats)."""
+    plans = _PLANS[vendor]
+    plan = plans.get(sql)
+    if plan is None:
+        try:
+            plan = _REWRITERS[vendor](sql, vendor).plan()
+        except NonDeterministicWrite as exc:
+            plan = str(exc)
+        if len(plans) >= _PLANS_MAX:
+            plans.clear()
+        plans[sql] = plan
+    return plan
 
 
 def deterministic(statement: Statement, vendor: str, clock: Clock) -> Statement:

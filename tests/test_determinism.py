@@ -97,6 +97,8 @@ def test_truncdate_of_now_is_one_value_on_every_copy(replicas, stamp):
     Stamp.objects.filter(pk=stamp.pk).update(day=TruncDate(Now()))
     days.add(datetime.datetime.now(UTC).date())
     assert str(one_value(replicas, "day", stamp.pk)) in {str(d) for d in days}
+    journaled = last_journaled_sql()
+    assert "STATEMENT_TIMESTAMP" not in journaled and "'NOW'" not in journaled, journaled
 
 
 def test_db_default_now_is_one_value_on_every_copy(replicas):

@@ -202,3 +202,13 @@ def test_literals_hold_no_percent_sign():
     for out in (pg("UPDATE t SET a = now(), b = CURRENT_TIME(2), c = 'today'::date"),
                 lite("UPDATE t SET a = datetime(), b = CURRENT_TIMESTAMP")):
         assert "%" not in out
+
+
+def test_a_known_sql_text_takes_each_statement_s_own_clock():
+    sql = "UPDATE t SET x = now(), y = CURRENT_DATE WHERE id = %s"
+    first = pg(sql)
+    a_day_later = rewrite_sql(sql, PG, Clock(CLOCK.statement + 86400, CLOCK.transaction + 86400))
+    assert "2026-12-06" in first and "2026-12-06" not in a_day_later and "2026-12-07" in a_day_later
+    for _ in range(2):   # a refusal is kept too
+        with pytest.raises(NonDeterministicWrite, match="RANDOM"):
+            pg("UPDATE t SET x = random()")
