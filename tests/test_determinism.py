@@ -101,6 +101,17 @@ def test_truncdate_of_now_is_one_value_on_every_copy(replicas, stamp):
     assert "STATEMENT_TIMESTAMP" not in journaled and "'NOW'" not in journaled, journaled
 
 
+def test_delete_filtered_on_now_removes_the_same_rows_everywhere(replicas):
+    # the clock in a WHERE clause: each copy reading its own would pick its own rows
+    soon = datetime.datetime.now(UTC) + datetime.timedelta(milliseconds=30)
+    Stamp.objects.bulk_create([Stamp(label="past", at=soon - datetime.timedelta(days=1)), Stamp(label="soon", at=soon)])
+    time.sleep(0.03)
+    Stamp.objects.filter(at__lt=Now()).delete()
+    replicas.assert_identical([TABLE])
+    journaled = last_journaled_sql()
+    assert "STATEMENT_TIMESTAMP" not in journaled and "'NOW'" not in journaled, journaled
+
+
 def test_db_default_now_is_one_value_on_every_copy(replicas):
     # PostgreSQL would compile it as DEFAULT (each copy's own clock); the virtual alias
     # compiles it inline, and the client rewrites it.
