@@ -301,6 +301,7 @@ class ClientSession:
 
     def begin(self) -> None:
         self.autocommit = False
+        self.transaction_time = None
 
     def commit(self) -> None:
         self.prelude.clear()
