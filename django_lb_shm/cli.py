@@ -149,11 +149,13 @@ def run() -> int:
     from .coordinator import configure_logging
     from .supervisor import Supervisor
 
+    from .errors import SharedMemoryNotOwned
+
     config = get_config()
     configure_logging(config.log_level)
     try:
         return Supervisor(config, os.environ.get("DJANGO_SETTINGS_MODULE")).run()
-    except RuntimeError as exc:  # another supervisor already serves this address
+    except (RuntimeError, SharedMemoryNotOwned) as exc:  # the address's segment is taken or not ours
         sys.stderr.write(f"djangoloadbalancer: {exc}\n")
         return EXIT_BOOT_ERROR
 

@@ -137,8 +137,7 @@ def _ready_with_new_pid(handle, old_pid: int, every_database_running: bool = Fal
 def test_kill_9_supervisor_leaves_no_orphan_and_no_segment(lb_factory):
     handle = lb_factory("orphan", HEARTBEAT_TIMEOUT=5)
     coordinator_pid = handle.coordinator_pid()
-    port = handle.lb["ADDRESS"]["PORT"]
-    segment = Path(f"/dev/shm/django_lb_shm_{port}")
+    segment = Path("/dev/shm", handle.segment_name)
     assert segment.exists()
     os.kill(handle.supervisor_pid, signal.SIGKILL)
     wait_until(lambda: gone(coordinator_pid), 15, "the coordinator to exit after its supervisor died")
@@ -148,10 +147,9 @@ def test_kill_9_supervisor_leaves_no_orphan_and_no_segment(lb_factory):
 
 def test_stale_segment_of_a_dead_supervisor_is_reclaimed(lb_factory):
     handle = lb_factory("stale", start=False)
-    port = handle.lb["ADDRESS"]["PORT"]
     from multiprocessing import resource_tracker, shared_memory
 
-    name = f"django_lb_shm_{port}"
+    name = handle.segment_name
     assert not Path(f"/dev/shm/{name}").exists(), f"{name} exists before the test"
     leftover = shared_memory.SharedMemory(name=name, create=True, size=4096)
     resource_tracker.unregister(leftover._name, "shared_memory")  # left behind, as after a crash
