@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import pwd
 import signal
 import socket
 import subprocess
@@ -207,8 +208,52 @@ def test_boot_failure_halts_instead_of_restarting(lb_factory):
         output = result.stdout + result.stderr
         assert "cannot serve at" in output and "not restarting" in output
         assert output.count("cannot serve at") == 1  # no crash loop
+        port = handle.lb["ADDRESS"]["PORT"]
+        assert f"port {port} (127.0.0.1:{port}) is in use by pid {os.getpid()}" in output, output
     finally:
         blocker.close()
+
+
+def take_port(port: int, within: float) -> socket.socket:
+    """Listen on ``port`` as soon as it is free (a killed coordinator lets go of it as it dies)."""
+    deadline = time.monotonic() + within
+    while True:
+        blocker = socket.socket()
+        blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            blocker.bind(("127.0.0.1", port))
+            blocker.listen(1)
+            return blocker
+        except OSError:
+            blocker.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
+def test_a_port_taken_during_the_restart_backoff_is_retried_until_it_is_free(lb_factory):
+    handle = lb_factory("port-taken")
+    port = handle.lb["ADDRESS"]["PORT"]
+    old_pid = handle.coordinator_pid()
+    os.kill(old_pid, signal.SIGKILL)
+    blocker = take_port(port, within=5)   # before the restart: the supervisor waits the backoff first
+    taken = f"cannot serve: port {port} (127.0.0.1:{port}) is in use by pid {os.getpid()}"
+    try:
+        wait_until(lambda: handle.log().count(taken) >= 3, 60, "three attempts on the taken port")
+        assert handle.proc.poll() is None, handle.log()   # never a permanent stop
+        log = handle.log()
+        attempts = [line for line in log.splitlines() if taken in line]
+        # each attempt logged, naming the holder, with the backoff growing (0.5 s went to the kill -9)
+        assert [line.rsplit("; ", 1)[1] for line in attempts[:3]] == [
+            "restarting it in 1.0 s", "restarting it in 2.0 s", "restarting it in 4.0 s"], log
+        assert all(f"user {pwd.getpwuid(os.getuid()).pw_name})" in line for line in attempts), log
+        assert "not restarting" not in log
+    finally:
+        blocker.close()
+    wait_until(lambda: _ready_with_new_pid(handle, old_pid, every_database_running=True), 60,
+               "a coordinator on the freed port")
+    Author.objects.create(name="after the port was freed")
+    assert Author.objects.filter(name="after the port was freed").count() == 1
 
 
 def test_a_second_coordinator_on_the_same_databases_refuses_to_start(coordinator, lb_factory):
