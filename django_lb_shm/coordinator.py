@@ -745,10 +745,13 @@ class CoordinatorProcess:
 
     def _claim_databases(self) -> None:
         """Two coordinators on the same databases would number writes twice: the second one does not start."""
+        from .ownership import CLAIM_WAIT
+
         owned = []
+        deadline = time.monotonic() + CLAIM_WAIT   # one wait for all: a second coordinator fails within moments
         for thread in self.threads:
             try:
-                thread.claim_at_boot()
+                thread.claim_at_boot(deadline)
             except DatabaseOwnedElsewhere as exc:
                 owned.append(str(exc))
         if owned:

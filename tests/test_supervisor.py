@@ -260,11 +260,20 @@ def test_a_second_coordinator_on_the_same_databases_refuses_to_start(coordinator
     # Another PORT, the same databases: it would number writes from the same journal position.
     Author.objects.create(name="before")
     second = lb_factory("second", start=False)
+    holder = f"pid {coordinator.coordinator_pid()}"
+    started = time.monotonic()
     second.start(wait=False, alongside=True)
     assert second.proc.wait(60) == 3, second.log()
+    elapsed = time.monotonic() - started
     log = second.log()
     assert "already served by another django_lb_shm coordinator" in log, log
-    assert f"pid {coordinator.coordinator_pid()}" in log, log   # names the one holding it
+    first_port = coordinator.lb["ADDRESS"]["PORT"]
+    for alias in ALIASES:   # names the one holding each database, with its whole address
+        assert f"database {alias!r} is already served by another django_lb_shm coordinator " \
+               f"(django_lb_shm {holder} host " in log, log
+    assert log.count(f" at 127.0.0.1:{first_port}") >= len(ALIASES), log
+    # Two process starts (supervisor, coordinator) and no waiting: today 15.8 s (5 s per database).
+    assert elapsed < 3.0, (elapsed, log)
     assert "not restarting" in log
     # The first one never noticed: it still reads and writes every copy.
     with coordinator.active():
@@ -272,6 +281,37 @@ def test_a_second_coordinator_on_the_same_databases_refuses_to_start(coordinator
         assert sorted(Author.objects.values_list("name", flat=True)) == ["after", "before"]
     coordinator.wait_drained()
     assert len({len(table_rows(alias, "testapp_author")) for alias in ALIASES}) == 1
+
+
+@pytest.mark.postgres_only
+def test_holders_that_cannot_be_judged_from_here_are_waited_for_once_for_all_databases(lb_factory):
+    # Sessions of no coordinator of this host (another host's, a psql): their end is waited for,
+    # CLAIM_WAIT for every database together, not per database.
+    import psycopg
+
+    from django_lb_shm.ownership import ADVISORY_KEYS, CLAIM_WAIT
+
+    handle = lb_factory("unjudged", start=False)
+    stop_all_coordinators()
+    sessions = []
+    try:
+        for alias in ALIASES:
+            server = pytest.lb_pg_cluster.servers[ALIASES.index(alias)]
+            session = psycopg.connect(server.conninfo(), autocommit=True, application_name="psql")
+            assert session.execute("SELECT pg_try_advisory_lock(%s, %s)", ADVISORY_KEYS).fetchone()[0]
+            sessions.append(session)
+        started = time.monotonic()
+        result = subprocess.run([sys.executable, str(LAUNCHER), "run"], cwd=str(REPO), env=handle.env(),
+                                capture_output=True, text=True, timeout=60)
+        elapsed = time.monotonic() - started
+    finally:
+        for session in sessions:
+            session.close()
+    assert result.returncode == 3, result.stderr
+    for alias in ALIASES:
+        assert f"database {alias!r} is already served by another django_lb_shm coordinator (psql, " \
+               f"server backend pid" in result.stderr, result.stderr
+    assert elapsed < CLAIM_WAIT + 3.0, elapsed
 
 
 def test_a_second_supervisor_on_the_same_address_is_a_boot_error(coordinator):
