@@ -431,6 +431,19 @@ class _Mapped:
         raise RuntimeError("an app process never unlinks the segment")
 
 
+def live_supervisor(address: Any) -> int:
+    """The pid of a running supervisor of this user that serves ``address`` on this host (0: none)."""
+    try:
+        state = SharedState.attach_untracked(segment_name(address))
+    except (OSError, RuntimeError, ValueError, SharedMemoryNotOwned):
+        return 0
+    try:
+        pid = int(state.header(Header.SUPERVISOR_PID))
+    finally:
+        state.close()
+    return pid if pid and _pid_alive(pid) else 0
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
