@@ -147,9 +147,8 @@ def run_checks() -> bool:
 def run() -> int:
     from .conf import get_config
     from .coordinator import configure_logging
-    from .supervisor import Supervisor
-
     from .errors import SharedMemoryNotOwned
+    from .supervisor import Supervisor
 
     config = get_config()
     configure_logging(config.log_level)

@@ -5,8 +5,9 @@ coordinator) through ``multiprocessing``, watches it with psutil and the
 heartbeats in shared memory, restarts it with backoff after a crash, and
 halts instead when it failed to boot.  A taken ADDRESS is a boot error only at
 the first boot: after it, another process may have grabbed the port while the
-coordinator restarted, and the supervisor tries again with the backoff.  Signal handlers only record the
-signal; the main loop acts on it (stop: ask with SIGTERM, wait, then force).
+coordinator restarted, and the supervisor tries again with the backoff.  Signal
+handlers only record the signal; the main loop acts on it (stop: ask with
+SIGTERM, wait, then force).
 """
 from __future__ import annotations
 
