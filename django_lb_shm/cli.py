@@ -147,13 +147,14 @@ def run_checks() -> bool:
 def run() -> int:
     from .conf import get_config
     from .coordinator import configure_logging
+    from .errors import SharedMemoryNotOwned
     from .supervisor import Supervisor
 
     config = get_config()
     configure_logging(config.log_level)
     try:
         return Supervisor(config, os.environ.get("DJANGO_SETTINGS_MODULE")).run()
-    except RuntimeError as exc:  # another supervisor already serves this address
+    except (RuntimeError, SharedMemoryNotOwned) as exc:  # the address's segment is taken or not ours
         sys.stderr.write(f"djangoloadbalancer: {exc}\n")
         return EXIT_BOOT_ERROR
 

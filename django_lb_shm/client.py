@@ -232,10 +232,17 @@ class CoordinatorClient:
 
 
 def read_status(config: LoadBalancerConfig, timeout: float = 5.0) -> dict:
-    """The coordinator's status, whatever databases it serves (`status` and `verify` only look)."""
+    """The coordinator's status, whatever databases it serves (`status` and `verify` only look).
+
+    Connecting is retried for CONNECT_TIMEOUT only while a supervisor of this user and host
+    serves the address (it is restarting the coordinator); otherwise one attempt answers.
+    """
+    from .shared_state import live_supervisor
+
+    wait = config.connect_timeout if live_supervisor(config.address) else 0.0
     client = CoordinatorClient(config, verify_databases=False)
     try:
-        return client.call("status", timeout=timeout)
+        return client.call("status", timeout=timeout, deadline=time.monotonic() + wait)
     finally:
         client.forget_connection()
 

@@ -9,6 +9,7 @@ gone, after answering what is in flight.
 """
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
 import os
@@ -43,6 +44,7 @@ from .errors import (
 )
 from .health import is_transient
 from .protocol import (
+    EXIT_ADDRESS_IN_USE,
     EXIT_BOOT_ERROR,
     EXIT_CONFIG_ERROR,
     EXIT_OK,
@@ -505,7 +507,7 @@ def _remove_stale_socket(path: str) -> None:
         return
     finally:
         probe.close()
-    raise OSError(f"another process is listening on {path}")
+    raise OSError(errno.EADDRINUSE, f"another process is listening on {path}")
 
 
 def _listen_locally(path: str) -> Optional[mp_connection.Listener]:
@@ -743,10 +745,13 @@ class CoordinatorProcess:
 
     def _claim_databases(self) -> None:
         """Two coordinators on the same databases would number writes twice: the second one does not start."""
+        from .ownership import CLAIM_WAIT
+
         owned = []
+        deadline = time.monotonic() + CLAIM_WAIT   # one wait for all: a second coordinator fails within moments
         for thread in self.threads:
             try:
-                thread.claim_at_boot()
+                thread.claim_at_boot(deadline)
             except DatabaseOwnedElsewhere as exc:
                 owned.append(str(exc))
         if owned:
@@ -760,10 +765,13 @@ class CoordinatorProcess:
         try:
             self.boot()
         except Exception as exc:
-            where = f"serve at {self.config.address}" if getattr(self, "server", None) is None else "boot"
-            logger.error("coordinator cannot %s: %s: %s", where, type(exc).__name__, exc)
-            if getattr(self, "server", None) is not None:
+            serving = getattr(self, "server", None) is not None
+            logger.error("coordinator cannot %s: %s: %s", "boot" if serving else f"serve at {self.config.address}",
+                         type(exc).__name__, exc)
+            if serving:
                 self.server.close()
+            elif isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+                return EXIT_ADDRESS_IN_USE
             return EXIT_BOOT_ERROR
         self.shared.set_header(Header.HEARTBEAT, time.monotonic())  # beating from READY on
         self.shared.set_header(Header.COORDINATOR_STATE, CoordinatorState.READY)

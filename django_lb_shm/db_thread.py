@@ -741,13 +741,16 @@ class DbThread(threading.Thread):
         self.shared.set(self.index, Slot.APPLIED_SEQ, seq)
         return seq, tag
 
-    def claim_at_boot(self) -> None:
+    def claim_at_boot(self, deadline: Optional[float] = None) -> None:
         """Before the coordinator reads or writes anything: DatabaseOwnedElsewhere if another
-        coordinator serves this database.  A database that cannot be reached now is claimed
-        when it is recovered."""
+        coordinator serves this database (a holder that cannot be judged is waited for until
+        ``deadline``, shared by every database).  A database that cannot be reached now is
+        claimed when it is recovered."""
+        if deadline is None:
+            deadline = time.monotonic() + CLAIM_WAIT
         try:
             self.conn.open()
-            self._claim(wait=CLAIM_WAIT)
+            self._claim(wait=max(0.0, deadline - time.monotonic()))
             self.boot_marker = self.conn.ensure_marker()
         except DatabaseOwnedElsewhere:
             self.conn.close()

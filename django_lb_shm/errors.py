@@ -81,6 +81,11 @@ class TransactionError(LoadBalancerError, db_utils.OperationalError):
     """A load-balanced transaction could not be started or finished."""
 
 
+class SharedMemoryNotOwned(LoadBalancerError):
+    """The shared-memory segment named for this user and ADDRESS belongs to another OS user, or
+    another user could write it: never read, used or removed (someone else planted it)."""
+
+
 class JournalError(WriteNotApplied):
     """The write journal (JOURNAL_DIR) could not record a write: it was applied nowhere."""
 
@@ -133,6 +138,7 @@ _OWN_ERRORS: dict[str, type[Exception]] = {
         TransactionError,
         JournalError,
         JournalCorrupt,
+        SharedMemoryNotOwned,
     )
 }
 

@@ -94,6 +94,34 @@ def process_vitals(pid: int) -> dict[str, Any]:
         return {"alive": False, "pid": pid}
 
 
+def address_holder(address: Any) -> str:
+    """Who holds the coordinator's address on this host: ' by pid N (name, user U)'; '' when it
+    cannot be known cheaply (another user's process while not root, no such socket any more)."""
+    kind, wanted = ("unix", address.path) if address.path else ("tcp", address.port)
+    try:
+        sockets = psutil.net_connections(kind=kind)
+    except (psutil.Error, OSError):
+        return ""
+    pids = sorted({s.pid for s in sockets if s.pid and _bound_to(s, kind, wanted)})
+    return " by " + ", ".join(_describe_process(pid) for pid in pids) if pids else ""
+
+
+def _bound_to(sock: Any, kind: str, wanted: Any) -> bool:
+    if kind == "unix":
+        return sock.laddr == wanted
+    # a listening (or bound, not yet listening) socket; not a client's connection from that port
+    return bool(sock.laddr) and sock.laddr.port == wanted and sock.status in (psutil.CONN_LISTEN, psutil.CONN_NONE,
+                                                                               psutil.CONN_CLOSE)
+
+
+def _describe_process(pid: int) -> str:
+    try:
+        proc = psutil.Process(pid)
+        return f"pid {pid} ({proc.name()}, user {proc.username()})"
+    except (psutil.Error, KeyError):
+        return f"pid {pid}"
+
+
 def interrupt_statement(wrapper: Any) -> None:
     """Cut the statement another thread runs on Django connection ``wrapper`` (a watchdog's tool
     for a hung database): SQLite's interrupt(); on PostgreSQL the socket is shut down, which

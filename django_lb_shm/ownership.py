@@ -17,6 +17,11 @@ serves it:
   Another alias of this coordinator reaching the same database is a conflict.
 * SQLite: an exclusive ``flock`` on ``<database file>.django_lb_shm.lock``,
   held by the coordinator process (the kernel drops it when the process exits).
+
+A holder that is certainly alive (a coordinator process of this host that runs, or this
+very process) is a conflict at once; only a holder that cannot be judged from here (another
+host, a session not named by a coordinator) is waited for, and the coordinator's databases
+share one wait (``CLAIM_WAIT``), so that a second coordinator fails within moments.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ import socket
 import time
 import urllib.parse
 import zlib
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from .errors import DatabaseOwnedElsewhere
@@ -37,9 +43,11 @@ logger = logging.getLogger("django_lb_shm.ownership")
 # pg_try_advisory_lock(int4, int4): its own key space, apart from the bigint form apps tend to use.
 ADVISORY_KEYS = (0x6C62, 0x73686D)   # "lb", "shm"
 LOCK_SUFFIX = ".django_lb_shm.lock"
-# Enough for a coordinator that was just stopped gracefully to let its sessions go.
-CLAIM_WAIT = 5.0
-HOLDER_PREFIX = "django_lb_shm coordinator pid"
+# For all the databases of a coordinator together: enough for the sessions of a coordinator of
+# another host that was just stopped to go (one of this host is judged at once).
+CLAIM_WAIT = 1.0
+HOLDER_PREFIX = "django_lb_shm pid"
+APPLICATION_NAME_MAX = 63   # bytes: PostgreSQL's NAMEDATALEN - 1
 
 
 def _host_key() -> str:
@@ -54,7 +62,41 @@ def _host_key() -> str:
 
 
 HOST_KEY = _host_key()
-_HOLDER = re.compile(re.escape(HOLDER_PREFIX) + r" (?P<pid>\d+) host (?P<host>[0-9a-f]{8})")
+# (also the longer form of earlier versions, "django_lb_shm coordinator pid ...")
+_HOLDER = re.compile(r"django_lb_shm (?:coordinator )?pid (?P<pid>\d+) host (?P<host>[0-9a-f]{8})")
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Who holds a claim this coordinator wants: a description, and whether it is certainly alive."""
+
+    description: str
+    alive: bool = False
+
+
+def holder_name(pid: int, address: Any, limit: Optional[int] = None) -> str:
+    """'django_lb_shm pid <pid> host <host key> at <address>'; over ``limit`` bytes, the
+    address keeps its end (the port) after '...'."""
+    name = f"{HOLDER_PREFIX} {pid} host {HOST_KEY} at {address}"
+    if limit is None or len(name.encode()) <= limit:
+        return name
+    head = f"{HOLDER_PREFIX} {pid} host {HOST_KEY} at ..."
+    tail = str(address).encode()[-(limit - len(head.encode())):]
+    return head + tail.decode(errors="ignore")
+
+
+def _alive_here(description: str) -> bool:
+    """A coordinator process of this host (boot, pid namespace) that still runs, or this process."""
+    match = _HOLDER.match(description or "")
+    if not match or match.group("host") != HOST_KEY:
+        return False
+    try:
+        os.kill(int(match.group("pid")), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class Ownership:
@@ -62,28 +104,30 @@ class Ownership:
 
     def __init__(self, alias: str, address: Any):
         self.alias = alias
-        self.holder = f"{HOLDER_PREFIX} {os.getpid()} host {HOST_KEY} at {address}"[:63]   # NAMEDATALEN
+        self.holder = holder_name(os.getpid(), address)
+        self.application_name = holder_name(os.getpid(), address, APPLICATION_NAME_MAX)
         self.session: Optional[tuple] = None   # PostgreSQL: (backend pid, backend_start) holding the claim
         self._lock_file: Optional[int] = None
 
     def claim(self, conn: Any, wait: float = CLAIM_WAIT) -> None:
-        """Claim the database ``conn`` (an open DbConnection) reaches; DatabaseOwnedElsewhere if another holds it."""
+        """Claim the database ``conn`` (an open DbConnection) reaches; DatabaseOwnedElsewhere if another
+        holds it (at once when that one is certainly alive, else after ``wait`` seconds)."""
         vendor = conn.wrapper.vendor
         deadline = time.monotonic() + wait
         while True:
             other = self._try_claim(conn, vendor)
             if other is None:
                 return
-            if time.monotonic() >= deadline:
+            if other.alive or time.monotonic() >= deadline:
                 raise DatabaseOwnedElsewhere(
-                    f"database {self.alias!r} is already served by another django_lb_shm coordinator ({other}); "
-                    "stop that one, or give this one other databases: two coordinators on the same "
-                    "databases would apply writes in different orders"
+                    f"database {self.alias!r} is already served by another django_lb_shm coordinator "
+                    f"({other.description}); stop that one, or give this one other databases: two "
+                    "coordinators on the same databases would apply writes in different orders"
                 )
-            time.sleep(0.2)
+            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
 
-    def _try_claim(self, conn: Any, vendor: str) -> Optional[str]:
-        """None when claimed; else a description of the holder."""
+    def _try_claim(self, conn: Any, vendor: str) -> Optional[Holder]:
+        """None when claimed; else who holds it."""
         if vendor == "postgresql":
             return self._try_advisory_lock(conn)
         if vendor == "sqlite":
@@ -91,8 +135,8 @@ class Ownership:
         return None
 
     # -- PostgreSQL ---------------------------------------------------------------------
-    def _try_advisory_lock(self, conn: Any) -> Optional[str]:
-        conn.run("SELECT set_config('application_name', %s, false)", (self.holder,))
+    def _try_advisory_lock(self, conn: Any) -> Optional[Holder]:
+        conn.run("SELECT set_config('application_name', %s, false)", (self.application_name,))
         for _attempt in range(10):   # a terminated session lets go within moments
             if conn.run("SELECT pg_try_advisory_lock(%s, %s)", ADVISORY_KEYS).rows[0][0]:
                 self.session = conn.session
@@ -103,15 +147,16 @@ class Ownership:
             name, backend_pid, backend_start = holder
             why_stale = self._why_stale(name, (backend_pid, backend_start))
             if not why_stale:
-                return f"{name or 'an unnamed session'}, server backend pid {backend_pid}"
+                return Holder(f"{name or 'an unnamed session'}, server backend pid {backend_pid}", _alive_here(name))
             try:
                 conn.run("SELECT pg_terminate_backend(%s)", (backend_pid,))
             except Exception as exc:   # not allowed to (another role, a superuser's session)
-                return f"{name}, server backend pid {backend_pid}, {why_stale}; it could not be terminated ({exc})"
+                return Holder(f"{name}, server backend pid {backend_pid}, {why_stale}; it could not be terminated "
+                              f"({exc})")
             logger.warning("database %r: terminated server session %d (%s): %s", self.alias, backend_pid, name,
                            why_stale)
             time.sleep(0.1)
-        return "a session that keeps coming back"
+        return Holder("a session that keeps coming back")
 
     @staticmethod
     def _lock_holder(conn: Any) -> Optional[tuple]:
@@ -147,7 +192,7 @@ class Ownership:
         return ""
 
     # -- SQLite ---------------------------------------------------------------------------
-    def _try_lock_file(self, database_file: str) -> Optional[str]:
+    def _try_lock_file(self, database_file: str) -> Optional[Holder]:
         if self._lock_file is not None:
             return None
         # The real file: every path that reaches it (symlinks, "..") shares one lock file.
@@ -156,9 +201,10 @@ class Ownership:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 100, 0).decode(errors="replace").strip()
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
             os.close(fd)
-            return f"{holder if holder.startswith(HOLDER_PREFIX) else 'another process'}; lock file {path}"
+            named = bool(_HOLDER.match(holder))
+            return Holder(f"{holder if named else 'another process'}; lock file {path}", named and _alive_here(holder))
         except BaseException:
             os.close(fd)
             raise

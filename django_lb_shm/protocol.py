@@ -30,9 +30,10 @@ EXPOSED = ("execute", "status", "hello", "ping", "identity")
 
 EXIT_OK = 0
 EXIT_CONFIG_ERROR = 2    # settings invalid: never restart
-EXIT_BOOT_ERROR = 3      # could not boot (port taken...): never restart
+EXIT_BOOT_ERROR = 3      # could not boot (journal unusable, databases claimed...): never restart
 EXIT_ORPHANED = 4        # supervisor went away; not restarted (nobody left to restart it)
 EXIT_RESTART = 5         # the coordinator asks to be restarted (its journal must be read again)
+EXIT_ADDRESS_IN_USE = 6  # ADDRESS is taken: a boot error at the first boot, retried with backoff after it
 # Set by LoadBalancerTestRunner to its own pid: the supervisor stops once that process is gone.
 STOP_WITH_PARENT_ENV = "DJANGO_LB_SHM_STOP_WITH_PARENT"
 
@@ -42,6 +43,7 @@ EXIT_CODES = {
     EXIT_BOOT_ERROR: "boot error",
     EXIT_ORPHANED: "orphaned",
     EXIT_RESTART: "restart requested",
+    EXIT_ADDRESS_IN_USE: "address in use",
 }
 
 

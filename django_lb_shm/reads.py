@@ -3,8 +3,9 @@
 The shared-memory segment holds what a read needs to pick a copy: each
 database's state and applied sequence, the last sequence handed out
 (``Header.LAST_SEQ``, published before a write is acknowledged), latencies and
-in-flight counts.  An app process that can attach it (same host, same OS user,
-same ``LAYOUT_VERSION``) chooses the copy with the configured read algorithm and
+in-flight counts.  An app process that can attach it (same host, same OS user: the
+segment's name carries the uid, and one another user owns or could write is never
+read; same ``LAYOUT_VERSION``) chooses the copy with the configured read algorithm and
 runs the statement on a private connection of its own to that copy; the
 coordinator is not on the path.  Other processes (``READ_PATH = 'COORDINATOR'``,
 another host or user, another layout) keep the round trip to the coordinator,
@@ -46,7 +47,7 @@ from typing import Any, Optional
 
 from .conf import _settings, get_config
 from .descriptors import Result, Statement
-from .errors import DatabaseDown, QueryTimeout
+from .errors import DatabaseDown, QueryTimeout, SharedMemoryNotOwned
 from .health import interrupt_statement, is_connection_error, is_transient
 from .shared_state import (
     HEADER_SIZE,
@@ -381,7 +382,7 @@ class ZeroHopReader:
             self._next_attach = now + 1.0
             try:
                 shared = SharedState.attach_untracked(segment_name(self.config.address))
-            except (OSError, RuntimeError, ValueError):
+            except (OSError, RuntimeError, ValueError, SharedMemoryNotOwned):
                 return False
             heartbeat = shared.header(Header.HEARTBEAT)
             same = all(shared.header(h) == self.shared.header(h)
@@ -520,7 +521,7 @@ def _build(config: Any) -> Optional[ZeroHopReader]:
         except FileNotFoundError:
             _next_try = now + RETRY_ATTACH_EVERY   # no coordinator on this host (yet)
             return None
-        except (PermissionError, LayoutMismatch, RuntimeError, ValueError, OSError) as exc:
+        except (SharedMemoryNotOwned, PermissionError, LayoutMismatch, RuntimeError, ValueError, OSError) as exc:
             _next_try = now + 60.0
             if (name, str(exc)) not in _warned:
                 _warned.add((name, str(exc)))

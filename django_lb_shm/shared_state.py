@@ -16,16 +16,25 @@ read count, in-flight reads, latency sums, and the connection failures and
 timeouts it saw (which the coordinator's ``ReaderWatch`` acts on).  Readers sum
 the slots; nobody takes a lock to count.  ``LAYOUT_VERSION`` is checked on attach:
 an app process that finds another layout keeps the coordinator path.
+
+The segment's name carries the OS user's uid (``segment_name``), and a segment is only
+created over, attached or reclaimed when that user owns it and no other user may write
+it (``check_owner``): /dev/shm is writable by everyone, so a file under that name may
+have been planted by another user.
 """
 from __future__ import annotations
 
 import enum
 import mmap
 import os
+import pwd
+import stat
 import threading
 import time
 from multiprocessing import resource_tracker, shared_memory
 from typing import Any, Optional
+
+from .errors import SharedMemoryNotOwned
 
 MAGIC = 0x4C42_5348  # "LBSH"
 LAYOUT_VERSION = 2
@@ -110,11 +119,64 @@ class LayoutMismatch(RuntimeError):
     """The segment was laid out by another version of the package."""
 
 
+SHM_DIR = "/dev/shm"   # where Linux keeps POSIX shared memory segments
+
+
 def segment_name(address: Any) -> str:
-    """One segment per coordinator address: django_lb_shm_<port> (or _u<hash of the socket path>)."""
+    """One segment per OS user and coordinator address: django_lb_shm_<uid>_<port>
+    (or django_lb_shm_<uid>_u<hash of the socket path>)."""
     from .conf import address_key
 
-    return f"django_lb_shm_{address_key(address)}"
+    return f"django_lb_shm_{os.getuid()}_{address_key(address)}"
+
+
+def segment_path(name: str) -> str:
+    return os.path.join(SHM_DIR, name)
+
+
+def check_owner(st: os.stat_result, name: str) -> None:
+    """SharedMemoryNotOwned unless the segment is a regular file of this user that no other user may write."""
+    problem = _ownership_problem(st)
+    if problem:
+        raise SharedMemoryNotOwned(
+            f"shared memory segment {segment_path(name)} {problem}: it was not made by this user's "
+            "django_lb_shm and is neither used nor removed; remove it (as its owner or root) once you know "
+            "who made it, or give LOAD_BALANCER['ADDRESS'] another PORT"
+        )
+
+
+def _ownership_problem(st: os.stat_result) -> str:
+    uid = os.getuid()
+    if not stat.S_ISREG(st.st_mode):
+        return f"is not a regular file (owner {user_name(st.st_uid)})"
+    if st.st_uid != uid:
+        return f"belongs to {user_name(st.st_uid)}, not to this user, {user_name(uid)}"
+    if st.st_mode & 0o022:
+        return f"is writable by other users (mode {st.st_mode & 0o777:04o}, owner {user_name(st.st_uid)})"
+    return ""
+
+
+def user_name(uid: int) -> str:
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _existing_segment_stat(name: str) -> Optional[os.stat_result]:
+    """The segment file's own status, a symbolic link not followed (None: it is gone)."""
+    try:
+        if os.path.isdir(SHM_DIR):
+            return os.lstat(segment_path(name))
+        import _posixshmem   # no /dev/shm (not Linux): ask the segment itself
+
+        fd = _posixshmem.shm_open("/" + name, os.O_RDONLY, mode=0o600)
+        try:
+            return os.fstat(fd)
+        finally:
+            os.close(fd)
+    except FileNotFoundError:
+        return None
 
 
 class SharedState:
@@ -151,6 +213,9 @@ class SharedState:
         try:
             shm = shared_memory.SharedMemory(name=name, create=True, size=size)
         except FileExistsError:
+            existing = _existing_segment_stat(name)
+            if existing is not None:
+                check_owner(existing, name)   # another user's file: never reclaimed
             pid = _owner_pid(name)
             if pid and pid != os.getpid() and _pid_alive(pid):
                 raise RuntimeError(
@@ -182,11 +247,16 @@ class SharedState:
         registration must stay: it unlinks the segment if the supervisor dies.
         """
         shm = shared_memory.SharedMemory(name=name, create=False)
-        if not shares_tracker:
+        st = os.fstat(shm._fd)  # type: ignore[attr-defined]
+        foreign = bool(_ownership_problem(st))
+        if not shares_tracker or foreign:   # the tracker must never unlink another user's file
             try:
                 resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
             except Exception:
                 pass
+        if foreign:
+            shm.close()
+            check_owner(st, name)
         return cls._checked(shm, name)
 
     @classmethod
@@ -206,8 +276,9 @@ class SharedState:
     def attach_untracked(cls, name: str) -> "SharedState":
         """Attach without the resource tracker (app processes: no tracker process is started).
 
-        FileNotFoundError when there is no segment, PermissionError when it belongs to
-        another OS user, LayoutMismatch when another version laid it out.
+        FileNotFoundError when there is no segment, PermissionError or SharedMemoryNotOwned
+        when it belongs to another OS user (or another could write it), LayoutMismatch when
+        another version laid it out.
         """
         try:
             import _posixshmem
@@ -215,8 +286,9 @@ class SharedState:
             return cls.attach(name)
         fd = _posixshmem.shm_open("/" + name, os.O_RDWR, mode=0o600)
         try:
-            size = os.fstat(fd).st_size
-            mapping = mmap.mmap(fd, size)
+            st = os.fstat(fd)
+            check_owner(st, name)   # of the file opened, not of a name that may change meanwhile
+            mapping = mmap.mmap(fd, st.st_size)
         finally:
             os.close(fd)
         return cls._checked(_Mapped(name, mapping), name)
@@ -357,6 +429,19 @@ class _Mapped:
 
     def unlink(self) -> None:
         raise RuntimeError("an app process never unlinks the segment")
+
+
+def live_supervisor(address: Any) -> int:
+    """The pid of a running supervisor of this user that serves ``address`` on this host (0: none)."""
+    try:
+        state = SharedState.attach_untracked(segment_name(address))
+    except (OSError, RuntimeError, ValueError, SharedMemoryNotOwned):
+        return 0
+    try:
+        pid = int(state.header(Header.SUPERVISOR_PID))
+    finally:
+        state.close()
+    return pid if pid and _pid_alive(pid) else 0
 
 
 def _pid_alive(pid: int) -> bool:

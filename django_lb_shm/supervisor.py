@@ -3,8 +3,11 @@
 It owns the shared-memory segment, spawns the manager process (the
 coordinator) through ``multiprocessing``, watches it with psutil and the
 heartbeats in shared memory, restarts it with backoff after a crash, and
-halts instead when it failed to boot.  Signal handlers only record the
-signal; the main loop acts on it (stop: ask with SIGTERM, wait, then force).
+halts instead when it failed to boot.  A taken ADDRESS is a boot error only at
+the first boot: after it, another process may have grabbed the port while the
+coordinator restarted, and the supervisor tries again with the backoff.  Signal
+handlers only record the signal; the main loop acts on it (stop: ask with
+SIGTERM, wait, then force).
 """
 from __future__ import annotations
 
@@ -18,8 +21,15 @@ import time
 from typing import Any, Optional
 
 from . import coordinator
-from .health import process_vitals
-from .protocol import EXIT_BOOT_ERROR, EXIT_CODES, EXIT_CONFIG_ERROR, EXIT_OK, STOP_WITH_PARENT_ENV
+from .health import address_holder, process_vitals
+from .protocol import (
+    EXIT_ADDRESS_IN_USE,
+    EXIT_BOOT_ERROR,
+    EXIT_CODES,
+    EXIT_CONFIG_ERROR,
+    EXIT_OK,
+    STOP_WITH_PARENT_ENV,
+)
 from .shared_state import CoordinatorState, DbState, Header, SharedState, Slot, segment_name
 
 logger = logging.getLogger("django_lb_shm.supervisor")
@@ -87,7 +97,12 @@ class Supervisor:
         if self.stopping:
             return EXIT_OK
         code = self.process.exitcode
-        reason = EXIT_CODES.get(code, f"exit code {code}") if code is not None else "no READY within the boot timeout"
+        if code == EXIT_ADDRESS_IN_USE:
+            reason = self._address_in_use()
+        elif code is not None:
+            reason = EXIT_CODES.get(code, f"exit code {code}")
+        else:
+            reason = "no READY within the boot timeout"
         logger.error("the coordinator failed to boot (%s); not restarting", reason)
         return code if code in (EXIT_CONFIG_ERROR, EXIT_BOOT_ERROR) else EXIT_BOOT_ERROR
 
@@ -134,7 +149,14 @@ class Supervisor:
                 if code in (EXIT_CONFIG_ERROR, EXIT_BOOT_ERROR):
                     logger.error("the coordinator exited with %s; not restarting", EXIT_CODES[code])
                     return code
+                if code == EXIT_ADDRESS_IN_USE:
+                    problem = f"the coordinator (pid {self.process.pid}) cannot serve: {self._address_in_use()}"
                 self._restart(problem, graceful=False)
+
+    def _address_in_use(self) -> str:
+        address = self.config.address
+        what = f"the socket {address.path}" if address.path else f"port {address.port} ({address})"
+        return f"{what} is in use{address_holder(address)}"
 
     @staticmethod
     def _parent_gone() -> bool:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -147,6 +148,29 @@ def test_status_without_coordinator_says_where_and_how_to_start_it(no_coordinato
     assert elapsed < CONNECT_TIMEOUT + 5
     assert f"no load balancer coordinator answers at {address}" in result.stderr
     assert "start it with `djangoloadbalancer`" in result.stderr
+
+
+def test_status_with_nothing_listening_answers_within_a_second(tmp_path):
+    # Issue 17: it retried connecting for CONNECT_TIMEOUT (4.8 s) although no supervisor serves the address.
+    env, address = settings_env(tmp_path, "nobody-listens", PORT=free_port())
+    config = json.loads(Path(env["LB_TEST_CONFIG"]).read_text())
+    config["LOAD_BALANCER"]["CONNECT_TIMEOUT"] = 5
+    Path(env["LB_TEST_CONFIG"]).write_text(json.dumps(config))
+    started = time.monotonic()
+    result = run(STATUS, env)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 1 and result.stdout == ""
+    assert f"no load balancer coordinator answers at {address}" in result.stderr
+    assert elapsed < 3.0, elapsed   # Python and Django start-up (0.3-0.5 s here) and one connection attempt
+
+
+def test_status_while_the_supervisor_restarts_the_coordinator_waits_for_it(lb_factory):
+    handle = lb_factory("status-restart", CONNECT_TIMEOUT=15)
+    old_pid = handle.coordinator_pid()
+    os.kill(old_pid, signal.SIGKILL)
+    result = run(STATUS + ["--json"], handle.env())
+    assert result.returncode == 0, result.stderr + handle.log()
+    assert json.loads(result.stdout)["coordinator"]["pid"] != old_pid
 
 
 QUERY_SCRIPT = textwrap.dedent("""

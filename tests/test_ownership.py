@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 
 import pytest
 
 from django_lb_shm.db_thread import DbConnection
 from django_lb_shm.errors import DatabaseOwnedElsewhere
-from django_lb_shm.ownership import ADVISORY_KEYS, HOLDER_PREFIX, HOST_KEY, LOCK_SUFFIX, Ownership
+from django_lb_shm.ownership import ADVISORY_KEYS, CLAIM_WAIT, HOLDER_PREFIX, HOST_KEY, LOCK_SUFFIX, Ownership
 from tests.support.lb import ALIASES, BACKEND, stop_all_coordinators
 
 
@@ -51,12 +52,12 @@ def holder():
 def claimant():
     conns, ownerships = [], []
 
-    def claim(ownership: Ownership) -> None:
-        conn = DbConnection("DB2")
+    def claim(ownership: Ownership, wait: float = 0.5, alias: str = "DB2") -> None:
+        conn = DbConnection(alias)
         conn.open()
         conns.append(conn)
         ownerships.append(ownership)
-        ownership.claim(conn, wait=0.5)
+        ownership.claim(conn, wait=wait)
 
     yield claim
     for conn in conns:
@@ -108,6 +109,25 @@ def test_our_own_earlier_session_is_taken_over(holder, claimant):
                                             "WHERE pid = pg_backend_pid()").fetchone())
     claimant(ownership)
     assert not alive(other)
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:65535", "localhost:65535", "[::1]:65535",
+                                     "coordinator-7.internal.example.com:6000"])
+def test_a_live_holder_of_this_host_is_a_conflict_at_once_and_named_with_its_full_address(claimant, address):
+    # Issue 17: the holder's port was cut off (63 characters: PostgreSQL's application_name),
+    # and a second coordinator waited 5 s per database for a holder that is plainly alive.
+    claimant(Ownership("DB2", address))
+    started = time.monotonic()
+    with pytest.raises(DatabaseOwnedElsewhere) as refused:
+        claimant(Ownership("DB2", "127.0.0.1:6001"), wait=CLAIM_WAIT)
+    assert time.monotonic() - started < 0.5
+    message = str(refused.value)
+    assert f"pid {os.getpid()} host {HOST_KEY} at " in message, message
+    if len(f"{HOLDER_PREFIX} {os.getpid()} host {HOST_KEY} at {address}") <= 63 or BACKEND == "sqlite":
+        assert f" at {address}" in message, message
+    else:   # too long for an application_name: the end is kept, with the port
+        shown = message.split(" at ...", 1)[1].split(",", 1)[0]
+        assert address.endswith(shown) and shown.endswith(":6000"), message
 
 
 @pytest.mark.skipif(BACKEND != "sqlite", reason="SQLite-only test; run with LB_TEST_BACKEND=sqlite")

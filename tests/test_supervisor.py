@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import pwd
 import signal
 import socket
 import subprocess
@@ -137,8 +138,7 @@ def _ready_with_new_pid(handle, old_pid: int, every_database_running: bool = Fal
 def test_kill_9_supervisor_leaves_no_orphan_and_no_segment(lb_factory):
     handle = lb_factory("orphan", HEARTBEAT_TIMEOUT=5)
     coordinator_pid = handle.coordinator_pid()
-    port = handle.lb["ADDRESS"]["PORT"]
-    segment = Path(f"/dev/shm/django_lb_shm_{port}")
+    segment = Path("/dev/shm", handle.segment_name)
     assert segment.exists()
     os.kill(handle.supervisor_pid, signal.SIGKILL)
     wait_until(lambda: gone(coordinator_pid), 15, "the coordinator to exit after its supervisor died")
@@ -148,10 +148,9 @@ def test_kill_9_supervisor_leaves_no_orphan_and_no_segment(lb_factory):
 
 def test_stale_segment_of_a_dead_supervisor_is_reclaimed(lb_factory):
     handle = lb_factory("stale", start=False)
-    port = handle.lb["ADDRESS"]["PORT"]
     from multiprocessing import resource_tracker, shared_memory
 
-    name = f"django_lb_shm_{port}"
+    name = handle.segment_name
     assert not Path(f"/dev/shm/{name}").exists(), f"{name} exists before the test"
     leftover = shared_memory.SharedMemory(name=name, create=True, size=4096)
     resource_tracker.unregister(leftover._name, "shared_memory")  # left behind, as after a crash
@@ -209,19 +208,72 @@ def test_boot_failure_halts_instead_of_restarting(lb_factory):
         output = result.stdout + result.stderr
         assert "cannot serve at" in output and "not restarting" in output
         assert output.count("cannot serve at") == 1  # no crash loop
+        port = handle.lb["ADDRESS"]["PORT"]
+        assert f"port {port} (127.0.0.1:{port}) is in use by pid {os.getpid()}" in output, output
     finally:
         blocker.close()
+
+
+def take_port(port: int, within: float) -> socket.socket:
+    """Listen on ``port`` as soon as it is free (a killed coordinator lets go of it as it dies)."""
+    deadline = time.monotonic() + within
+    while True:
+        blocker = socket.socket()
+        blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            blocker.bind(("127.0.0.1", port))
+            blocker.listen(1)
+            return blocker
+        except OSError:
+            blocker.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
+def test_a_port_taken_during_the_restart_backoff_is_retried_until_it_is_free(lb_factory):
+    handle = lb_factory("port-taken")
+    port = handle.lb["ADDRESS"]["PORT"]
+    old_pid = handle.coordinator_pid()
+    os.kill(old_pid, signal.SIGKILL)
+    blocker = take_port(port, within=5)   # before the restart: the supervisor waits the backoff first
+    taken = f"cannot serve: port {port} (127.0.0.1:{port}) is in use by pid {os.getpid()}"
+    try:
+        wait_until(lambda: handle.log().count(taken) >= 3, 60, "three attempts on the taken port")
+        assert handle.proc.poll() is None, handle.log()   # never a permanent stop
+        log = handle.log()
+        attempts = [line for line in log.splitlines() if taken in line]
+        # each attempt logged, naming the holder, with the backoff growing (0.5 s went to the kill -9)
+        assert [line.rsplit("; ", 1)[1] for line in attempts[:3]] == [
+            "restarting it in 1.0 s", "restarting it in 2.0 s", "restarting it in 4.0 s"], log
+        assert all(f"user {pwd.getpwuid(os.getuid()).pw_name})" in line for line in attempts), log
+        assert "not restarting" not in log
+    finally:
+        blocker.close()
+    wait_until(lambda: _ready_with_new_pid(handle, old_pid, every_database_running=True), 60,
+               "a coordinator on the freed port")
+    Author.objects.create(name="after the port was freed")
+    assert Author.objects.filter(name="after the port was freed").count() == 1
 
 
 def test_a_second_coordinator_on_the_same_databases_refuses_to_start(coordinator, lb_factory):
     # Another PORT, the same databases: it would number writes from the same journal position.
     Author.objects.create(name="before")
     second = lb_factory("second", start=False)
+    holder = f"pid {coordinator.coordinator_pid()}"
+    started = time.monotonic()
     second.start(wait=False, alongside=True)
     assert second.proc.wait(60) == 3, second.log()
+    elapsed = time.monotonic() - started
     log = second.log()
     assert "already served by another django_lb_shm coordinator" in log, log
-    assert f"pid {coordinator.coordinator_pid()}" in log, log   # names the one holding it
+    first_port = coordinator.lb["ADDRESS"]["PORT"]
+    for alias in ALIASES:   # names the one holding each database, with its whole address
+        assert f"database {alias!r} is already served by another django_lb_shm coordinator " \
+               f"(django_lb_shm {holder} host " in log, log
+    assert log.count(f" at 127.0.0.1:{first_port}") >= len(ALIASES), log
+    # Two process starts (supervisor, coordinator) and no waiting: today 15.8 s (5 s per database).
+    assert elapsed < 3.0, (elapsed, log)
     assert "not restarting" in log
     # The first one never noticed: it still reads and writes every copy.
     with coordinator.active():
@@ -229,6 +281,37 @@ def test_a_second_coordinator_on_the_same_databases_refuses_to_start(coordinator
         assert sorted(Author.objects.values_list("name", flat=True)) == ["after", "before"]
     coordinator.wait_drained()
     assert len({len(table_rows(alias, "testapp_author")) for alias in ALIASES}) == 1
+
+
+@pytest.mark.postgres_only
+def test_holders_that_cannot_be_judged_from_here_are_waited_for_once_for_all_databases(lb_factory):
+    # Sessions of no coordinator of this host (another host's, a psql): their end is waited for,
+    # CLAIM_WAIT for every database together, not per database.
+    import psycopg
+
+    from django_lb_shm.ownership import ADVISORY_KEYS, CLAIM_WAIT
+
+    handle = lb_factory("unjudged", start=False)
+    stop_all_coordinators()
+    sessions = []
+    try:
+        for alias in ALIASES:
+            server = pytest.lb_pg_cluster.servers[ALIASES.index(alias)]
+            session = psycopg.connect(server.conninfo(), autocommit=True, application_name="psql")
+            assert session.execute("SELECT pg_try_advisory_lock(%s, %s)", ADVISORY_KEYS).fetchone()[0]
+            sessions.append(session)
+        started = time.monotonic()
+        result = subprocess.run([sys.executable, str(LAUNCHER), "run"], cwd=str(REPO), env=handle.env(),
+                                capture_output=True, text=True, timeout=60)
+        elapsed = time.monotonic() - started
+    finally:
+        for session in sessions:
+            session.close()
+    assert result.returncode == 3, result.stderr
+    for alias in ALIASES:
+        assert f"database {alias!r} is already served by another django_lb_shm coordinator (psql, " \
+               f"server backend pid" in result.stderr, result.stderr
+    assert elapsed < CLAIM_WAIT + 3.0, elapsed
 
 
 def test_a_second_supervisor_on_the_same_address_is_a_boot_error(coordinator):

@@ -6,14 +6,10 @@ Real databases, real coordinator processes, real app processes.
 """
 from __future__ import annotations
 
-import json
 import logging
 import multiprocessing
 import os
-import pwd
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -28,7 +24,7 @@ from django_lb_shm.reads import zero_hop_reader
 from django_lb_shm.shared_state import Reader, SharedState, segment_name
 from tests.support import workers
 from tests.support.delay_proxy import DelayProxy
-from tests.support.lb import ALIASES, BACKEND, REPO, base_settings, read_path
+from tests.support.lb import ALIASES, BACKEND, base_settings, read_path
 from tests.testapp.models import Author
 
 SPAWN = multiprocessing.get_context("spawn")
@@ -397,42 +393,4 @@ def test_a_layout_version_mismatch_means_the_coordinator_path(coordinator, monke
     assert zero_hop_reader() is not None
 
 
-@pytest.fixture
-def other_user():
-    if os.getuid() != 0:
-        pytest.skip("needs root to add a throw-away user")
-    name = f"lbzh{os.getpid() % 100000}"
-    subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", name], check=True,
-                   capture_output=True)
-    try:
-        yield pwd.getpwnam(name)
-    finally:
-        subprocess.run(["userdel", name], capture_output=True)
-
-
-def test_a_process_of_another_user_takes_the_coordinator_path(coordinator, other_user):
-    Author.objects.create(name="x-other")
-    coordinator.wait_drained()
-    settings_json = os.environ["LB_TEST_CONFIG"]
-    code = (
-        "import json, sys; from tests.support.workers import setup_child; setup_child(sys.argv[1]);"
-        "from django_lb_shm.reads import zero_hop_reader; from tests.testapp.models import Author;"
-        "n = sum(Author.objects.filter(name__startswith='x').count() for _ in range(20));"
-        "print(json.dumps({'found': n, 'zero_hop': zero_hop_reader() is not None}))"
-    )
-    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONDONTWRITEBYTECODE="1", HOME="/tmp")
-    try:
-        subprocess.run([sys.executable, "-c", "import django"], cwd="/tmp", env=env, user=other_user.pw_uid,
-                       group=other_user.pw_gid, capture_output=True, timeout=60, check=True)
-    except (PermissionError, subprocess.CalledProcessError) as exc:
-        pytest.skip(f"this interpreter ({sys.executable}) or Django cannot be run by another user here: {exc}")
-    before = counters(coordinator)
-    done = subprocess.run([sys.executable, "-c", code, settings_json], cwd="/tmp", env=env, user=other_user.pw_uid,
-                          group=other_user.pw_gid, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
-    outcome = json.loads(done.stdout.strip().splitlines()[-1])
-    assert outcome == {"found": 20, "zero_hop": False}, outcome
-    after = counters(coordinator)
-    assert sum(delta(before, after, 0).values()) == 20    # all through the coordinator
-    assert sum(delta(before, after, 1).values()) == 0
-    assert "reads go through the coordinator: cannot use shared memory segment" in done.stderr
+# A process of another OS user: tests/test_local_users.py (it looks for its own uid's segment).

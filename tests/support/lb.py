@@ -121,6 +121,14 @@ class CoordinatorHandle:
     def coordinator_pid(self) -> int:
         return int(self.status()["coordinator"]["pid"])
 
+    @property
+    def segment_name(self) -> str:
+        """Its shared-memory segment's name (in /dev/shm)."""
+        from django_lb_shm.conf import build_config
+        from django_lb_shm.shared_state import segment_name
+
+        return segment_name(build_config(self.lb, self.settings["DATABASES"]).address)
+
     def log(self) -> str:
         try:
             return self.log_path.read_text(errors="replace")[-6000:]
