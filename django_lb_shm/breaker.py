@@ -19,6 +19,7 @@ on its host, by its heartbeat in shared memory (the next query then tries once).
 from __future__ import annotations
 
 import enum
+import functools
 import random
 import threading
 import time
@@ -53,7 +54,7 @@ def host_view(address: Any) -> HostView:
     try:
         shared = SharedState.attach_untracked(segment_name(address))
     except FileNotFoundError:
-        if not address.is_loopback:
+        if not _is_local(address):
             return HostView(Verdict.UNKNOWN)   # the coordinator may run on another host
         return HostView(Verdict.GONE, "no djangoloadbalancer supervisor serves it on this host")
     except (OSError, RuntimeError, ValueError):
@@ -68,6 +69,12 @@ def host_view(address: Any) -> HostView:
     if not supervisor_alive(pid, started_at):
         return HostView(Verdict.GONE, f"the supervisor that served it on this host (pid {pid}) is gone")
     return HostView(Verdict.RESTARTING, ready=ready, heartbeat=heartbeat)
+
+
+@functools.lru_cache(maxsize=64)
+def _is_local(address: Any) -> bool:
+    """Once per address: a HOST name costs a DNS lookup, and an open breaker asks on every query."""
+    return address.is_loopback
 
 
 def supervisor_alive(pid: int, started_at: float) -> bool:
@@ -153,7 +160,7 @@ class ConnectBreaker:
 
     def error(self) -> CoordinatorDown:
         return CoordinatorDown(
-            f"{self.reason} [not retried: no coordinator answered {time.monotonic() - self.tried_at:.1f} s ago; "
+            f"{self.reason} [not retried: the last attempt, {time.monotonic() - self.tried_at:.1f} s ago, failed; "
             f"this process tries again every WAIT_TIME ({self.wait_time:g} s)]"
         )
 
@@ -162,8 +169,9 @@ class ConnectBreaker:
         if self._prober is not None and self._prober.is_alive():
             return
         # Weak references: a client dropped meanwhile (other settings) ends its probe.
+        attempt_ref = weakref.WeakMethod(attempt) if hasattr(attempt, "__self__") else (lambda: attempt)
         self._prober = threading.Thread(
-            target=_probe, args=(weakref.ref(self), weakref.WeakMethod(attempt)),
+            target=_probe, args=(weakref.ref(self), attempt_ref),
             name="django_lb_shm-connect-probe", daemon=True,
         )
         self._prober.start()
