@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional, Sequence
 from .protocol import EXIT_BOOT_ERROR, EXIT_CONFIG_ERROR, EXIT_OK
 
 EXIT_UNAVAILABLE = 1
+EXIT_MIGRATE_FAILED = 1  # `migrate`: a database could not be migrated
 EXIT_DEGRADED = 3        # `status`: the coordinator answers, but a copy is not RUNNING (or it is not READY)
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE   # what a shell reports for a tool whose reader went away
 
@@ -348,16 +349,17 @@ def migrate(extra_args: Sequence[str]) -> int:
     extra = without_database_option(extra_args)
     databases = get_config().databases
     outcomes: list[str] = []
+    ok = True
     for alias in databases:
         print(f"== migrating {alias}", flush=True)
         outcome, ok = _migrate_one(alias, extra)
         outcomes.append(outcome)
         if not ok:
-            break
+            break   # the next copies keep their schema: the same migration would likely fail there too
     print("== summary")
     for alias, outcome in zip(databases, outcomes + ["not migrated"] * (len(databases) - len(outcomes))):
         print(f"{alias}: {outcome}")
-    return EXIT_OK if len(outcomes) == len(databases) and "FAILED" not in outcomes[-1] else EXIT_UNAVAILABLE
+    return EXIT_OK if ok else EXIT_MIGRATE_FAILED
 
 
 def _migrate_one(alias: str, extra: Sequence[str]) -> tuple[str, bool]:
@@ -376,9 +378,13 @@ def _migrate_one(alias: str, extra: Sequence[str]) -> tuple[str, bool]:
         return f"FAILED: {exc}", False
     after = _applied_migrations(alias)
     applied, unapplied = len(after - before), len(before - after)
-    change = ", ".join(filter(None, [f"{applied} migrations applied" if applied else "",
-                                     f"{unapplied} unapplied" if unapplied else ""])) or "up to date"
-    return f"{change} ({len(after)} recorded)", True
+    change = ", ".join(filter(None, [f"{_migrations(applied)} applied" if applied else "",
+                                     f"{_migrations(unapplied)} unapplied" if unapplied else ""]))
+    return f"{change or 'nothing applied'} ({len(after)} recorded)", True
+
+
+def _migrations(n: int) -> str:
+    return f"{n} migration{'' if n == 1 else 's'}"
 
 
 def _applied_migrations(alias: str) -> set:

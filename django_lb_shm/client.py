@@ -24,8 +24,8 @@ from multiprocessing.managers import BaseProxy, State
 from typing import Any, Iterable, Optional
 
 from . import descriptors as d
-from .breaker import ConnectBreaker
 from .conf import LoadBalancerConfig, database_identity, get_config
+from .breaker import ConnectBreaker
 from .errors import (
     AuthenticationFailed,
     ConfigurationError,
