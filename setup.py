@@ -29,7 +29,10 @@ setup(
         "test": ["pytest>=7", "pytest-timeout>=2.1", "hypothesis>=6", "psycopg[binary]>=3.1"],
         "chart": ["matplotlib>=3.5"],
     },
-    scripts=["bin/djangoloadbalancer", "bin/djangoloadbalancer.py"],
+    # `djangoloadbalancer` is generated from the entry point; bin/djangoloadbalancer (the same
+    # launcher) is for a checkout, and djangoloadbalancer.py is the seed README's name for it.
+    entry_points={"console_scripts": ["djangoloadbalancer = django_lb_shm.cli:main"]},
+    scripts=["bin/djangoloadbalancer.py"],
     classifiers=[
         "Framework :: Django",
         "Framework :: Django :: 4.2",

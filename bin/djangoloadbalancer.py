@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """The seed README's name of the launcher (`python3 venv/bin/djangoloadbalancer.py`): runs `djangoloadbalancer`."""
-import os
-import runpy
+import sys
 
-runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "djangoloadbalancer"), run_name="__main__")
+from django_lb_shm.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -97,6 +97,31 @@ def _manager_problems(model: type) -> list[checks.CheckMessage]:
     ]
 
 
+def check_app_installed(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """LoadBalancerModels in a project without 'django_lb_shm' in INSTALLED_APPS (E030).
+
+    Registered when load_balancer_model.py is imported, not in ready(): without the app,
+    ready() never runs, and neither would a check registered there.
+    """
+    from django.apps import apps
+
+    from .routers import is_load_balanced
+
+    if apps.is_installed("django_lb_shm"):
+        return []
+    models = [m for m in apps.get_models() if is_load_balanced(m)]
+    if not models:
+        return []
+    labels = ", ".join(m._meta.label for m in models[:5]) + (f" and {len(models) - 5} more" if len(models) > 5 else "")
+    return [checks.Error(
+        f"{labels} extend LoadBalancerModel, but 'django_lb_shm' is not in INSTALLED_APPS: its router is not "
+        "installed, so router.db_for_write() answers 'default' for them while their writes still go to every "
+        "copy through the coordinator, and the package's checks do not run.",
+        hint="Add 'django_lb_shm' to INSTALLED_APPS.",
+        obj=models[0], id="django_lb_shm.E030",
+    )]
+
+
 def register() -> None:
     checks.register(check_load_balancer_settings, "django_lb_shm")
     checks.register(check_load_balanced_models, checks.Tags.models)

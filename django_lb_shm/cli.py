@@ -10,13 +10,31 @@ import argparse
 import json
 import os
 import re
+import signal
 import sys
+import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from .protocol import EXIT_BOOT_ERROR, EXIT_CONFIG_ERROR, EXIT_OK
 
 EXIT_UNAVAILABLE = 1
+EXIT_MIGRATE_FAILED = 1  # `migrate`: a database could not be migrated
+EXIT_DEGRADED = 3        # `status`: the coordinator answers, but a copy is not RUNNING (or it is not READY)
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE   # what a shell reports for a tool whose reader went away
+
+STATUS_EPILOG = """exit status:
+  0  the coordinator is READY and every database is RUNNING
+  1  no coordinator answers (not started, or restarting for longer than CONNECT_TIMEOUT)
+  2  invalid settings
+  3  degraded: the coordinator answers, but a database is not RUNNING or it is not READY
+With --watch: the status of the last refresh (with --count), or 0 after Ctrl-C."""
+
+MIGRATE_DESCRIPTION = """Run Django's `migrate` on every database of LOAD_BALANCER['DATABASES'], one after the
+other, then print one summary line per database. Every other argument is passed to
+`migrate` as it is (app label, migration name, --fake, --plan, --verbosity...: see
+`python manage.py help migrate`); --database is dropped. Exit status 0, or 1 when a
+database could not be migrated (the ones after it are not migrated)."""
 
 
 def build_parser(prog: str = "djangoloadbalancer") -> argparse.ArgumentParser:
@@ -26,18 +44,44 @@ def build_parser(prog: str = "djangoloadbalancer") -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     _add_django_options(common, default=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command")
-    sub.add_parser("run", parents=[common], help="start the supervisor and coordinator in the foreground (default)")
-    status = sub.add_parser("status", parents=[common], help="show the coordinator's databases, counters and health")
-    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    migrate = sub.add_parser("migrate", parents=[common], help="apply migrations to every load-balanced database")
-    migrate.add_argument("migrate_args", nargs="*", help="arguments passed to `migrate` (not --database)")
+    sub.add_parser("run", parents=[common], help="start the supervisor and coordinator in the foreground (default)",
+                   epilog="exit status: 0 stopped (SIGTERM, Ctrl-C), 2 invalid settings, 3 boot error (the port is "
+                          "taken, another supervisor serves this address, another coordinator these databases)")
+    _add_status_parser(sub, common)
+    migrate = sub.add_parser("migrate", parents=[common], help="apply migrations to every load-balanced database",
+                             description=MIGRATE_DESCRIPTION)
+    migrate.add_argument("migrate_args", nargs="*", metavar="migrate-argument",
+                         help="passed to Django's `migrate` (not --database)")
     verify = sub.add_parser("verify", parents=[common],
-                            help="compare every LoadBalancerModel table across the databases")
-    verify.add_argument("--chunk-size", type=int, default=2000)
+                            help="compare every LoadBalancerModel table across the databases",
+                            epilog="exit status: 0 identical, 1 the databases differ, 2 a database could not be read")
+    verify.add_argument("--chunk-size", type=int, default=2000,
+                        help="rows read per query from each database and table (default 2000); bounds the memory used")
     verify.add_argument("--show", type=int, default=10, help="how many differing keys to name per table")
-    verify.add_argument("--no-progress", action="store_true")
+    verify.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (it is only drawn on a terminal anyway)")
     sub.add_parser("check", parents=[common], help="run the system checks only")
     return parser
+
+
+def _add_status_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    status = sub.add_parser("status", parents=[common], help="show the coordinator's databases, counters and health",
+                            epilog=STATUS_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    status.add_argument("--watch", type=_interval, nargs="?", const=2.0, default=None, metavar="SECONDS",
+                        help="refresh every SECONDS (default 2, at least 0.1), in place on a terminal; Ctrl-C stops")
+    status.add_argument("--count", type=int, default=0, metavar="N",
+                        help="with --watch: stop after N refreshes (default: until Ctrl-C)")
+
+
+def _interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0.1 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"must be from 0.1 to 3600 seconds, got {text}")
+    return value
 
 
 def _add_django_options(parser: argparse.ArgumentParser, default: object) -> None:
@@ -48,9 +92,26 @@ def _add_django_options(parser: argparse.ArgumentParser, default: object) -> Non
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: str = "djangoloadbalancer") -> int:
-    args = parse_args(build_parser(prog), argv)
-    setup_django(args.settings, args.pythonpath)
-    return dispatch(args)
+    def steps() -> int:
+        args = parse_args(build_parser(prog), argv)
+        setup_django(args.settings, args.pythonpath)
+        return dispatch(args)
+
+    return quiet_on_broken_pipe(steps)
+
+
+def quiet_on_broken_pipe(steps: Callable[[], int]) -> int:
+    """`status | head -1`: when the reader of our output goes away, stop without a traceback."""
+    try:
+        code = steps()
+        sys.stdout.flush()   # inside: a pipe closed under buffered output fails here, not at exit
+        return code
+    except BrokenPipeError:
+        # Python flushes stdout again at exit: point it at /dev/null so that cannot fail too.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -59,6 +120,8 @@ def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -
     if "migrate" not in argv:
         return parser.parse_args(argv)
     at = argv.index("migrate")
+    if {"-h", "--help"} & set(argv[at + 1:]):
+        return parser.parse_args(argv[: at + 1] + ["--help"])   # ours (it exits): nothing is migrated
     args = parser.parse_args(argv[: at + 1])
     args.migrate_args = _take_django_options(argv[at + 1:], args)
     return args
@@ -87,6 +150,8 @@ def dispatch(args: argparse.Namespace) -> int:
     if command == "run":
         return run()
     if command == "status":
+        if args.watch is not None:
+            return watch_status(args.json, args.watch, args.count)
         return status(as_json=args.json)
     if command == "migrate":
         return migrate(args.migrate_args)
@@ -160,22 +225,71 @@ def run() -> int:
 
 
 def status(as_json: bool = False) -> int:
-    from .client import read_status
+    config = _status_config()
+    if config is None:
+        return EXIT_CONFIG_ERROR
+    code, text = status_once(config, as_json)
+    (sys.stderr if code == EXIT_UNAVAILABLE else sys.stdout).write(text + "\n")
+    return code
+
+
+def _status_config() -> Any:
     from .conf import get_config
-    from .errors import ConfigurationError, LoadBalancerError
+    from .errors import ConfigurationError
 
     try:
-        config = get_config()
+        return get_config()
     except ConfigurationError as exc:
         sys.stderr.write(f"djangoloadbalancer status: {exc}\n")
-        return EXIT_CONFIG_ERROR
+        return None
+
+
+def status_once(config: Any, as_json: bool) -> tuple[int, str]:
+    """(exit status, what to print): the table or JSON, or why no coordinator answers."""
+    from .client import read_status
+    from .errors import LoadBalancerError
+
     try:
         data = read_status(config)
     except LoadBalancerError as exc:
-        sys.stderr.write(f"djangoloadbalancer status: {exc}\n")
-        return EXIT_UNAVAILABLE
-    print(json.dumps(data, indent=2, sort_keys=True) if as_json else format_status(data))
-    return EXIT_OK
+        return EXIT_UNAVAILABLE, f"djangoloadbalancer status: {exc}"
+    text = json.dumps(data, indent=2, sort_keys=True) if as_json else format_status(data)
+    return status_code(data), text
+
+
+def status_code(data: dict) -> int:
+    ready = data["coordinator"].get("state") == "READY"
+    return EXIT_OK if ready and all(db["state"] == "RUNNING" for db in data["databases"]) else EXIT_DEGRADED
+
+
+def watch_status(as_json: bool, interval: float, count: int = 0) -> int:
+    """`status --watch`: redraw every ``interval`` s (in place on a terminal) until Ctrl-C or ``count``."""
+    config = _status_config()
+    if config is None:
+        return EXIT_CONFIG_ERROR
+    on_terminal = sys.stdout.isatty()
+    refreshes = 0
+    try:
+        while True:
+            code, text = status_once(config, as_json)
+            when = time.strftime("%Y-%m-%d %H:%M:%S")
+            _show(f"{when}  every {interval:g}s  status {code}  (Ctrl-C stops)\n{text}", on_terminal)
+            refreshes += 1
+            if count and refreshes >= count:
+                return code
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def _show(text: str, on_terminal: bool) -> None:
+    if on_terminal:
+        # Cursor home, each line cleared to its end, then the rest of the screen: no flicker.
+        text = "\x1b[H" + "".join(line + "\x1b[K\n" for line in text.splitlines()) + "\x1b[J"
+    else:
+        text += "\n\n"
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 def format_status(data: dict) -> str:
@@ -208,7 +322,18 @@ def format_status(data: dict) -> str:
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     for row in [header] + rows:
         lines.append("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
-    return "\n".join(lines)
+    why = [_why_not_running(db) for db in data["databases"] if db["state"] != "RUNNING"]
+    return "\n".join(lines + ([""] + why if why else []))
+
+
+def _why_not_running(db: dict) -> str:
+    line = f"{db['name']} is {db['state']}"
+    if db.get("state_age_s") is not None:
+        line += f" (for {db['state_age_s']:.0f}s)"
+    if db.get("last_error"):
+        at = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(db["last_error_at"]))
+        line += f"; last error {db['last_error_age_s']:.0f}s ago, at {at}: {db['last_error']}"
+    return line
 
 
 def _read_connections(db: dict) -> str:
@@ -217,18 +342,57 @@ def _read_connections(db: dict) -> str:
 
 
 def migrate(extra_args: Sequence[str]) -> int:
-    from django.core.management import call_command
-
     from .conf import get_config
 
     from . import apps
 
     apps.migrating_every_database = True   # no "only this copy" warning per database
     extra = without_database_option(extra_args)
-    for alias in get_config().databases:
+    databases = get_config().databases
+    outcomes: list[str] = []
+    ok = True
+    for alias in databases:
         print(f"== migrating {alias}", flush=True)
+        outcome, ok = _migrate_one(alias, extra)
+        outcomes.append(outcome)
+        if not ok:
+            break   # the next copies keep their schema: the same migration would likely fail there too
+    print("== summary")
+    for alias, outcome in zip(databases, outcomes + ["not migrated"] * (len(databases) - len(outcomes))):
+        print(f"{alias}: {outcome}")
+    return EXIT_OK if ok else EXIT_MIGRATE_FAILED
+
+
+def _migrate_one(alias: str, extra: Sequence[str]) -> tuple[str, bool]:
+    """(summary line, success) of `migrate` on one database."""
+    import traceback
+
+    from django.core.management import CommandError, call_command
+
+    before = _applied_migrations(alias)
+    try:
         call_command("migrate", *extra, database=alias, interactive=False)
-    return EXIT_OK
+    except Exception as exc:
+        if not isinstance(exc, CommandError):
+            traceback.print_exc()
+        sys.stderr.write(f"djangoloadbalancer migrate: {alias}: {exc}\n")
+        return f"FAILED: {exc}", False
+    after = _applied_migrations(alias)
+    applied, unapplied = len(after - before), len(before - after)
+    change = ", ".join(filter(None, [f"{_migrations(applied)} applied" if applied else "",
+                                     f"{_migrations(unapplied)} unapplied" if unapplied else ""]))
+    return f"{change or 'nothing applied'} ({len(after)} recorded)", True
+
+
+def _migrations(n: int) -> str:
+    return f"{n} migration{'' if n == 1 else 's'}"
+
+
+def _applied_migrations(alias: str) -> set:
+    from django.db import connections
+    from django.db.migrations.recorder import MigrationRecorder
+
+    return set(MigrationRecorder(connections[alias]).applied_migrations())
 
 
 def without_database_option(args: Sequence[str]) -> list[str]:

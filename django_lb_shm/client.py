@@ -14,7 +14,6 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import random
 import re
 import threading
 import time
@@ -27,9 +26,11 @@ from typing import Any, Iterable, Optional
 from . import descriptors as d
 from . import determinism
 from .conf import LoadBalancerConfig, database_identity, get_config
+from .breaker import ConnectBreaker
 from .errors import (
     AuthenticationFailed,
     ConfigurationError,
+    CoordinatorDown,
     CoordinatorUnavailable,
     NotSupportedError,
     RequestRejected,
@@ -94,6 +95,7 @@ class CoordinatorClient:
         self.pid = os.getpid()
         self._proxy = None
         self._lock = threading.Lock()
+        self.breaker = ConnectBreaker(config)   # fail fast when nothing will answer (breaker.py)
 
     # -- connection -------------------------------------------------------
     def _connect(self):
@@ -161,17 +163,7 @@ class CoordinatorClient:
     def _connect_with_retry(self, deadline: Optional[float] = None):
         if deadline is None:
             deadline = time.monotonic() + self.config.connect_timeout
-        delay = 0.05
-        while True:
-            try:
-                return self._connect()
-            except AuthenticationFailed:
-                raise
-            except CoordinatorUnavailable:
-                if time.monotonic() + delay > deadline:
-                    raise
-                time.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, 1.0)
+        return self.breaker.connect(self._connect, deadline)
 
     def forget_connection(self) -> None:
         proxy, self._proxy = self._proxy, None
@@ -216,8 +208,8 @@ class CoordinatorClient:
                 if ok:
                     return value
                 raise from_dict(value)
-            except AuthenticationFailed:
-                raise  # a wrong key stays wrong
+            except (AuthenticationFailed, CoordinatorDown):
+                raise  # a wrong key stays wrong; nothing is there to answer a retry
             except CoordinatorUnavailable:
                 # The connection was lost, or the coordinator answered that it is stopping (a
                 # restart) and did not run the request.  Reads and writes carrying a request id

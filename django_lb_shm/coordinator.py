@@ -110,6 +110,7 @@ class Coordinator:
         snapshot = self.shared.snapshot(list(self.config.databases))
         for database, thread in zip(snapshot["databases"], self.threads):
             database["read_connections"] = thread.read_pool.stats()
+            database.update(thread.why())
         snapshot["coordinator"].update(process_vitals(os.getpid()))
         snapshot["coordinator"]["address"] = str(self.config.address)
         snapshot["coordinator"]["read_algorithm"] = self.config.read_algorithm.name

@@ -463,6 +463,8 @@ class DbThread(threading.Thread):
         self.running = True
         self.next_probe = 0.0
         self.next_latency_probe = 0.0
+        self.last_error = ""        # why it last left RUNNING (or stayed out), for `status`
+        self.last_error_at = 0.0    # wall clock
 
     # -- state --------------------------------------------------------------------
     @property
@@ -473,7 +475,22 @@ class DbThread(threading.Thread):
         if state != self.state:
             log = logger.warning if state in (DbState.DOWN, DbState.DIVERGED) else logger.info
             log("database %r is %s%s", self.alias, state.name, f": {reason}" if reason else "")
+        if reason and state != DbState.RUNNING:
+            self.note_error(reason)
         self.shared.set_state(self.index, state)
+
+    def note_error(self, reason: str) -> None:
+        self.last_error, self.last_error_at = reason, time.time()
+
+    def why(self) -> dict:
+        """For `status`: how long it has been in its state, and its last error."""
+        since = self.shared.get(self.index, Slot.STATE_SINCE)
+        return {
+            "state_age_s": round(time.monotonic() - since, 3) if since else None,
+            "last_error": self.last_error,
+            "last_error_at": self.last_error_at,
+            "last_error_age_s": round(time.time() - self.last_error_at, 3) if self.last_error_at else None,
+        }
 
     def mark_applied(self, seq: int, writes: int = 1) -> None:
         self.applied_seq = seq
@@ -785,6 +802,8 @@ class DbThread(threading.Thread):
         except Exception as exc:
             if self.state != DbState.DOWN:
                 self.go_down(exc)
+            else:
+                self.note_error(f"{type(exc).__name__}: {exc}".strip())   # still down: maybe for another reason
             self.next_probe = time.monotonic() + self.hub.config.wait_time
             return
         if gap:

@@ -53,6 +53,11 @@ class AuthenticationFailed(CoordinatorUnavailable):
     """The coordinator refused the AUTHKEY."""
 
 
+class CoordinatorDown(CoordinatorUnavailable):
+    """Nothing can answer at ADDRESS now, so the client did not wait CONNECT_TIMEOUT: no
+    supervisor serves it on this host, or the last wait failed (the circuit breaker is open)."""
+
+
 class QueryTimeout(LoadBalancerError, db_utils.OperationalError):
     """The coordinator did not answer within the client timeout."""
 
@@ -129,6 +134,7 @@ _OWN_ERRORS: dict[str, type[Exception]] = {
         NonDeterministicWrite,
         CoordinatorUnavailable,
         AuthenticationFailed,
+        CoordinatorDown,
         QueryTimeout,
         NoDatabaseAvailable,
         DatabaseDown,

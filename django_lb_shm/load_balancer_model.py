@@ -3,10 +3,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.core import checks
 from django.db import models
 from django.db.models.signals import pre_save
 
 from .backend.alias import lb_alias
+from .checks import check_app_installed
 from .query import LoadBalancerManager, refuse_direct_write
 
 
@@ -46,3 +48,5 @@ def _refuse_direct_save(sender: type, instance: Any, using: str | None = None, *
 
 
 pre_save.connect(_refuse_direct_save, dispatch_uid="django_lb_shm.refuse_direct_save")
+# Here rather than in AppConfig.ready(): it reports a project that forgot to install the app.
+checks.register(check_app_installed, checks.Tags.models)

@@ -75,7 +75,7 @@ fi
 
 cache_dir="${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/django_lb_shm"
 stamp="$cache_dir/install-$(printf '%s' "$REPO_ROOT" | sha1sum | cut -c1-12).stamp"
-want="$(sha256sum setup.py | cut -d' ' -f1) $("$PY" -c 'import sys; print(sys.executable, sys.version.split()[0])')"
+want="$(cat setup.py pyproject.toml | sha256sum | cut -d' ' -f1) $("$PY" -c 'import sys; print(sys.executable, sys.version.split()[0])')"
 
 installed_here() {
     # Editable install points at this checkout and every test dependency imports.
@@ -93,7 +93,7 @@ PYEOF
 }
 
 if [ "${LB_FORCE_INSTALL:-0}" != 1 ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && installed_here; then
-    log "python package already installed (editable, setup.py unchanged)"
+    log "python package already installed (editable, setup.py and pyproject.toml unchanged)"
 else
     log "pip install -e '.[test]'"
     "$PY" -m pip install -q -e '.[test]'

@@ -765,11 +765,14 @@ def test_loaddata_to_one_database_is_refused(replicas, tmp_path):
     assert replicas.rows("testapp_author")["default"] == []
 
 
-def test_bulk_create_ignore_conflicts_is_refused_by_django(replicas):
+def test_bulk_create_ignore_conflicts_is_refused_naming_the_package_and_the_reason(replicas):
     Author.objects.create(name="Ann")
-    with pytest.raises(django.db.NotSupportedError, match="ignoring conflicts") as info:
+    with pytest.raises(errors.NotSupportedError) as info:
         Author.objects.bulk_create([Author(name="Ann"), Author(name="New")], ignore_conflicts=True)
-    assert not isinstance(info.value, errors.LoadBalancerError)  # Django's check, from supports_ignore_conflicts
+    assert isinstance(info.value, django.db.NotSupportedError)
+    message = str(info.value)
+    assert "bulk_create(ignore_conflicts=True)" in message and "django_lb_shm" in message
+    assert "Author is a LoadBalancerModel" in message and "same primary keys" in message
     replicas.assert_identical()
     assert list(copy_of(Author, "DB1").values_list("name", flat=True)) == ["Ann"]
 

@@ -368,3 +368,35 @@ def test_the_default_journal_dir_follows_the_databases_not_the_port(tmp_path):
     assert a.legacy_journal_dirs == (str(tmp_path / ".loadbalancer-journal" / "5001"),)   # imported once
     explicit = build_config(dict(first, JOURNAL_DIR=str(tmp_path / "j")), databases)
     assert explicit.journal_dir == str(tmp_path / "j") and explicit.legacy_journal_dirs == ()
+
+
+# -- INSTALLED_APPS, with real settings modules ---------------------------------------------------
+def project_check(tmp_path: Path, installed_apps: list[str], *command: str) -> subprocess.CompletedProcess:
+    """`python -m django <command>` with the suite's settings but these INSTALLED_APPS."""
+    (tmp_path / "apps_settings.py").write_text(
+        "from tests.testproject.settings import *  # noqa\n"
+        f"INSTALLED_APPS = {installed_apps!r}\n"
+        "STATIC_URL = 'static/'\n"
+    )
+    env = dict(os.environ, DJANGO_SETTINGS_MODULE="apps_settings",
+               PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO)]))
+    return subprocess.run([sys.executable, "-m", "django", *(command or ("check",))], env=env, cwd=str(REPO),
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_a_load_balanced_model_without_the_app_installed_is_an_error(tmp_path):
+    result = project_check(tmp_path, ["django.contrib.contenttypes", "django.contrib.auth", "tests.testapp"])
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "django_lb_shm.E030" in result.stderr
+    assert "'django_lb_shm' is not in INSTALLED_APPS" in result.stderr
+    assert "testapp.Author" in result.stderr
+
+
+def test_the_app_may_come_after_staticfiles(tmp_path):
+    apps = ["django.contrib.contenttypes", "django.contrib.auth", "django.contrib.staticfiles",
+            "django_lb_shm", "tests.testapp"]
+    result = project_check(tmp_path, apps)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "no issues" in result.stdout
+    assert project_check(tmp_path, apps, "help", "loadbalancer").returncode == 0
+    assert "runserver" in project_check(tmp_path, apps, "help").stdout

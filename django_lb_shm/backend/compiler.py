@@ -63,9 +63,10 @@ class LoadBalancedInsertMixin:
         on_conflict = getattr(self.query, "on_conflict", None)
         if not returns_rows and (len(plain) != len(objs) or on_conflict is not None):
             raise NotSupportedError(
-                f"inserting {len(objs)} {opts.label} rows without the keys coming back "
-                "(bulk_create() with ignore_conflicts or update_conflicts on a model whose primary key "
-                "the database generates) cannot give every database the same keys; set the primary keys explicitly."
+                f"django_lb_shm cannot load-balance inserting {len(objs)} {opts.label} rows without the keys "
+                "coming back (bulk_create() with ignore_conflicts or update_conflicts on a model whose primary "
+                "key the database generates): it could not give every database the same keys; set the "
+                "primary keys explicitly."
             )
         explicit = self._explicit_key_statements(returning_fields)
         if len(explicit) != len(plain):

@@ -12,10 +12,12 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("subcommand_args", nargs=argparse.REMAINDER,
-                            help="run | status [--json] | migrate [...] | verify [...] | check")
+                            help="run | status [--json] [--watch [SECONDS]] | migrate [...] | verify [...] | check")
 
     def handle(self, *args, **options):
-        parsed = cli.parse_args(cli.build_parser("manage.py loadbalancer"), options["subcommand_args"])
-        code = cli.dispatch(parsed)
+        def steps() -> int:
+            return cli.dispatch(cli.parse_args(cli.build_parser("manage.py loadbalancer"), options["subcommand_args"]))
+
+        code = cli.quiet_on_broken_pipe(steps)
         if code:
             raise SystemExit(code)
