@@ -192,6 +192,8 @@ def format_status(data: dict) -> str:
     if groups and groups.get("groups"):
         lines.append(f"write groups {groups['groups']}  writes in them {groups['writes']}  "
                      f"mean size {groups['writes'] / groups['groups']:.1f}  waiting {groups['waiting']}")
+    if c.get("write_order") is not None:
+        lines.append(format_write_order(c["write_order"]))
     lines += [
         "",
     ]
@@ -208,6 +210,27 @@ def format_status(data: dict) -> str:
     for row in [header] + rows:
         lines.append("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
     return "\n".join(lines)
+
+
+def format_write_order(order: dict) -> str:
+    """Who holds the write order: "write order free", or "write order held 3.2 s by a transaction
+    of pid 1234 via 127.0.0.1:50000 (request 1234-…-7), idle 3.1 s, leader DB1; limit 5 s"."""
+    if not order.get("held"):
+        return "write order free"
+    by = {"transaction": "a transaction", "autocommit writes": f"{order.get('writes', 0)} autocommit writes",
+          "replay": "a catch-up"}.get(order.get("by", ""), order.get("by", "?"))
+    text = f"write order held {order.get('held_s', 0):.1f} s by {by}"
+    if order.get("client"):
+        text += f" of {order['client']}"
+    if order.get("request"):
+        text += f" (request {order['request']})"
+    if "idle_s" in order:
+        text += f", idle {order['idle_s']:.1f} s"
+    if order.get("leader"):
+        text += f", leader {order['leader']}"
+    if "leader_silent_s" in order:
+        text += f" (no answer for {order['leader_silent_s']:.1f} s)"
+    return text + f"; limit {order.get('hold_timeout_s', 0):g} s"
 
 
 def _read_connections(db: dict) -> str:
