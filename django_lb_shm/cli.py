@@ -198,12 +198,11 @@ def format_status(data: dict) -> str:
         "",
     ]
     header = ("database", "state", "reads", "writes", "pending", "latency ms", "in flight", "read conns",
-              "errors", "heartbeat")
+              "errors", "heartbeat", "answered")
     rows = [
         (db["name"], db["state"], str(db["reads"]), str(db["writes"]), str(db["pending_writes"]),
          f"{db['latency_ms']:.3f}", str(db.get("inflight_reads", 0)), _read_connections(db),
-         str(db.get("errors", 0)),
-         "-" if db.get("heartbeat_age_s") is None else f"{db['heartbeat_age_s']:.1f}s ago")
+         str(db.get("errors", 0)), _ago(db.get("heartbeat_age_s")), _ago(db.get("probe_age_s")))
         for db in data["databases"]
     ]
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
@@ -231,6 +230,10 @@ def format_write_order(order: dict) -> str:
     if "leader_silent_s" in order:
         text += f" (no answer for {order['leader_silent_s']:.1f} s)"
     return text + f"; limit {order.get('hold_timeout_s', 0):g} s"
+
+
+def _ago(seconds: Optional[float]) -> str:
+    return "-" if seconds is None else f"{seconds:.1f}s ago"
 
 
 def _read_connections(db: dict) -> str:

@@ -161,6 +161,8 @@ class DbConnection:
         """A read that the server cuts after ``seconds`` (PostgreSQL ``SET LOCAL statement_timeout``
         in a transaction of its own: the connection's own timeout is left as it is).  Other
         engines: as execute()."""
+        if self.statement_timeout:
+            seconds = min(seconds, self.statement_timeout)
         if not self.batched or statement.many or self._in_transaction or seconds <= 0:
             return self.execute(statement)
         cursor = self.wrapper.create_cursor()

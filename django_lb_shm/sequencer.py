@@ -478,8 +478,7 @@ class Sequencer:
         txn = None
         try:
             leader = self.hold.leader = self.leader()
-            if not leader.writer.is_open:
-                leader.writer.open()
+            self._open_writer(leader)
             leader.writer.begin()   # PostgreSQL: sent with the first statement; constraints as the caller set them
             txn = self.hold.txn = OpenTransaction(leader, client=self.hold.client, request_id=request_id)
             for sql in prelude:
@@ -493,6 +492,17 @@ class Sequencer:
                 self.abandon(txn)
             if is_connection_error(exc):
                 raise TransactionError(f"could not start the transaction: {exc}") from None
+            raise
+
+    @staticmethod
+    def _open_writer(leader: DbThread) -> None:
+        if leader.writer.is_open:
+            return
+        try:
+            leader.writer.open()
+        except Exception as exc:
+            if is_connection_error(exc):
+                leader.go_down(exc)   # the next transaction tries the next leader
             raise
 
     def run_in(self, txn: OpenTransaction, statement: Statement, records: bool = True) -> Result:
