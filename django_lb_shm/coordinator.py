@@ -261,10 +261,11 @@ class Coordinator:
         self._local.peer = peer
 
     def _client_label(self, request_id: str) -> str:
-        """"pid 1234 via 127.0.0.1:50000": request ids start with the app process's pid."""
-        pid = request_id.split("-", 1)[0]
+        """"pid 1234 via 127.0.0.1:50000" (for status: who holds the write order)."""
+        from .sequencer import client_of
+
         peer = getattr(self._local, "peer", "")
-        label = f"pid {pid}" if pid.isdigit() else "a client"
+        label = client_of(request_id) or "a client"
         return f"{label} via {peer}" if peer else label
 
     def client_gone(self) -> None:
@@ -498,7 +499,7 @@ class HealthWatch(threading.Thread):
         if not since or now - since <= self.config.transaction_hold_timeout:
             return
         prober = thread.prober
-        if prober.silent_at > max(since, prober.answered_at):   # no answer since the statement began
+        if prober.silent_since(since):   # no answer since the statement began
             if conn.cut_if_busy_since(since):
                 logger.warning("database %r has not answered a statement for %.1f s and does not answer probes: "
                                "its connection was cut", thread.alias, now - since)

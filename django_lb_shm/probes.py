@@ -76,6 +76,11 @@ class Prober:
                     continue
             self.overdue(time.monotonic())
 
+    def silent_since(self, since: float) -> bool:
+        """No answer since ``since``, and a probe said so (never waits)."""
+        with self._cv:
+            return self._verdict_since(since) in (HUNG, FAILED)
+
     def _verdict_since(self, since: float) -> str:
         if self.answered_at >= since:
             return ANSWERED

@@ -261,7 +261,7 @@ class Sequencer:
 
     def _run_group(self, group: list) -> None:
         """Holding the order: decide every write of ``group``; each caller's outcome is set."""
-        self.hold = Hold("autocommit writes", time.monotonic(), client=_client_of(group[0].request_id),
+        self.hold = Hold("autocommit writes", time.monotonic(), client=client_of(group[0].request_id),
                          request=group[0].request_id, writes=len(group))
         try:
             self._run_group_held(group)
@@ -474,7 +474,7 @@ class Sequencer:
     # -- a caller's transaction ---------------------------------------------------------------
     def begin(self, prelude: Sequence[str], request_id: str = "", client: str = "") -> OpenTransaction:
         self.acquire("transaction")
-        self.hold = Hold("transaction", time.monotonic(), client=client or _client_of(request_id), request=request_id)
+        self.hold = Hold("transaction", time.monotonic(), client=client or client_of(request_id), request=request_id)
         txn = None
         try:
             leader = self.hold.leader = self.leader()
@@ -584,7 +584,7 @@ class Sequencer:
             self.lock.release()
 
 
-def _client_of(request_id: str) -> str:
+def client_of(request_id: str) -> str:
     """Request ids start with the app process's pid (client.CoordinatorClient.new_request_id)."""
     pid = request_id.split("-", 1)[0]
     return f"pid {pid}" if pid.isdigit() else ""

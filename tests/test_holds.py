@@ -336,6 +336,66 @@ def test_a_leader_that_stops_answering_with_the_commit_on_its_way_is_cut_and_the
     assert verify(progress=False, stream=out) == EXIT_IDENTICAL, out.getvalue()
 
 
+# -- the prober, alone ----------------------------------------------------------------------------------
+class FakeConnection:
+    """What the prober needs of a DbConnection: run() blocks while ``hang`` is set, or fails."""
+
+    def __init__(self, world: dict):
+        self.world = world
+        self.is_open = False
+
+    def open(self) -> None:
+        self.world["opened"] += 1
+        self.is_open = True
+
+    def run(self, sql: str) -> None:
+        self.world["probes"] += 1
+        if self.world["fail"]:
+            raise ConnectionError("refused")
+        if self.world["hung"]:
+            self.world["hang"].wait(10)
+        time.sleep(self.world["delay"])
+
+    def interrupt(self) -> None:
+        self.world["interrupted"] += 1
+
+    def close(self) -> None:
+        self.is_open = False
+
+
+def test_the_prober_shares_one_probe_and_tells_answered_hung_and_failed():
+    from django_lb_shm.probes import ANSWERED, FAILED, HUNG, Prober
+
+    world = {"opened": 0, "probes": 0, "fail": False, "hung": False, "interrupted": 0, "hang": threading.Event(),
+             "delay": 0.2}
+    verdicts: list = []
+    prober = Prober("x", 0.3, lambda: FakeConnection(world), lambda v, d, at: verdicts.append(v))
+    try:
+        results: list = []
+        checkers = [threading.Thread(target=lambda: results.append(prober.check(time.monotonic())))
+                    for _ in range(5)]
+        for checker in checkers:
+            checker.start()
+        for checker in checkers:
+            checker.join(5)
+        assert results == [ANSWERED] * 5 and world["probes"] <= 2, (results, world)   # shared
+        world["hung"], world["delay"] = True, 0.0
+        started = time.monotonic()
+        assert prober.check(time.monotonic()) == HUNG
+        assert 0.3 <= time.monotonic() - started < 1.5
+        assert HUNG in verdicts and world["interrupted"] == 1
+        assert prober.silent_since(started)
+        world["hung"] = False
+        world["hang"].set()   # the stuck probe answers late: reported, the copy is back
+        wait_until(lambda: verdicts[-1] == ANSWERED, 5, "a late answer")
+        world["fail"] = True
+        assert prober.check(time.monotonic()) == FAILED
+        assert verdicts[-1] == FAILED
+    finally:
+        world["hang"].set()
+        prober.stop()
+
+
 # -- the setting ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("value", [0, -1, "5", True])
 def test_the_hold_timeout_must_be_a_positive_number(value):
