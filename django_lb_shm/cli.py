@@ -307,16 +307,17 @@ def format_status(data: dict) -> str:
     if groups and groups.get("groups"):
         lines.append(f"write groups {groups['groups']}  writes in them {groups['writes']}  "
                      f"mean size {groups['writes'] / groups['groups']:.1f}  waiting {groups['waiting']}")
+    if c.get("write_order") is not None:
+        lines.append(format_write_order(c["write_order"]))
     lines += [
         "",
     ]
     header = ("database", "state", "reads", "writes", "pending", "latency ms", "in flight", "read conns",
-              "errors", "heartbeat")
+              "errors", "heartbeat", "answered")
     rows = [
         (db["name"], db["state"], str(db["reads"]), str(db["writes"]), str(db["pending_writes"]),
          f"{db['latency_ms']:.3f}", str(db.get("inflight_reads", 0)), _read_connections(db),
-         str(db.get("errors", 0)),
-         "-" if db.get("heartbeat_age_s") is None else f"{db['heartbeat_age_s']:.1f}s ago")
+         str(db.get("errors", 0)), _ago(db.get("heartbeat_age_s")), _ago(db.get("probe_age_s")))
         for db in data["databases"]
     ]
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
@@ -334,6 +335,31 @@ def _why_not_running(db: dict) -> str:
         at = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(db["last_error_at"]))
         line += f"; last error {db['last_error_age_s']:.0f}s ago, at {at}: {db['last_error']}"
     return line
+
+
+def format_write_order(order: dict) -> str:
+    """Who holds the write order: "write order free", or "write order held 3.2 s by a transaction
+    of pid 1234 via 127.0.0.1:50000 (request 1234-…-7), idle 3.1 s, leader DB1; limit 5 s"."""
+    if not order.get("held"):
+        return "write order free"
+    by = {"transaction": "a transaction", "autocommit writes": f"{order.get('writes', 0)} autocommit writes",
+          "replay": "a catch-up"}.get(order.get("by", ""), order.get("by", "?"))
+    text = f"write order held {order.get('held_s', 0):.1f} s by {by}"
+    if order.get("client"):
+        text += f" of {order['client']}"
+    if order.get("request"):
+        text += f" (request {order['request']})"
+    if "idle_s" in order:
+        text += f", idle {order['idle_s']:.1f} s"
+    if order.get("leader"):
+        text += f", leader {order['leader']}"
+    if "leader_silent_s" in order:
+        text += f" (no answer for {order['leader_silent_s']:.1f} s)"
+    return text + f"; limit {order.get('hold_timeout_s', 0):g} s"
+
+
+def _ago(seconds: Optional[float]) -> str:
+    return "-" if seconds is None else f"{seconds:.1f}s ago"
 
 
 def _read_connections(db: dict) -> str:

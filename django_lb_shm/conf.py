@@ -32,6 +32,7 @@ KNOWN_KEYS = {
     "JOURNAL_DIR", "JOURNAL_FSYNC", "WRITE_ACK", "CLIENT_TIMEOUT", "CONNECT_TIMEOUT",
     "HEARTBEAT_TIMEOUT", "GRACEFUL_TIMEOUT", "MAX_RSS_MB", "MAX_REQUEST_BYTES",
     "STATEMENT_TIMEOUT", "READ_TIMEOUT", "READ_CONNECTIONS", "LOG_LEVEL", "READ_PATH",
+    "TRANSACTION_HOLD_TIMEOUT",
 }
 # Optional numeric settings: name -> (default, zero allowed)
 NUMERIC_DEFAULTS: dict[str, tuple[float, bool]] = {
@@ -44,6 +45,7 @@ NUMERIC_DEFAULTS: dict[str, tuple[float, bool]] = {
     "STATEMENT_TIMEOUT": (0.0, True),  # 0 disables the per-statement timeout
     "READ_TIMEOUT": (0.0, True),  # 0: half of CLIENT_TIMEOUT
     "READ_CONNECTIONS": (4, True),  # per database, for reads run on the server threads; 0: none
+    "TRANSACTION_HOLD_TIMEOUT": (5.0, False),  # unset: the smaller of 5 and CLIENT_TIMEOUT / 2
 }
 INTEGER_KEYS = ("MAX_REQUEST_BYTES", "READ_CONNECTIONS")
 
@@ -135,11 +137,22 @@ class LoadBalancerConfig:
     read_connections: int = 4
     log_level: str = "INFO"
     read_path: str = "AUTO"
+    transaction_hold_timeout: float = 5.0
 
     @property
     def database_answer_timeout(self) -> float:
-        """How long one database may take to answer a read before it is treated as DOWN."""
+        """How long one database may take to answer a read before the copy is probed."""
         return self.read_timeout or self.client_timeout / 2
+
+    @property
+    def probe_timeout(self) -> float:
+        """How long a copy may take to answer a probe (``SELECT 1`` on a connection of its own)."""
+        return min(2.0, max(1.0, self.database_answer_timeout))
+
+    @property
+    def probe_every(self) -> float:
+        """How often each copy that is not DOWN is probed."""
+        return max(1.0, self.wait_time)
 
 
 def _is_number(value: Any) -> bool:
@@ -397,7 +410,28 @@ def _check_numbers(raw: Mapping[str, Any]) -> list[Problem]:
         ))
     return (problems + _check_choice(raw, "WRITE_ACK", WRITE_ACK_POLICIES, "django_lb_shm.E014",
                                      "acknowledgement policy") + _check_log_level(raw)
-            + _check_choice(raw, "READ_PATH", READ_PATHS, "django_lb_shm.E026", "read path"))
+            + _check_choice(raw, "READ_PATH", READ_PATHS, "django_lb_shm.E026", "read path")
+            + _check_hold_timeout(raw))
+
+
+def _check_hold_timeout(raw: Mapping[str, Any]) -> list[Problem]:
+    hold, client = raw.get("TRANSACTION_HOLD_TIMEOUT"), raw.get("CLIENT_TIMEOUT", NUMERIC_DEFAULTS["CLIENT_TIMEOUT"][0])
+    if not (_is_number(hold) and _is_number(client) and 0 < client <= hold):
+        return []
+    return [Problem(
+        "django_lb_shm.W004",
+        f"LOAD_BALANCER['TRANSACTION_HOLD_TIMEOUT'] ({hold:g} s) is not under CLIENT_TIMEOUT ({client:g} s): "
+        "writers waiting behind a stuck transaction or a hung leader give up (WriteNotApplied) before it is ended.",
+        "Leave it out (the smaller of 5 s and CLIENT_TIMEOUT / 2) or make it well under CLIENT_TIMEOUT.",
+        level="warning",
+    )]
+
+
+def _hold_timeout(raw: Mapping[str, Any], client_timeout: float) -> float:
+    """TRANSACTION_HOLD_TIMEOUT, or its default: well under CLIENT_TIMEOUT."""
+    if "TRANSACTION_HOLD_TIMEOUT" in raw:
+        return float(raw["TRANSACTION_HOLD_TIMEOUT"])
+    return min(NUMERIC_DEFAULTS["TRANSACTION_HOLD_TIMEOUT"][0], client_timeout / 2)
 
 
 def _check_log_level(raw: Mapping[str, Any]) -> list[Problem]:
@@ -530,6 +564,7 @@ def build_config(raw: Any, django_dbs: Mapping[str, Any]) -> LoadBalancerConfig:
     numbers = {key.lower(): raw.get(key, default) for key, (default, _z) in NUMERIC_DEFAULTS.items()}
     for key in INTEGER_KEYS:
         numbers[key.lower()] = int(numbers[key.lower()])
+    numbers["transaction_hold_timeout"] = _hold_timeout(raw, float(numbers["client_timeout"]))
     return LoadBalancerConfig(
         databases=tuple(raw["DATABASES"]),
         address=address,

@@ -43,6 +43,7 @@ from .errors import (
     to_dict,
 )
 from .health import is_transient
+from .probes import ANSWERED
 from .protocol import (
     EXIT_ADDRESS_IN_USE,
     EXIT_BOOT_ERROR,
@@ -118,6 +119,7 @@ class Coordinator:
         writes = self.sequencer.writes
         snapshot["coordinator"]["write_groups"] = {"groups": writes.groups, "writes": writes.grouped_writes,
                                                    "waiting": writes.waiting}
+        snapshot["coordinator"]["write_order"] = self.sequencer.hold_info(time.monotonic())
         supervisor_pid = snapshot["supervisor"]["pid"]
         if supervisor_pid:
             snapshot["supervisor"].update(process_vitals(supervisor_pid))
@@ -197,6 +199,23 @@ class Coordinator:
     # -- routing -------------------------------------------------------------------------
     def dispatch(self, request: d.Request) -> d.Result:
         txn = getattr(self._local, "txn", None)
+        if txn is not None:
+            rolled_back = txn.enter()   # from here until leave(), the hold timeout leaves it alone
+            if rolled_back:
+                self._local.txn = None
+                if request.op == d.OP_ROLLBACK:
+                    return d.Result()   # what the client asked for was done already
+                if request.in_transaction:
+                    raise TransactionError(rolled_back)
+                txn = None
+        try:
+            return self._route(request, txn)
+        finally:
+            current = getattr(self._local, "txn", None)
+            for held in {id(t): t for t in (txn, current) if t is not None}.values():
+                held.leave()
+
+    def _route(self, request: d.Request, txn: Any) -> d.Result:
         op = request.op
         if request.in_transaction and op in (d.OP_READ, d.OP_WRITE) and txn is None and not request.opens:
             raise TransactionError(
@@ -214,7 +233,8 @@ class Coordinator:
             if not request.in_transaction:
                 return self.sequencer.write(request.statement, request.request_id)
             if txn is None:
-                txn = self._local.txn = self.sequencer.begin(request.prelude)
+                txn = self._local.txn = self.sequencer.begin(request.prelude, request.request_id,
+                                                             self._client_label(request.request_id))
             try:
                 return self.sequencer.run_in(txn, request.statement)
             except TransactionError:
@@ -240,6 +260,17 @@ class Coordinator:
             "none of its writes were applied"
         )
 
+    def client_connected(self, peer: str) -> None:
+        self._local.peer = peer
+
+    def _client_label(self, request_id: str) -> str:
+        """"pid 1234 via 127.0.0.1:50000" (for status: who holds the write order)."""
+        from .sequencer import client_of
+
+        peer = getattr(self._local, "peer", "")
+        label = client_of(request_id) or "a client"
+        return f"{label} via {peer}" if peer else label
+
     def client_gone(self) -> None:
         """The server thread's client disconnected: drop its transaction, if any."""
         txn = getattr(self._local, "txn", None)
@@ -250,7 +281,6 @@ class Coordinator:
 
     def read(self, statement: d.Statement) -> d.Result:
         tried: list[str] = []
-        timed_out_on = ""
         deadline = time.monotonic() + self.config.client_timeout
         while True:
             candidates = [t.index for t in self.threads if t.state == DbState.RUNNING and t.alias not in tried]
@@ -264,17 +294,15 @@ class Coordinator:
             if ok:
                 return value
             if isinstance(value, QueryTimeout):
-                # The first database that times out is treated as hung; a second one means
-                # the query itself is slow: it must not take every database down with it.
-                if timed_out_on:
+                # Slow query or hung copy?  The probe says; a copy that does not answer it is out
+                # of the read rotation (Prober -> DbThread.on_probe) and the read goes elsewhere.
+                if thread.prober.check(time.monotonic()) == ANSWERED:
                     raise QueryTimeout(
-                        f"{value}, after {timed_out_on!r} did too: the query takes longer than READ_TIMEOUT "
+                        f"{value}, and the database answers probes: the query takes longer than READ_TIMEOUT "
                         f"({self.config.database_answer_timeout:.2f} s); raise READ_TIMEOUT or make the query faster"
                     )
                 if time.monotonic() >= deadline:
                     raise value
-                timed_out_on = thread.alias
-                thread.mark_unresponsive(str(value))
                 value = DatabaseDown(str(value))
             if isinstance(value, DatabaseDown):
                 tried.append(thread.alias)
@@ -299,21 +327,19 @@ class Coordinator:
             return False, timeout
 
     def cut_overdue_reads(self) -> None:
-        """Watchdog: cut reads running on a pooled connection for longer than READ_TIMEOUT."""
+        """Watchdog: cut reads running on a pooled connection, or queued on a SQLite database
+        thread, for longer than READ_TIMEOUT."""
         limit = self.config.database_answer_timeout
         for thread in self.threads:
             for pooled in thread.read_pool.cut_overdue(limit):
                 thread.cancel_query_of(pooled.conn)
+            thread.cut_overdue_read(limit)
 
     def probe(self, thread: Any) -> None:
-        """An app process's read failed on its own connection to ``thread``'s database:
-        check it on ours (a failure marks it DOWN, a hang past READ_TIMEOUT too)."""
-        statement = d.Statement("SELECT 1")
-        ok, value = self._read_on(thread, statement, time.monotonic() + self.config.client_timeout)
-        if not ok and isinstance(value, QueryTimeout) and thread.state == DbState.RUNNING:
-            thread.mark_unresponsive(str(value))
-        elif ok:
-            self.shared.add(thread.index, Slot.READS, -1)   # a probe, not an app's read
+        """An app process's read failed on its own connection to ``thread``'s database: probe it
+        (no answer: out of the read rotation; a failure on the database thread's own connection
+        too: DOWN)."""
+        if thread.prober.check(time.monotonic()) == ANSWERED:
             logger.info("database %r answered a probe after an app process's read failed there", thread.alias)
 
     def _reply_queue(self) -> "queue.SimpleQueue":
@@ -342,11 +368,11 @@ class Coordinator:
 class ReaderWatch(threading.Thread):
     """Acts on what app processes running zero-hop reads report in their reader slots.
 
-    * a read cut after READ_TIMEOUT (``Reader.TIMEOUTS``): the database is treated as
-      hung, as when one of the coordinator's own reads times out: DOWN until it answers
-      a probe again;
-    * a connection failure on an app's connection (``Reader.FAILURES``): probed on the
-      coordinator's own connection (one probe at a time per database);
+    * a read cut after READ_TIMEOUT (``Reader.TIMEOUTS``): the database is probed; the
+      app process waits for the verdict in shared memory (an answer after the cut:
+      ``Slot.LAST_PROBE_AT``; no answer: UNRESPONSIVE, out of the read rotation);
+    * a connection failure on an app's connection (``Reader.FAILURES``): probed likewise
+      (one probe at a time per database);
     * their reads' latencies (``LATENCY_SUM_MS``/``LATENCY_COUNT``): fed into the shared
       latency average that INTERVAL_TIME reads, next to the probes and the coordinator's reads.
     """
@@ -390,8 +416,9 @@ class ReaderWatch(threading.Thread):
                 seen[Reader.TIMEOUTS] = current[Reader.TIMEOUTS]
                 if thread.state == DbState.RUNNING:
                     limit = self.coordinator.config.database_answer_timeout
-                    thread.mark_unresponsive(f"database {thread.alias!r} did not finish a read within {limit:.2f} s; "
-                                             "it was cut (an app process's own connection)")
+                    logger.info("database %r did not finish a read within %.2f s; it was cut (an app process's "
+                                "own connection): probing it", thread.alias, limit)
+                    thread.prober.request()
             if current[Reader.FAILURES] > seen[Reader.FAILURES]:
                 seen[Reader.FAILURES] = current[Reader.FAILURES]
                 if thread.state == DbState.RUNNING:
@@ -420,6 +447,77 @@ class ReaderWatch(threading.Thread):
                     self.probing.discard(thread.index)
 
         threading.Thread(target=probe, name=f"probe-{thread.alias}", daemon=True).start()
+
+
+class HealthWatch(threading.Thread):
+    """Every POLL, what no request may be left waiting on:
+
+    * probes: each copy that is not DOWN is probed every ``probe_every``; a probe past its
+      bound is declared hung (the copy leaves the read rotation: DbThread.on_probe);
+    * reads past READ_TIMEOUT on pooled connections and SQLite database threads: cut;
+    * a statement of the write-order holder (the leader's write connection; a recovering
+      copy's marker read) unanswered for TRANSACTION_HOLD_TIMEOUT while the copy does not
+      answer probes: its connection is cut (the sequencer then treats it as lost);
+    * a transaction that holds the write order idle for TRANSACTION_HOLD_TIMEOUT: rolled
+      back (on a thread of its own: a ROLLBACK on a hung leader must not stop this watch).
+    """
+
+    POLL = 0.1
+
+    def __init__(self, coordinator: "Coordinator"):
+        super().__init__(name="health-watch", daemon=True)
+        self.coordinator = coordinator
+        self.config = coordinator.config
+        self.stop_event = threading.Event()
+        self._expiring: Optional[threading.Thread] = None
+
+    def run(self) -> None:
+        while not self.stop_event.wait(self.POLL):
+            try:
+                self.run_once(time.monotonic())
+            except Exception:  # never let the watch stop
+                logger.exception("health watch failed")
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def run_once(self, now: float) -> None:
+        for thread in list(self.coordinator.threads):
+            self._watch(thread, now)
+        self.coordinator.cut_overdue_reads()
+        self._expire_idle_transaction(now)
+
+    def _watch(self, thread: Any, now: float) -> None:
+        prober = thread.prober
+        prober.overdue(now)
+        state = thread.state
+        if state in (DbState.RUNNING, DbState.UNRESPONSIVE) and now - prober.requested_at >= self.config.probe_every:
+            prober.request()
+        self._cut_if_unanswered(thread, thread.writer, now)
+        if state == DbState.RECOVERING:   # its marker is read holding the write order
+            self._cut_if_unanswered(thread, thread.conn, now)
+
+    def _cut_if_unanswered(self, thread: Any, conn: Any, now: float) -> None:
+        since = conn.busy_since
+        if not since or now - since <= self.config.transaction_hold_timeout:
+            return
+        prober = thread.prober
+        if prober.silent_since(since):   # no answer since the statement began
+            if conn.cut_if_busy_since(since):
+                logger.warning("database %r has not answered a statement for %.1f s and does not answer probes: "
+                               "its connection was cut", thread.alias, now - since)
+        elif now - prober.requested_at >= min(prober.bound, self.config.probe_every):
+            prober.request()
+
+    def _expire_idle_transaction(self, now: float) -> None:
+        sequencer = self.coordinator.sequencer
+        txn = sequencer.open_transaction()
+        limit = self.config.transaction_hold_timeout
+        if txn is None or txn.idle_for(now) <= limit or (self._expiring is not None and self._expiring.is_alive()):
+            return
+        self._expiring = threading.Thread(target=sequencer.expire_idle, args=(txn, limit),
+                                          name="hold-timeout", daemon=True)
+        self._expiring.start()
 
 
 class WriteGuard:
@@ -612,6 +710,7 @@ class CoordinatorServer(Server):
             logger.warning("dropped a connection from %s: bad handshake (%s: %s)", peer, type(exc).__name__, exc)
             return
         conn.timeout, conn.max_bytes = None, self.owner.config.max_request_bytes + FRAME_OVERHEAD
+        conn.peer = peer
         try:
             msg = ("#RETURN", getattr(self, funcname)(conn, *args, **kwds))
         except FrameTooLarge as exc:
@@ -626,6 +725,7 @@ class CoordinatorServer(Server):
 
     def serve_client(self, conn: Any) -> None:
         try:
+            self.owner.client_connected(getattr(conn, "peer", ""))
             self._serve_calls(conn)
         finally:
             if getattr(conn, "too_large", False):
@@ -719,7 +819,12 @@ class CoordinatorProcess:
         self.coordinator = Coordinator(self.config, self.shared, self.threads, self.sequencer, self.algorithm)
         self.reader_watch = ReaderWatch(self.coordinator, self.threads)
         self.reader_watch.start()
+        self.health_watch = HealthWatch(self.coordinator)
+        self.health_watch.start()
         self.server.serve_forever_on_all()
+
+    def client_connected(self, peer: str) -> None:
+        self.coordinator.client_connected(peer)
 
     def client_gone(self) -> None:
         self.coordinator.client_gone()
@@ -796,10 +901,6 @@ class CoordinatorProcess:
                 self.exit_code = EXIT_ORPHANED
                 return
             self._replace_dead_threads()
-            try:
-                self.coordinator.cut_overdue_reads()
-            except Exception:  # never let the watchdog stop the main loop
-                logger.exception("cutting overdue reads failed")
             if time.monotonic() >= next_trim:
                 next_trim = time.monotonic() + TRIM_EVERY
                 self._trim_journal()
@@ -824,10 +925,12 @@ class CoordinatorProcess:
         self.shared.set_header(Header.COORDINATOR_STATE, CoordinatorState.STOPPING)
         self.server.close()
         self.reader_watch.stop()
+        self.health_watch.stop()
         if not self.coordinator.wait_idle(self.config.graceful_timeout):
             logger.warning("stopping with requests still in flight after %.1f s", self.config.graceful_timeout)
         for thread in self.threads:
             thread.stop()
+            thread.prober.stop()
         deadline = time.monotonic() + self.config.graceful_timeout
         for thread in self.threads:
             thread.join(max(0.1, deadline - time.monotonic()))

@@ -15,6 +15,7 @@ and DIVERGED when a write the first database accepted fails here.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import queue
 import threading
@@ -26,10 +27,11 @@ from django.db import connections
 
 from .descriptors import Result, Statement
 from .errors import DatabaseDown, DatabaseOwnedElsewhere, QueryTimeout
-from .health import interrupt_statement, is_connection_error, is_transient
+from .health import interrupt_statement, is_connection_error, is_statement_timeout, is_transient
 from .journal import JournalEntry
 from .conf import vendor_of
 from .ownership import CLAIM_WAIT, Ownership, sqlite_path
+from .probes import ANSWERED, HUNG, Prober
 from .read_pool import PooledConnection, ReadPool
 from .shared_state import DbState, SharedState, Slot
 
@@ -44,10 +46,15 @@ WRITE_BATCH = 64   # queued follower writes applied in one transaction
 class DbConnection:
     """A private Django connection to one alias, used through its raw DB-API cursor."""
 
-    def __init__(self, alias: str, statement_timeout: float = 0.0):
+    def __init__(self, alias: str, statement_timeout: float = 0.0, connect_timeout: float = 0.0):
         self.alias = alias
         self.statement_timeout = statement_timeout
+        self.connect_timeout = connect_timeout   # PostgreSQL: libpq's, unless OPTIONS set one
         self.wrapper: Any = None
+        # monotonic start of the statement running here (0: none), for the watch that cuts a
+        # statement a hung server never answers (see cut_if_busy_since)
+        self.busy_since = 0.0
+        self._busy_lock = threading.Lock()
         self.session: Optional[tuple] = None   # PostgreSQL: (backend pid, backend_start), to cancel a cut read
         # PostgreSQL with Django's default client-side binding cursor: statements are
         # sent with the simple query protocol, so several can share one round trip.
@@ -66,6 +73,7 @@ class DbConnection:
         self._refuse_missing_sqlite_file()
         wrapper = connections.create_connection(self.alias)
         wrapper.inc_thread_sharing()  # used by whichever thread holds the write order
+        self._bound_connect(wrapper)
         wrapper.ensure_connection()
         self.wrapper = wrapper
         self.batched = _sends_simple_queries(wrapper)
@@ -74,6 +82,14 @@ class DbConnection:
                 self.run(f"SET statement_timeout = {int(self.statement_timeout * 1000)}")
             self.session = tuple(self.run(
                 "SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()").rows[0])
+
+    def _bound_connect(self, wrapper: Any) -> None:
+        """PostgreSQL: a server that accepts but never answers (SIGSTOPped) must not hold the connect forever."""
+        options = wrapper.settings_dict.get("OPTIONS") or {}
+        if wrapper.vendor == "postgresql" and self.connect_timeout and "connect_timeout" not in options:
+            # a copy: the settings dict is shared with Django's own connections
+            wrapper.settings_dict = {**wrapper.settings_dict,
+                                     "OPTIONS": {**options, "connect_timeout": max(2, math.ceil(self.connect_timeout))}}
 
     def _refuse_missing_sqlite_file(self) -> None:
         """SQLite would create an empty database in place of a missing (moved, deleted) copy."""
@@ -98,12 +114,35 @@ class DbConnection:
         """Cut the statement another thread is running here (the watchdog's tool for a hung database)."""
         interrupt_statement(self.wrapper)
 
+    def cut_if_busy_since(self, started_before: float) -> bool:
+        """PostgreSQL: cut the connection if the statement running here started before
+        ``started_before`` (never a later one: checked and cut under the lock the statement's
+        thread takes when it ends).  Its transaction dies with the connection; whatever the
+        server already received (a COMMIT) may still be applied there: the caller treats the
+        outcome as unknown.  SQLite (in-process, nothing to cut): False."""
+        with self._busy_lock:
+            since = self.busy_since
+            wrapper = self.wrapper
+            if not since or since > started_before or wrapper is None or wrapper.vendor != "postgresql":
+                return False
+            interrupt_statement(wrapper)
+            return True
+
+    def _begin_statement(self) -> None:
+        with self._busy_lock:
+            self.busy_since = time.monotonic()
+
+    def _end_statement(self) -> None:
+        with self._busy_lock:
+            self.busy_since = 0.0
+
     def execute(self, statement: Statement) -> Result:
         if not self.is_open:
             if self._in_transaction:
                 raise DatabaseDown(f"the connection to {self.alias!r} was closed inside a transaction")
             self.open()
         cursor = self.wrapper.create_cursor()
+        self._begin_statement()
         try:
             if self._begin_pending:
                 self._execute_with_begin(cursor, statement)
@@ -115,6 +154,32 @@ class DbConnection:
                 cursor.execute(statement.sql, statement.params)
             return self._result_of(cursor)
         finally:
+            self._end_statement()
+            cursor.close()
+
+    def execute_bounded(self, statement: Statement, seconds: float) -> Result:
+        """A read that the server cuts after ``seconds`` (PostgreSQL ``SET LOCAL statement_timeout``
+        in a transaction of its own: the connection's own timeout is left as it is).  Other
+        engines: as execute()."""
+        if self.statement_timeout:
+            seconds = min(seconds, self.statement_timeout)
+        if not self.batched or statement.many or self._in_transaction or seconds <= 0:
+            return self.execute(statement)
+        cursor = self.wrapper.create_cursor()
+        self._begin_statement()
+        try:
+            sql = statement.sql if statement.params is None else cursor.mogrify(statement.sql, statement.params)
+            cursor.execute(_SEP.join(("BEGIN", f"SET LOCAL statement_timeout = {max(1, int(seconds * 1000))}",
+                                      sql, "COMMIT")))
+            cursor.nextset()
+            cursor.nextset()
+            return self._result_of(cursor)
+        except BaseException:
+            self._begin_pending, self._in_transaction = False, True
+            self.rollback_quietly()   # the read's error left the transaction aborted
+            raise
+        finally:
+            self._end_statement()
             cursor.close()
 
     def _result_of(self, cursor: Any) -> Result:
@@ -170,6 +235,7 @@ class DbConnection:
     def _execute_at_once(self, statements: list) -> list:
         prefix, self._begin_pending = self._begin_pending, False
         cursor = self.wrapper.create_cursor()
+        self._begin_statement()
         try:
             parts = [s.sql if s.params is None else cursor.mogrify(s.sql, s.params) for s in statements]
             cursor.execute(prefix + _SEP.join(parts))
@@ -187,6 +253,7 @@ class DbConnection:
                 self._begin_pending = prefix
             raise
         finally:
+            self._end_statement()
             cursor.close()
 
     def _execute_alone(self, statement: Statement) -> Any:
@@ -290,15 +357,18 @@ class DbConnection:
         self._in_transaction = False
 
     def rollback_quietly(self) -> None:
+        try:
+            self.rollback()
+        except Exception:
+            pass
+
+    def rollback(self) -> None:
         self._in_transaction = False
         if self._begin_pending:
             self._begin_pending = False   # the server never saw the BEGIN
             return
-        try:
-            if self.is_open:
-                self.run("ROLLBACK")
-        except Exception:
-            pass
+        if self.is_open:
+            self.run("ROLLBACK")
 
     def describe_server(self) -> dict:
         wrapper = self.wrapper
@@ -353,6 +423,7 @@ class DbConnection:
     def _apply_block_at_once(self, statements: list, seq: int, tag: int) -> None:
         self._begin_pending = False
         cursor = self.wrapper.create_cursor()
+        self._begin_statement()
         try:
             parts = ["BEGIN"]
             for statement in statements:
@@ -369,6 +440,7 @@ class DbConnection:
             self.rollback_quietly()
             raise
         finally:
+            self._end_statement()
             cursor.close()
 
 
@@ -418,6 +490,7 @@ class CancelQuery:
 
 STOP = object()
 GROW_READ_POOL = object()
+CHECK_CONNECTION = object()   # a probe failed: is this thread's connection lost too?
 WAKE = object()   # nothing to do: the loop's maintenance (a probe that is due) runs next
 
 
@@ -448,12 +521,19 @@ class DbThread(threading.Thread):
         self.alias = alias
         self.hub = hub
         self.shared = hub.shared
-        timeout = hub.config.statement_timeout
+        config = hub.config
+        timeout, connect = config.statement_timeout, getattr(config, "connect_timeout", 0.0)
         self.queue: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
-        self.conn = DbConnection(alias, timeout)      # this thread's: reads and follower writes
-        self.writer = DbConnection(alias, timeout)    # the write-order holder's, while this is the first database
-        self.read_pool = ReadPool(hub.config.read_connections, lambda: DbConnection(alias, timeout),
+        self.conn = DbConnection(alias, timeout, connect)      # this thread's: reads and follower writes
+        self.writer = DbConnection(alias, timeout, connect)    # the write-order holder's, while this is the first database
+        self.read_pool = ReadPool(config.read_connections, lambda: DbConnection(alias, timeout, connect),
                                   grow=lambda: self.queue.put(GROW_READ_POOL))
+        self.prober = Prober(alias, getattr(config, "probe_timeout", 1.0), lambda: DbConnection(alias, 0.0, connect),
+                             self.on_probe)
+        self._state_lock = threading.Lock()   # transitions from several threads (see _transition)
+        self._reading_since = 0.0   # a queued read runs on self.conn since then (0: none)
+        self._read_cut = False
+        self._read_lock = threading.Lock()
         self.applied_seq = 0
         self.server_info: Optional[dict] = None
         self.ownership = Ownership(alias, getattr(hub.config, "address", ""))
@@ -472,8 +552,21 @@ class DbThread(threading.Thread):
         return self.shared.state(self.index)
 
     def set_state(self, state: DbState, reason: str = "") -> None:
+        with self._state_lock:
+            self._set_state(state, reason)
+
+    def _transition(self, expected: DbState, state: DbState, reason: str = "") -> bool:
+        """``expected`` -> ``state``, atomically: never over a change another thread just made
+        (UNRESPONSIVE -> RUNNING must not undo a DOWN: its writes were dropped from the queue)."""
+        with self._state_lock:
+            if self.state != expected:
+                return False
+            self._set_state(state, reason)
+            return True
+
+    def _set_state(self, state: DbState, reason: str) -> None:
         if state != self.state:
-            log = logger.warning if state in (DbState.DOWN, DbState.DIVERGED) else logger.info
+            log = logger.warning if state in (DbState.DOWN, DbState.DIVERGED, DbState.UNRESPONSIVE) else logger.info
             log("database %r is %s%s", self.alias, state.name, f": {reason}" if reason else "")
         if reason and state != DbState.RUNNING:
             self.note_error(reason)
@@ -498,11 +591,21 @@ class DbThread(threading.Thread):
         self.shared.add(self.index, Slot.WRITES, writes)
 
     def mark_unresponsive(self, reason: str) -> None:
-        """A read waited too long here: no more reads until it answers a probe again."""
-        self.shared.add(self.index, Slot.ERRORS, 1)
-        self.set_state(DbState.DOWN, reason)
-        self.read_pool.reset()
-        self.next_probe = time.monotonic() + self.hub.config.wait_time
+        """The copy does not answer probes: no reads until it does (writes still go to it)."""
+        if self._transition(DbState.RUNNING, DbState.UNRESPONSIVE, reason):
+            self.shared.add(self.index, Slot.ERRORS, 1)
+            self.read_pool.reset()
+
+    def on_probe(self, verdict: str, detail: str, at: float) -> None:
+        """The prober's verdict (see probes.py)."""
+        if verdict == ANSWERED:
+            self.shared.set(self.index, Slot.LAST_PROBE_AT, at)
+            self._transition(DbState.UNRESPONSIVE, DbState.RUNNING, "it answers probes again")
+        elif verdict == HUNG:
+            self.mark_unresponsive(f"{detail} (a server that does not answer: stopped, or cut off)")
+        else:
+            self.mark_unresponsive(f"a probe failed: {detail}")
+            self.queue.put(CHECK_CONNECTION)   # its own connection says whether it is DOWN
 
     def go_down(self, exc: BaseException) -> None:
         self.shared.add(self.index, Slot.ERRORS, 1)
@@ -539,6 +642,8 @@ class DbThread(threading.Thread):
         fresh.read_pool = self.read_pool
         fresh.ownership = self.ownership
         fresh.applied_seq = self.applied_seq
+        fresh._state_lock = self._state_lock
+        fresh.prober = self.prober   # its verdicts go to the old object: the same shared slot and queue
         self.conn.close()
         return fresh
 
@@ -577,6 +682,8 @@ class DbThread(threading.Thread):
             self._grow_read_pool()
         elif isinstance(item, CancelQuery):
             self._cancel_query(item.session)
+        elif item is CHECK_CONNECTION:
+            self._check_connection()
         elif isinstance(item, WriteWork):
             entries, following = self._writes_queued_after(item.entry)
             self._write(entries)
@@ -608,6 +715,16 @@ class DbThread(threading.Thread):
             self.next_latency_probe = now + self.hub.probe_interval
             self.probe_latency()
 
+    def _check_connection(self) -> None:
+        """A probe failed: this thread's own connection decides whether the copy is DOWN."""
+        if self.state not in (DbState.RUNNING, DbState.UNRESPONSIVE):
+            return
+        try:
+            self.conn.run("SELECT 1")
+        except Exception as exc:
+            if self.conn.lost(exc):
+                self.go_down(exc)
+
     def probe_latency(self) -> None:
         start = time.perf_counter()
         try:
@@ -621,9 +738,35 @@ class DbThread(threading.Thread):
 
     # -- reads ------------------------------------------------------------------------
     def _read(self, work: ReadWork) -> None:
+        """A queued read, on the connection that also applies this copy's writes: bounded by
+        READ_TIMEOUT (PostgreSQL: statement_timeout; SQLite: cut by the coordinator's watch,
+        cut_overdue_read), so that it never holds the writes queued behind it for longer."""
         self.shared.add(self.index, Slot.INFLIGHT, -1)
-        ok, value = self._run_read(self.conn, work.statement)
+        limit = self.hub.config.database_answer_timeout
+        with self._read_lock:
+            self._reading_since, self._read_cut = time.monotonic(), False
+        try:
+            ok, value = self._run_read(self.conn, work.statement, bound=limit)
+        finally:
+            with self._read_lock:
+                self._reading_since = 0.0
+        if not ok and (self._read_cut or is_statement_timeout(value)):
+            value = QueryTimeout(f"database {self.alias!r} did not finish a read within {limit:.2f} s; it was cut")
         work.reply.put((work.token, ok, value))
+
+    def cut_overdue_read(self, limit: float) -> bool:
+        """SQLite: interrupt a queued read running past ``limit`` (under the lock the reading
+        thread takes when the read ends: never a write that follows it).  PostgreSQL bounds it
+        on the server (statement_timeout)."""
+        with self._read_lock:
+            since = self._reading_since
+            wrapper = self.conn.wrapper
+            if not since or self._read_cut or time.monotonic() - since <= limit or wrapper is None \
+                    or wrapper.vendor != "sqlite":
+                return False
+            self._read_cut = True
+            self.conn.interrupt()
+            return True
 
     def cancel_query_of(self, conn: DbConnection) -> None:
         """After the watchdog cut a read: PostgreSQL would run it on until it next writes; cancel it."""
@@ -675,13 +818,13 @@ class DbThread(threading.Thread):
             self.read_pool.checkin(pooled, broken=broken)
 
     def _run_read(self, conn: DbConnection, statement: Statement,
-                  on_lost: Optional[Callable[[str], None]] = None) -> tuple[bool, Any]:
+                  on_lost: Optional[Callable[[str], None]] = None, bound: float = 0.0) -> tuple[bool, Any]:
         """(True, Result) or (False, the exception); DatabaseDown when the database is gone."""
         if self.state != DbState.RUNNING:
             return False, DatabaseDown(f"database {self.alias!r} is {self.state.name}")
         start = time.perf_counter()
         try:
-            result = conn.execute(statement)
+            result = conn.execute_bounded(statement, bound) if bound else conn.execute(statement)
         except Exception as exc:
             if not is_connection_error(exc):
                 return False, exc
@@ -696,7 +839,7 @@ class DbThread(threading.Thread):
 
     # -- writes -----------------------------------------------------------------------
     def _write(self, entries: list) -> None:
-        if self.state not in (DbState.RUNNING, DbState.RECOVERING):
+        if self.state not in (DbState.RUNNING, DbState.RECOVERING, DbState.UNRESPONSIVE):
             return  # DOWN / DIVERGED: dropped here; the journal keeps them for the replay
         pending = [e for e in entries if e.seq > self.applied_seq]
         if len(pending) > 1 and self._apply_batch(pending):
@@ -797,6 +940,7 @@ class DbThread(threading.Thread):
                 self.conn.open()
                 self._claim()
             self.server_info = self.conn.describe_server()
+            self._end_stale_writer()
             self.set_state(DbState.RECOVERING)
             gap = self.hub.catch_up_from(self.alias, self._read_marker)
         except Exception as exc:
@@ -813,6 +957,23 @@ class DbThread(threading.Thread):
             return
         self.set_state(DbState.RUNNING)
         self.hub.notify_applied()
+
+    def _end_stale_writer(self) -> None:
+        """PostgreSQL: the writer connection was closed (cut while its server did not answer,
+        or lost at COMMIT), but the server may still run its session, and commit what it had
+        received, after the marker is read: it is ended first, so that the marker says for
+        good whether its COMMIT happened."""
+        session = self.writer.session
+        if session is None or self.writer.is_open or self.conn.wrapper.vendor != "postgresql":
+            return
+        deadline = time.monotonic() + CLAIM_WAIT
+        while self.conn.run("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = %s "
+                            "AND backend_start = %s", session).rows:
+            if time.monotonic() > deadline:
+                raise DatabaseDown(f"the previous write session of {self.alias!r} (server pid {session[0]}) "
+                                   "does not end; it may still commit")
+            time.sleep(0.05)
+        self.writer.session = None
 
     def _replay(self) -> bool:
         """Apply the journal's records after the marker, read from disk a chunk at a time

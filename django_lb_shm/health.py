@@ -64,6 +64,18 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
+def is_statement_timeout(exc: BaseException) -> bool:
+    """PostgreSQL's statement_timeout or a cancel (57014), SQLite's interrupt: a statement cut short."""
+    cause: Optional[BaseException] = exc
+    for _ in range(5):
+        if cause is None:
+            break
+        if getattr(cause, "sqlstate", None) == "57014" or getattr(cause, "sqlite_errorname", "") == "SQLITE_INTERRUPT":
+            return True
+        cause = cause.__cause__
+    return False
+
+
 def django_error_name(exc: BaseException) -> str:
     """The django.db error class name a driver exception maps to (as Django's own wrapper does)."""
     exc = _driver_error(exc)

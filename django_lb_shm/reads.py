@@ -21,9 +21,11 @@ Guarantees, as on the coordinator path:
   which the coordinator's ``ReaderWatch`` answers by probing that copy;
 * ``READ_TIMEOUT`` bounds a read here too (PostgreSQL ``statement_timeout`` on
   the connection, plus this process's watchdog thread for a server that does not
-  answer at all; SQLite ``interrupt()``); a copy that times out is counted
-  (``TIMEOUTS``) and the coordinator takes it out of the rotation until it answers
-  a probe; a second timeout means the query is slow: ``QueryTimeout``.
+  answer at all; SQLite ``interrupt()``).  A cut read is counted (``TIMEOUTS``):
+  the coordinator probes that copy, and this process waits for the verdict in
+  shared memory -- the copy answered a probe after the cut (``Slot.LAST_PROBE_AT``):
+  the query is slow, ``QueryTimeout``; the copy left RUNNING (UNRESPONSIVE: it does
+  not answer): the read is retried on another copy.
 
 Each thread claims its own reader slot (``shared_state.Reader``) with an
 ``flock``: it is the only writer of the slot's counters, so the hot path takes no
@@ -48,7 +50,7 @@ from typing import Any, Optional
 from .conf import _settings, get_config
 from .descriptors import Result, Statement
 from .errors import DatabaseDown, QueryTimeout, SharedMemoryNotOwned
-from .health import interrupt_statement, is_connection_error, is_transient
+from .health import interrupt_statement, is_connection_error, is_statement_timeout, is_transient
 from .shared_state import (
     HEADER_SIZE,
     SLOT_SIZE,
@@ -157,6 +159,8 @@ class ZeroHopReader:
         self.algorithm = build_read_algorithm(config, shared)
         self.databases = settings.DATABASES
         self.timeout = config.database_answer_timeout
+        # the coordinator's reader watch polls every 50 ms, its health watch every 100 ms
+        self.verdict_wait = config.probe_timeout + 0.5
         self.heartbeat_timeout = config.heartbeat_timeout
         self.state_at = [HEADER_SIZE + i * SLOT_SIZE + Slot.STATE for i in range(self.n)]
         self.applied_at = [HEADER_SIZE + i * SLOT_SIZE + Slot.APPLIED_SEQ for i in range(self.n)]
@@ -207,7 +211,6 @@ class ZeroHopReader:
         if state.values is not values:
             state.bind(self.shared)
         tried: list[int] = []
-        timed_out = ""
         waited_until = 0.0
         while True:
             quarantine = self.quarantine
@@ -235,16 +238,16 @@ class ZeroHopReader:
             try:
                 return self._run(state, db, sql, params)
             except _Cut:
-                # The first database that times out is treated as hung (reported: the coordinator takes
-                # it out of the rotation); a second one means the query itself is slow (not reported).
-                if timed_out:
+                cut_at = time.monotonic()
+                self._count(state, db, Reader.TIMEOUTS)   # the coordinator probes the copy
+                answers = self._answers_probe(db, cut_at)
+                if answers is not False:
                     raise QueryTimeout(
-                        f"database {self.names[db]!r} did not finish a read within {self.timeout:.2f} s, after "
-                        f"{timed_out!r} did too: the query takes longer than READ_TIMEOUT ({self.timeout:.2f} s); "
+                        f"database {self.names[db]!r} did not finish a read within {self.timeout:.2f} s; "
+                        + ("it answers probes: " if answers else "")
+                        + f"the query takes longer than READ_TIMEOUT ({self.timeout:.2f} s); "
                         "raise READ_TIMEOUT or make the query faster"
                     ) from None
-                self._count(state, db, Reader.TIMEOUTS)
-                timed_out = self.names[db]
             except Exception as exc:
                 if is_connection_error(exc):
                     logger.info("database %r failed a read on this process's connection (%s: %s); retrying "
@@ -277,7 +280,7 @@ class ZeroHopReader:
             rows = cursor.fetchall() if description is not None else []
         except BaseException as exc:
             state.busy_since = 0.0
-            cut = state.cut or _is_statement_timeout(exc)
+            cut = state.cut or is_statement_timeout(exc)
             if cut or is_connection_error(exc):
                 self._drop(state, db)
             if cut:
@@ -291,6 +294,22 @@ class ZeroHopReader:
         values[base + Reader.LATENCY_SUM_MS] += elapsed_ms
         values[base + Reader.LATENCY_COUNT] += 1
         return rows, description, cursor.rowcount, self.names[db]
+
+    def _answers_probe(self, db: int, cut_at: float) -> Optional[bool]:
+        """After a read on ``db`` was cut at ``cut_at``: True if the copy answered a probe since
+        (the query is slow), False if the coordinator took it out of the rotation (it does not
+        answer), None if no verdict came in time (a stopped coordinator: the query is blamed)."""
+        probe_at = HEADER_SIZE + db * SLOT_SIZE + Slot.LAST_PROBE_AT
+        deadline = cut_at + self.verdict_wait
+        while True:
+            values = self.values
+            if values[probe_at] > cut_at:
+                return True
+            if values[self.state_at[db]] != _RUNNING:
+                return False
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.005)
 
     def _count(self, state: _Thread, db: int, field: Reader) -> None:
         state.values[self.shared.reader_index(state.slot, db, field)] += 1
@@ -431,18 +450,6 @@ def _watch(reader_ref: Any, pid: int) -> None:
             logger.exception("cutting overdue reads failed")
         del reader
         time.sleep(tick)
-
-
-def _is_statement_timeout(exc: BaseException) -> bool:
-    """PostgreSQL's statement_timeout (57014), SQLite's interrupt."""
-    cause = exc
-    for _ in range(5):
-        if getattr(cause, "sqlstate", None) == "57014" or getattr(cause, "sqlite_errorname", "") == "SQLITE_INTERRUPT":
-            return True
-        if cause.__cause__ is None:
-            break
-        cause = cause.__cause__
-    return False
 
 
 def _plain(params: Any) -> bool:

@@ -28,6 +28,15 @@ What can go wrong, and what the caller is told:
 A caller's transaction (Django's ``atomic``) holds the lock from its first
 write to its commit, runs on the leader in a real transaction, and reaches the
 others as one journal entry applied as one transaction.
+
+Nobody holds the lock unbounded (TRANSACTION_HOLD_TIMEOUT): a transaction whose
+client sends nothing for that long is rolled back (:meth:`Sequencer.expire_idle`,
+called by the coordinator's watch), and a leader whose statement goes unanswered
+for that long while the copy does not answer probes has its connection cut (the
+same watch, ``DbConnection.cut_if_busy_since``): the cut is a lost connection, so
+the cases above apply -- before the append the write goes to the next leader, at
+COMMIT it is decided and the cut copy replays it from its marker once back.
+``hold_info`` says who holds the lock, for ``status``.
 """
 from __future__ import annotations
 
@@ -52,12 +61,54 @@ from .shared_state import DbState, Header, SharedState
 logger = logging.getLogger("django_lb_shm.sequencer")
 
 
-@dataclass
+@dataclass(eq=False)
 class OpenTransaction:
     leader: DbThread
     statements: list = field(default_factory=list)   # follower form, in order
     started: float = field(default_factory=time.monotonic)
     holds_order: bool = True
+    client: str = ""
+    request_id: str = ""                              # of the request that opened it
+    busy: bool = True                                 # a request of its client is being served
+    last_activity: float = field(default_factory=time.monotonic)
+    expired: str = ""                                 # why the coordinator rolled it back
+    ending: bool = False                              # rolled back or being rolled back: once only
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def enter(self) -> str:
+        """A request of its client begins: "" -- or why it was rolled back meanwhile."""
+        with self.lock:
+            if not self.expired:
+                self.busy = True
+            return self.expired
+
+    def leave(self) -> None:
+        with self.lock:
+            self.busy = False
+            self.last_activity = time.monotonic()
+
+    def idle_for(self, now: float) -> float:
+        return 0.0 if self.busy else max(0.0, now - self.last_activity)
+
+    def claim_end(self) -> bool:
+        """True for the one caller that may roll it back (its client, or the hold timeout)."""
+        with self.lock:
+            if self.ending:
+                return False
+            self.ending = True
+            return True
+
+
+@dataclass
+class Hold:
+    """Who holds the write order, for status."""
+    by: str                  # "transaction", "autocommit writes", "replay"
+    since: float
+    leader: Optional[DbThread] = None
+    client: str = ""
+    request: str = ""
+    writes: int = 0
+    txn: Optional[OpenTransaction] = None
 
 
 class Sequencer:
@@ -71,6 +122,7 @@ class Sequencer:
         self.last_seq = 0
         self.awaited: Optional[dict] = None   # markers seen while the history is not settled (see settle_history)
         self.writes = WriteQueue(self.lock, self._run_group)
+        self.hold: Optional[Hold] = None       # set by the holder of the lock
 
     # -- boot ---------------------------------------------------------------------
     def start_at(self, last_seq: int) -> None:
@@ -111,6 +163,7 @@ class Sequencer:
         with it.  WriteNotApplied if the order stays held past CLIENT_TIMEOUT; HistoryUnsettled
         while a copy that may hold more writes has not been seen since boot."""
         with self._ordered("replay"):
+            self.hold = Hold("replay", time.monotonic(), client=f"database thread {alias!r} (catching up)")
             seq, tag = read_marker()
             if self.awaited is not None:
                 self.awaited[alias] = (seq, tag)
@@ -146,7 +199,28 @@ class Sequencer:
         try:
             yield
         finally:
+            self.hold = None
             self.lock.release()
+
+    def hold_info(self, now: float) -> dict:
+        """Who holds the write order, since when, waiting on what (status)."""
+        hold = self.hold
+        info: dict = {"held": hold is not None, "hold_timeout_s": self.config.transaction_hold_timeout}
+        if hold is None:
+            return info
+        info.update(by=hold.by, held_s=round(now - hold.since, 3), client=hold.client, request=hold.request,
+                    leader=hold.leader.alias if hold.leader is not None else "")
+        if hold.leader is not None and hold.leader.writer.busy_since:
+            info["leader_silent_s"] = round(max(0.0, now - hold.leader.writer.busy_since), 3)
+        if hold.txn is not None:
+            info.update(idle_s=round(hold.txn.idle_for(now), 3), statements=len(hold.txn.statements))
+        if hold.writes:
+            info["writes"] = hold.writes
+        return info
+
+    def open_transaction(self) -> Optional[OpenTransaction]:
+        hold = self.hold
+        return hold.txn if hold is not None else None
 
     # -- choosing the leader ----------------------------------------------------------
     def leader_preference(self) -> list[DbThread]:
@@ -160,10 +234,15 @@ class Sequencer:
         return others + [t for t in self.threads if t.alias == DEFAULT_DB_ALIAS]
 
     def leader(self, exclude: Sequence[DbThread] = ()) -> DbThread:
+        """The first RUNNING copy that has every write; a copy that does not answer probes
+        (UNRESPONSIVE) only when no RUNNING one can: it is out of reads, never out of writes
+        (if it is hung, the watch cuts it and the write goes on elsewhere)."""
         deadline = time.monotonic() + self.config.client_timeout
         with self.applied:
             while True:
-                running = [t for t in self.leader_preference() if t.state == DbState.RUNNING and t not in exclude]
+                preference = [t for t in self.leader_preference() if t not in exclude]
+                running = ([t for t in preference if t.state == DbState.RUNNING]
+                           + [t for t in preference if t.state == DbState.UNRESPONSIVE])
                 for thread in running:
                     if thread.applied_seq >= self.last_seq:
                         return thread
@@ -182,6 +261,14 @@ class Sequencer:
 
     def _run_group(self, group: list) -> None:
         """Holding the order: decide every write of ``group``; each caller's outcome is set."""
+        self.hold = Hold("autocommit writes", time.monotonic(), client=client_of(group[0].request_id),
+                         request=group[0].request_id, writes=len(group))
+        try:
+            self._run_group_held(group)
+        finally:
+            self.hold = None
+
+    def _run_group_held(self, group: list) -> None:
         fresh, repeats = [], []
         first_of: dict[str, PendingWrite] = {}
         for pending in group:
@@ -228,6 +315,8 @@ class Sequencer:
         """Run ``group`` on ``leader`` in one transaction and decide it; the writes to run
         again one by one when the group could not be decided as a whole."""
         conn = leader.writer
+        if self.hold is not None:
+            self.hold.leader = leader
         accepted: list[tuple[PendingWrite, JournalEntry]] = []
         try:
             if not conn.is_open:
@@ -383,25 +472,37 @@ class Sequencer:
         return all(t in applied for t in up)
 
     # -- a caller's transaction ---------------------------------------------------------------
-    def begin(self, prelude: Sequence[str]) -> OpenTransaction:
+    def begin(self, prelude: Sequence[str], request_id: str = "", client: str = "") -> OpenTransaction:
         self.acquire("transaction")
+        self.hold = Hold("transaction", time.monotonic(), client=client or client_of(request_id), request=request_id)
         txn = None
         try:
-            leader = self.leader()
-            if not leader.writer.is_open:
-                leader.writer.open()
+            leader = self.hold.leader = self.leader()
+            self._open_writer(leader)
             leader.writer.begin()   # PostgreSQL: sent with the first statement; constraints as the caller set them
-            txn = OpenTransaction(leader)
+            txn = self.hold.txn = OpenTransaction(leader, client=self.hold.client, request_id=request_id)
             for sql in prelude:
                 self.run_in(txn, Statement(sql))
             return txn
         except BaseException as exc:
             if txn is None:
+                self.hold = None
                 self.lock.release()
             elif txn.holds_order:   # (run_in gave the order back itself when the leader failed)
                 self.abandon(txn)
             if is_connection_error(exc):
                 raise TransactionError(f"could not start the transaction: {exc}") from None
+            raise
+
+    @staticmethod
+    def _open_writer(leader: DbThread) -> None:
+        if leader.writer.is_open:
+            return
+        try:
+            leader.writer.open()
+        except Exception as exc:
+            if is_connection_error(exc):
+                leader.go_down(exc)   # the next transaction tries the next leader
             raise
 
     def run_in(self, txn: OpenTransaction, statement: Statement, records: bool = True) -> Result:
@@ -446,14 +547,47 @@ class Sequencer:
         self._wait_for_acks(entry.seq)
 
     def abandon(self, txn: OpenTransaction) -> None:
-        """Roll back and give the write order back (rollback, error, or the caller went away)."""
-        txn.leader.writer.rollback_quietly()
-        self._release(txn)
+        """Roll back and give the write order back (rollback, error, or the caller went away);
+        nothing if it was rolled back already (the hold timeout): the leader's connection may
+        serve another holder by now."""
+        if txn.claim_end():
+            txn.leader.writer.rollback_quietly()
+            self._release(txn)
+
+    def expire_idle(self, txn: OpenTransaction, limit: float) -> bool:
+        """Roll back ``txn`` if it holds the order and its client sent nothing for ``limit``
+        seconds; its client gets TransactionError on its next call (Coordinator.dispatch)."""
+        with txn.lock:
+            idle = txn.idle_for(time.monotonic())
+            if txn.ending or not txn.holds_order or idle <= limit:
+                return False
+            txn.ending = True
+            txn.expired = (f"the load-balanced transaction held the write order for {idle:.1f} s without sending "
+                           f"anything (LOAD_BALANCER['TRANSACTION_HOLD_TIMEOUT'] is {limit:g} s): it was rolled "
+                           "back; none of its writes were applied")
+        logger.warning("rolled back the transaction of %s (request %s): it held the write order for %.1f s "
+                       "without sending anything", txn.client or "a client", txn.request_id or "?", idle)
+        conn = txn.leader.writer
+        try:
+            conn.rollback()
+        except Exception as exc:
+            if conn.lost(exc):
+                txn.leader.go_down(exc)   # its transaction died with the connection
+        finally:
+            self._release(txn)
+        return True
 
     def _release(self, txn: OpenTransaction) -> None:
         if txn.holds_order:
             txn.holds_order = False
+            self.hold = None
             self.lock.release()
+
+
+def client_of(request_id: str) -> str:
+    """Request ids start with the app process's pid (client.CoordinatorClient.new_request_id)."""
+    pid = request_id.split("-", 1)[0]
+    return f"pid {pid}" if pid.isdigit() else ""
 
 
 class HistoryUnsettled(Exception):

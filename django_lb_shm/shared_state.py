@@ -47,6 +47,7 @@ class DbState(enum.IntEnum):
     RECOVERING = 3     # back up, applying the writes it missed; no reads yet
     DIVERGED = 4       # a write failed here but not on the first database: needs an operator
     STOPPED = 5
+    UNRESPONSIVE = 6   # does not answer probes (hung, cut off): no reads; writes still go to it
 
 
 _DB_STATES = {int(s): s for s in DbState}  # a dict lookup: DbState(n) costs microseconds per read
@@ -88,7 +89,7 @@ class Slot(enum.IntEnum):
     WRITES = 2
     APPLIED_SEQ = 3
     LATENCY_MS = 4          # exponentially weighted read/probe latency
-    LAST_PROBE_AT = 5       # monotonic
+    LAST_PROBE_AT = 5       # monotonic: the copy last answered a probe (zero-hop reads compare it to a cut)
     HEARTBEAT = 6           # monotonic, written by the database thread
     INFLIGHT = 7            # reads queued or running on this database
     ERRORS = 8
@@ -388,6 +389,7 @@ class SharedState:
                 "inflight_reads": int(self.inflight(i)),
                 "errors": int(self.get(i, Slot.ERRORS)),
                 "heartbeat_age_s": round(now - heartbeat, 3) if heartbeat else None,
+                "probe_age_s": round(now - self.get(i, Slot.LAST_PROBE_AT), 3) if self.get(i, Slot.LAST_PROBE_AT) else None,
                 "thread_restarts": int(self.get(i, Slot.THREAD_RESTARTS)),
             })
         started = self.header(Header.STARTED_AT)

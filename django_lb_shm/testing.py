@@ -43,6 +43,7 @@ from .protocol import STOP_WITH_PARENT_ENV
 
 logger = logging.getLogger("django_lb_shm.testing")
 BOOT_TIMEOUT = 60.0
+TEST_HOLD_TIMEOUT = 24 * 3600.0   # TRANSACTION_HOLD_TIMEOUT of the test coordinator
 
 
 class LoadBalancerTestRunner(DiscoverRunner):
@@ -130,7 +131,9 @@ class LoadBalancerTestRunner(DiscoverRunner):
         lb = {"ADDRESS": address, "JOURNAL_DIR": os.path.join(self._workdir, "journal"), "JOURNAL_FSYNC": False}
         overrides = {
             "DATABASES": {alias: {"NAME": settings.DATABASES[alias]["NAME"]} for alias in config.databases},
-            SETTING_NAME: lb,
+            # TestCase runs each test class inside one load-balanced transaction, idle between its
+            # statements for as long as the tests take: this coordinator serves this process alone.
+            SETTING_NAME: {**lb, "TRANSACTION_HOLD_TIMEOUT": TEST_HOLD_TIMEOUT},
         }
         # This process's import path (the project may not be the working directory).
         path = [p or os.getcwd() for p in sys.path] + [os.environ.get("PYTHONPATH", "")]

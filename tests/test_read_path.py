@@ -6,7 +6,8 @@ reads have their own tests in test_zero_hop_reads.py.
 * reads run on the coordinator's server thread, on a few pooled connections
   per database (READ_CONNECTIONS), and fall back to the database thread's queue;
 * same-host clients reach a loopback TCP coordinator over a private Unix socket;
-* a read stuck on a pooled connection is cut by the watchdog after READ_TIMEOUT.
+* a read stuck on a pooled connection is cut by the watchdog after READ_TIMEOUT; a database
+  that answers probes stays in the rotation (the query is slow).
 """
 from __future__ import annotations
 
@@ -152,7 +153,7 @@ def test_read_connections_must_be_a_whole_number(value):
 
 
 @pytest.mark.parametrize("path", ["COORDINATOR", "AUTO"])
-def test_a_slow_read_is_cut_and_takes_down_one_database_not_all(lb_factory, path):
+def test_a_slow_read_is_cut_and_takes_no_database_out(lb_factory, path):
     handle = lb_factory("slow-read", READ_TIMEOUT=0.5, CLIENT_TIMEOUT=20, WAIT_TIME=0.5, READ_PATH=path)
     Author.objects.create(name="after")
     handle.wait_drained()
@@ -162,20 +163,19 @@ def test_a_slow_read_is_cut_and_takes_down_one_database_not_all(lb_factory, path
         assert time.monotonic() < deadline, read_connections(handle.status())
     pid = handle.coordinator_pid()
     started = time.monotonic()
-    with pytest.raises(QueryTimeout, match="takes longer than READ_TIMEOUT"):
+    with pytest.raises(QueryTimeout, match="answers probes: the query takes longer than READ_TIMEOUT"):
         with connections[lb_alias()].cursor() as cursor:
             cursor.execute(SLOW_READ[connections[lb_alias()].vendor])
-    # cut on the first database (treated as hung) and on a second one (the query is slow):
-    # 0.5 s + at most one 0.5 s watchdog tick each, long before the query's ~6 s
+    # cut after 0.5 s (+ a watchdog tick), the database probed, answering: long before the query's ~6 s
     assert time.monotonic() - started < 3
-    assert handle.log().count("did not finish a read within 0.50 s; it was cut") == 1  # one marked DOWN
     if connections[lb_alias()].vendor == "postgresql":
-        # the cut queries are cancelled on the servers too, long before pg_sleep(6) would end
+        # the cut query is cancelled on its server too, long before pg_sleep(6) would end
         while any(still_sleeping(alias) for alias in handle.lb["DATABASES"]):
             assert time.monotonic() - started < 4.5, "a cut query still runs on its server"
             time.sleep(0.1)
-    for name in handle.lb["DATABASES"]:
-        handle.wait_state(name, "RUNNING", timeout=20)
+    states = {d["name"]: d["state"] for d in handle.status()["databases"]}
+    assert set(states.values()) == {"RUNNING"}, states   # the query was slow, not a database
+    assert " is UNRESPONSIVE" not in handle.log() and " is DOWN" not in handle.log(), handle.log()
     assert Author.objects.get(name="after").name == "after"
     assert handle.coordinator_pid() == pid
 

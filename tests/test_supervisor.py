@@ -338,7 +338,8 @@ def test_a_restart_takes_over_the_claim_of_a_session_the_server_still_runs(lb_fa
     # (and the claim) until the query ends. The new coordinator must not take that for
     # another coordinator's claim.
     # the read must run in the coordinator (not on this process's own connection): READ_PATH
-    handle = lb_factory("busy", READ_CONNECTIONS=0, READ_TIMEOUT=1, GRACEFUL_TIMEOUT=1, CLIENT_TIMEOUT=5,
+    # (a read on a database thread is cut at READ_TIMEOUT: high enough to outlive the restart)
+    handle = lb_factory("busy", READ_CONNECTIONS=0, READ_TIMEOUT=40, GRACEFUL_TIMEOUT=1, CLIENT_TIMEOUT=60,
                         READ_PATH="COORDINATOR")
     Author.objects.create(name="x")
     old_pid = handle.coordinator_pid()

@@ -16,6 +16,12 @@ Faults (each takes effect at once, on every connection through the proxy):
   COMMIT ... Sync) is cut the same way, at its Sync.  ``cuts`` counts them.
 - ``black_hole()``: nothing is forwarded in either direction; sockets stay open
   (new connections are accepted and held).  ``heal()`` lets the held bytes through.
+- ``black_hole_at_commit()``: the next simple query that ends in a COMMIT turns the
+  proxy into a black hole before it is forwarded: the server gets that COMMIT only
+  at ``heal()``, late (a server that stopped answering with the COMMIT on its way).
+  ``heal_new_only()`` passes the traffic of new connections but keeps holding the
+  connections open until then (their sessions stay alive on the server, idle in
+  whatever transaction they had); ``release_held()`` lets their held bytes through.
 - ``refuse()``: every connection is closed and the listening socket too, so
   connecting is refused.  ``heal()`` listens again on the same port.
 
@@ -74,6 +80,7 @@ class _Link:
         self.cutting = False              # the server's answers are dropped from now on
         self.answer_dropped = threading.Event()
         self.pending_extended_commit = False
+        self.held = False                 # nothing forwarded until released (heal_new_only)
 
     def alive(self) -> bool:
         return not self.closed and self.proxy.running
@@ -111,6 +118,8 @@ class _Link:
                 if body is None:
                     return
                 message = header + body
+                if kind == b"Q" and self.proxy._take_hole(body[:-1].decode("utf-8", "replace")):
+                    self.proxy.black_hole()
                 cut = False
                 if kind == b"Q" and self.proxy._take_cut(body[:-1].decode("utf-8", "replace")):
                     cut = True
@@ -168,7 +177,7 @@ class _Link:
         return False
 
     def _send_when_open(self, sock: socket.socket, data: bytes) -> bool:
-        while self.alive() and self.proxy.mode == "black_hole":
+        while self.alive() and (self.held or self.proxy.mode == "black_hole"):
             time.sleep(_POLL)
         if not self.alive():
             return False
@@ -190,7 +199,7 @@ class _Link:
     def run_server_side(self) -> None:
         try:
             while self.alive():
-                if self.proxy.mode == "black_hole":
+                if self.held or self.proxy.mode == "black_hole":
                     time.sleep(_POLL)
                     continue
                 ready, _, _ = select.select([self.upstream], [], [], _POLL)
@@ -223,6 +232,7 @@ class FaultProxy:
         self.running = True
         self.cuts = 0                    # cuts that fired
         self._cuts_armed = 0
+        self._hole_armed = False
         self._lock = threading.Lock()
         self._links: set[_Link] = set()
         self.connections = 0             # accepted so far
@@ -248,9 +258,15 @@ class FaultProxy:
         with self._lock:
             self._cuts_armed += n
 
+    def black_hole_at_commit(self) -> None:
+        """Arm: the next COMMIT query is held, with everything else, until heal()."""
+        with self._lock:
+            self._hole_armed = True
+
     def disarm(self) -> None:
         with self._lock:
             self._cuts_armed = 0
+            self._hole_armed = False
 
     @property
     def armed(self) -> int:
@@ -281,9 +297,24 @@ class FaultProxy:
         """Back to passing traffic (listening again after refuse()); armed cuts are dropped."""
         with self._lock:
             self._cuts_armed = 0
+            self._hole_armed = False
             if self._listener is None and self.running:
                 self._listen(self.port)
             self.mode = "pass"
+
+    def heal_new_only(self) -> None:
+        """Pass the traffic of connections made from now on; keep holding the ones open now."""
+        with self._lock:
+            for link in self._links:
+                link.held = True
+            self._cuts_armed = 0
+            self._hole_armed = False
+            self.mode = "pass"
+
+    def release_held(self) -> None:
+        with self._lock:
+            for link in self._links:
+                link.held = False
 
     def close_connections(self) -> None:
         with self._lock:
@@ -321,6 +352,13 @@ class FaultProxy:
             self._cuts_armed -= 1
             self.cut_sql.append(sql)
             return True
+
+    def _take_hole(self, sql: str) -> bool:
+        if not self._hole_armed or not is_commit_sql(sql):
+            return False
+        with self._lock:
+            armed, self._hole_armed = self._hole_armed, False
+            return armed
 
     def _cut_fired(self) -> None:
         with self._lock:
