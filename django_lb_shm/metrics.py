@@ -120,7 +120,8 @@ DATABASE_METRICS: tuple = (
     ("reads", "Reads run on the database (by the coordinator and by app processes' zero-hop reads)", "counter",
      lambda db: db["reads"]),
     ("writes", "Writes applied to the database", "counter", lambda db: db["writes"]),
-    ("errors", "Errors on the database (going DOWN, reads past READ_TIMEOUT, failed writes)", "counter", lambda db: db["errors"]),
+    ("errors", "Errors on the database (going DOWN, reads past READ_TIMEOUT, failed writes)", "counter",
+     lambda db: db["errors"]),
     ("pending_writes", "Writes ordered but not yet applied to the database", "gauge",
      lambda db: db["pending_writes"]),
     ("applied_sequence", "Sequence number of the last write applied to the database", "gauge",
@@ -192,6 +193,9 @@ def serve_metrics(config: Any, shared: SharedState) -> Optional[MetricsServer]:
     except OSError as exc:
         logger.error("cannot serve metrics at %s: %s%s; serving the databases without metrics",
                      metrics, exc, _port_holder(metrics.port) if exc.errno == errno.EADDRINUSE else "")
+        return None
+    except Exception:   # metrics are an extra: never a reason for the supervisor to stop
+        logger.exception("cannot serve metrics at %s; serving the databases without metrics", metrics)
         return None
     logger.info("metrics at %s", metrics)
     return server
