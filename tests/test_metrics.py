@@ -222,6 +222,23 @@ def test_a_taken_metrics_port_does_not_stop_the_supervisor(lb_factory):
         assert listening(handle.supervisor_pid) == []
 
 
+def test_the_test_runners_coordinator_serves_no_metrics(tmp_path):
+    """LoadBalancerTestRunner's private coordinator leaves the project's METRICS port alone."""
+    port = free_port()
+    config = json.loads(open(os.environ["LB_TEST_CONFIG"]).read())
+    config["LOAD_BALANCER"]["METRICS"] = {"PORT": port}
+    path = tmp_path / "with-metrics.json"
+    path.write_text(json.dumps(config))
+    env = dict(os.environ, LB_TEST_CONFIG=str(path), DJANGO_SETTINGS_MODULE="tests.testproject.settings",
+               LB_TEST_METRICS_PORT=str(port))
+    result = subprocess.run([sys.executable, "-m", "django", "test", "-v", "2",
+                             "tests.support.django_testcases.NoMetricsTestCase",
+                             "--testrunner", "django_lb_shm.testing.LoadBalancerTestRunner"],
+                            env=env, cwd=str(REPO), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Ran 1 test" in result.stderr
+
+
 # -- settings and system checks ------------------------------------------------------------------------
 def lb_with(metrics) -> dict:
     from django.conf import settings
