@@ -26,7 +26,9 @@ setup(
     ],
     extras_require={
         "postgres": ["psycopg[binary]>=3.1"],
-        "test": ["pytest>=7", "pytest-timeout>=2.1", "hypothesis>=6", "psycopg[binary]>=3.1"],
+        "metrics": ["prometheus_client>=0.17"],
+        "test": ["pytest>=7", "pytest-timeout>=2.1", "hypothesis>=6", "psycopg[binary]>=3.1",
+                 "prometheus_client>=0.17"],
         "chart": ["matplotlib>=3.5"],
     },
     # `djangoloadbalancer` is generated from the entry point; bin/djangoloadbalancer (the same

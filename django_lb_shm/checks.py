@@ -5,6 +5,7 @@ Pure functions over settings and models: they never touch a database or the coor
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from django.conf import settings
@@ -122,6 +123,29 @@ def check_app_installed(app_configs: Any = None, **kwargs: Any) -> list[checks.C
     )]
 
 
+def check_metrics_dependency(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """METRICS set, but prometheus_client cannot be imported (E034).
+
+    Not in conf.find_problems: that also validates every app process's settings, which
+    never serve metrics and need not have the supervisor's optional dependency.
+    """
+    raw = getattr(settings, SETTING_NAME, None)
+    if not isinstance(raw, Mapping) or raw.get("METRICS") is None:
+        return []
+    try:
+        import prometheus_client  # noqa: F401
+    except ImportError as exc:
+        return [checks.Error(
+            f"LOAD_BALANCER['METRICS'] is set, but prometheus_client cannot be imported ({exc}): the supervisor "
+            "would serve no metrics.",
+            hint="pip install 'django-lb-shm[metrics]' (or prometheus_client) where djangoloadbalancer runs, "
+                 "or leave METRICS out.",
+            obj=SETTING_NAME, id="django_lb_shm.E034",
+        )]
+    return []
+
+
 def register() -> None:
     checks.register(check_load_balancer_settings, "django_lb_shm")
+    checks.register(check_metrics_dependency, "django_lb_shm")
     checks.register(check_load_balanced_models, checks.Tags.models)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 from .errors import ConfigurationError
 
@@ -32,8 +32,10 @@ KNOWN_KEYS = {
     "JOURNAL_DIR", "JOURNAL_FSYNC", "WRITE_ACK", "CLIENT_TIMEOUT", "CONNECT_TIMEOUT",
     "HEARTBEAT_TIMEOUT", "GRACEFUL_TIMEOUT", "MAX_RSS_MB", "MAX_REQUEST_BYTES",
     "STATEMENT_TIMEOUT", "READ_TIMEOUT", "READ_CONNECTIONS", "LOG_LEVEL", "READ_PATH",
-    "TRANSACTION_HOLD_TIMEOUT",
+    "TRANSACTION_HOLD_TIMEOUT", "METRICS",
 }
+METRICS_KEYS = {"HOST", "PORT"}
+DEFAULT_METRICS_HOST = "127.0.0.1"   # loopback: the metrics have no authentication
 # Optional numeric settings: name -> (default, zero allowed)
 NUMERIC_DEFAULTS: dict[str, tuple[float, bool]] = {
     "CLIENT_TIMEOUT": (30.0, False),
@@ -108,6 +110,18 @@ def authkey_is_strong(key: bytes) -> bool:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """Where the supervisor serves Prometheus metrics (``LOAD_BALANCER['METRICS']``)."""
+
+    port: int
+    host: str = DEFAULT_METRICS_HOST
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/metrics"
+
+
+@dataclass(frozen=True)
 class ReadAlgorithmConfig:
     name: str
     interval: float = 5.0
@@ -138,6 +152,7 @@ class LoadBalancerConfig:
     log_level: str = "INFO"
     read_path: str = "AUTO"
     transaction_hold_timeout: float = 5.0
+    metrics: Optional[MetricsConfig] = None   # None: no metrics served
 
     @property
     def database_answer_timeout(self) -> float:
@@ -370,6 +385,59 @@ def _check_host_port(address: Mapping[str, Any]) -> list[Problem]:
     return problems
 
 
+def _check_metrics(raw: Mapping[str, Any]) -> list[Problem]:
+    """METRICS: absent or None (off), or {'PORT': ..., 'HOST': ...} (E031-E033; E034 is in checks.py)."""
+    metrics = raw.get("METRICS")
+    if metrics is None:
+        return []
+    example = "For example {'PORT': 9808} (HOST defaults to '127.0.0.1'), or leave METRICS out: no metrics."
+    if not isinstance(metrics, Mapping):
+        return [Problem("django_lb_shm.E031",
+                        f"LOAD_BALANCER['METRICS'] must be a dict with a PORT and optionally a HOST, got {metrics!r}.",
+                        example)]
+    problems = []
+    unknown = sorted(map(str, set(metrics) - METRICS_KEYS))
+    if unknown:
+        problems.append(Problem("django_lb_shm.E031",
+                                f"LOAD_BALANCER['METRICS'] has unknown keys: {', '.join(unknown)}.",
+                                "Its keys are HOST and PORT."))
+    return problems + _check_metrics_host(metrics.get("HOST", DEFAULT_METRICS_HOST)) \
+        + _check_metrics_port(metrics.get("PORT"), raw.get("ADDRESS"))
+
+
+def _check_metrics_host(host: Any) -> list[Problem]:
+    import socket
+
+    if isinstance(host, str) and host:
+        try:
+            socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+            return []
+        except (OSError, UnicodeError):
+            problem = f"LOAD_BALANCER['METRICS']['HOST'] {host!r} cannot be resolved to an address."
+    else:
+        problem = f"LOAD_BALANCER['METRICS']['HOST'] must be a host name or IP address, got {host!r}."
+    return [Problem("django_lb_shm.E032", problem,
+                    f"Leave it out for {DEFAULT_METRICS_HOST!r} (loopback), or give the address of the interface "
+                    "Prometheus scrapes; the metrics have no authentication.")]
+
+
+def _check_metrics_port(port: Any, address: Any) -> list[Problem]:
+    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+        problem = f"LOAD_BALANCER['METRICS']['PORT'] must be an integer from 1 to 65535, got {port!r}."
+    elif isinstance(address, Mapping) and "PATH" not in address and address.get("PORT") == port:
+        problem = f"LOAD_BALANCER['METRICS']['PORT'] {port} is the coordinator's ADDRESS PORT."
+    else:
+        return []
+    return [Problem("django_lb_shm.E033", problem, "Pick another free TCP port, e.g. 9808.")]
+
+
+def metrics_config(raw: Any) -> Optional[MetricsConfig]:
+    """The METRICS setting of a valid LOAD_BALANCER (None: off)."""
+    if raw is None:
+        return None
+    return MetricsConfig(port=int(raw["PORT"]), host=str(raw.get("HOST", DEFAULT_METRICS_HOST)))
+
+
 def resolve_authkey(address: Mapping[str, Any]) -> bytes:
     """AUTHKEY from settings, or from the environment variable named by AUTHKEY_ENV."""
     env_name = address.get("AUTHKEY_ENV")
@@ -494,6 +562,7 @@ def find_problems(raw: Any, django_dbs: Mapping[str, Any]) -> list[Problem]:
         + _check_address(raw)
         + _check_numbers(raw)
         + _check_alias(raw, django_dbs)
+        + _check_metrics(raw)
     )
     unknown = sorted(set(raw) - KNOWN_KEYS)
     if unknown:
@@ -578,6 +647,7 @@ def build_config(raw: Any, django_dbs: Mapping[str, Any]) -> LoadBalancerConfig:
         write_ack=raw.get("WRITE_ACK", "FIRST"),
         log_level=str(raw.get("LOG_LEVEL", "INFO")).upper(),
         read_path=raw.get("READ_PATH", "AUTO"),
+        metrics=metrics_config(raw.get("METRICS")),
         **numbers,
     )
 

@@ -3,7 +3,9 @@
 It owns the shared-memory segment, spawns the manager process (the
 coordinator) through ``multiprocessing``, watches it with psutil and the
 heartbeats in shared memory, restarts it with backoff after a crash, and
-halts instead when it failed to boot.  A taken ADDRESS is a boot error only at
+halts instead when it failed to boot.  With LOAD_BALANCER['METRICS'] it also serves
+Prometheus metrics read from the segment (``metrics.py``), up while the coordinator
+restarts.  A taken ADDRESS is a boot error only at
 the first boot: after it, another process may have grabbed the port while the
 coordinator restarted, and the supervisor tries again with the backoff.  Signal
 handlers only record the signal; the main loop acts on it (stop: ask with
@@ -22,6 +24,7 @@ from typing import Any, Optional
 
 from . import coordinator
 from .health import address_holder, process_vitals
+from .metrics import MetricsServer, serve_metrics
 from .protocol import (
     EXIT_ADDRESS_IN_USE,
     EXIT_BOOT_ERROR,
@@ -54,6 +57,7 @@ class Supervisor:
         self.signals: "queue.SimpleQueue[int]" = queue.SimpleQueue()
         self.process: Any = None
         self.shared: Optional[SharedState] = None
+        self.metrics: Optional[MetricsServer] = None
         self.restarts = 0
         self.backoff = 0.5
         self.stopping = False
@@ -64,12 +68,15 @@ class Supervisor:
         self._install_signals()
         self.shared = SharedState.create(segment_name(self.config.address), len(self.config.databases))
         try:
+            self.metrics = serve_metrics(self.config, self.shared)
             code = self._boot()
             if code is not None:
                 return code
             return self._loop()
         finally:
             self._stop_coordinator(force=False)
+            if self.metrics is not None:
+                self.metrics.stop()   # before the segment it reads is unmapped
             self.shared.unlink()
 
     def _install_signals(self) -> None:

@@ -128,7 +128,9 @@ class LoadBalancerTestRunner(DiscoverRunner):
         real = getattr(settings, SETTING_NAME)
         address = {**real["ADDRESS"], "HOST": "127.0.0.1", "PORT": _free_port()}
         address.pop("PATH", None)
-        lb = {"ADDRESS": address, "JOURNAL_DIR": os.path.join(self._workdir, "journal"), "JOURNAL_FSYNC": False}
+        # No METRICS: the project's port belongs to its real supervisor.
+        lb = {"ADDRESS": address, "JOURNAL_DIR": os.path.join(self._workdir, "journal"), "JOURNAL_FSYNC": False,
+              "METRICS": None}
         overrides = {
             "DATABASES": {alias: {"NAME": settings.DATABASES[alias]["NAME"]} for alias in config.databases},
             # TestCase runs each test class inside one load-balanced transaction, idle between its

@@ -10,10 +10,12 @@
 #   4. runs a workload of creates/updates/deletes/reads from several app processes;
 #   5. prints `djangoloadbalancer status` and shows that the five databases hold
 #      identical rows;
-#   6. stops the coordinator with SIGTERM and shows that it exited 0.
+#   6. prints a few lines of the supervisor's Prometheus metrics (http://127.0.0.1:PORT/metrics);
+#   7. stops the coordinator with SIGTERM and shows that it exited 0.
 #
 # Exits non-zero if any step fails.  Env: DEMO_LB_PORT (default 6000, or a free
-# port when 6000 is taken), DEMO_PROCESSES (4), DEMO_OPS (50 per process).
+# port when 6000 is taken), DEMO_METRICS_PORT (9808, or a free port), DEMO_PROCESSES (4),
+# DEMO_OPS (50 per process).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 REPO="$(pwd -P)"
@@ -63,9 +65,10 @@ fi
 
 cd example
 export PYTHONUNBUFFERED=1
-if [ -z "${DEMO_LB_PORT:-}" ]; then
-    DEMO_LB_PORT=$("$PY" - <<'PYEOF'
-import socket
+port_or_free() {
+    # $1 if it is free on 127.0.0.1, else a free port; $2: one the caller already took
+    "$PY" - "$@" <<'PYEOF'
+import socket, sys
 def free(port):
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the coordinator's listener
@@ -74,16 +77,18 @@ def free(port):
         except OSError:
             return False
     return True
-if free(6000):
-    print(6000)
+wanted, taken = int(sys.argv[1]), sys.argv[2:]
+if free(wanted) and str(wanted) not in taken:
+    print(wanted)
 else:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         print(s.getsockname()[1])
 PYEOF
-)
-fi
-export DEMO_LB_PORT
+}
+DEMO_LB_PORT=${DEMO_LB_PORT:-$(port_or_free 6000)}
+DEMO_METRICS_PORT=${DEMO_METRICS_PORT:-$(port_or_free 9808 "$DEMO_LB_PORT")}
+export DEMO_LB_PORT DEMO_METRICS_PORT
 
 step "fresh databases: example/run/ (5 SQLite files), djangoloadbalancer migrate"
 rm -rf run
@@ -93,7 +98,7 @@ awk '/^== migrating/ { if (db) print db " (" n " migrations applied)"; db = $0; 
      /Applying/ { n++ }
      END { print db " (" n " migrations applied)" }' run/migrate.log
 
-step "start djangoloadbalancer in the background (port $DEMO_LB_PORT)"
+step "start djangoloadbalancer in the background (port $DEMO_LB_PORT, metrics on $DEMO_METRICS_PORT)"
 "${LB[@]}" >run/coordinator.log 2>&1 &
 LB_PID=$!
 echo "supervisor pid $LB_PID, log example/run/coordinator.log"
@@ -104,7 +109,7 @@ until timeout 15 "${LB[@]}" status >/dev/null 2>&1; do
     [ "$SECONDS" -lt "$deadline" ] || { cat run/coordinator.log >&2; die "djangoloadbalancer status did not answer within 60 s"; }
     sleep 0.3
 done
-grep -E 'ready at' run/coordinator.log | sed 's/^/  log: /'
+grep -E 'ready at|metrics at' run/coordinator.log | sed 's/^/  log: /'
 
 step "workload: ${DEMO_PROCESSES:-4} app processes x ${DEMO_OPS:-50} operations"
 "$PY" manage.py demo_workload --processes "${DEMO_PROCESSES:-4}" --ops "${DEMO_OPS:-50}"
@@ -119,6 +124,19 @@ if "$PY" -c 'import django_lb_shm.verify' 2>/dev/null; then
     step "djangoloadbalancer verify"
     "${LB[@]}" verify --no-progress
 fi
+
+step "metrics: a few lines of http://127.0.0.1:$DEMO_METRICS_PORT/metrics (served by the supervisor)"
+"$PY" - "$DEMO_METRICS_PORT" <<'PYEOF' || die "the supervisor's /metrics did not answer as expected"
+import re, sys, urllib.request
+with urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics", timeout=10) as response:
+    text = response.read().decode()
+shown = re.compile(r"django_lb_shm_(coordinator_up|coordinator_restarts_total|journal_bytes|database_up"
+                   r"|reads_total|writes_total|pending_writes|read_latency_seconds)[ {]")
+lines = [line for line in text.splitlines() if shown.match(line) and not re.search(r'database="DB[2-9]"', line)]
+print("\n".join(lines))
+print(f"... ({len(text.splitlines())} lines in all, with DB2-DB4, states, errors, sequences)")
+sys.exit(0 if "django_lb_shm_coordinator_up 1.0" in lines else 1)
+PYEOF
 
 step "stop the coordinator (SIGTERM)"
 rc=0

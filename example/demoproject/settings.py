@@ -94,6 +94,9 @@ LOAD_BALANCER = {
         'AUTHKEY': 'pass',
     },
     'JOURNAL_DIR': RUN_DIR / 'journal',
+    # Prometheus metrics from the supervisor at http://127.0.0.1:9808/metrics (needs
+    # prometheus_client: pip install 'django-lb-shm[metrics]'); scripts/demo.sh prints some.
+    'METRICS': {'HOST': '127.0.0.1', 'PORT': int(os.environ.get('DEMO_METRICS_PORT', 9808))},
 }
 
 

@@ -3,6 +3,7 @@
 They use the test app's load-balanced models the way a project's own tests would.
 """
 import os
+import socket
 import time
 
 from django.db import connections
@@ -58,6 +59,16 @@ class NoDatabaseTestCase(SimpleTestCase):
     def test_a_simple_test_case_still_may_not_query(self):
         with self.assertRaises(DatabaseOperationForbidden):
             Author.objects.count()
+
+
+class NoMetricsTestCase(TestCase):
+    """Run by tests/test_metrics.py with LOAD_BALANCER['METRICS'] set to LB_TEST_METRICS_PORT (the runner
+    takes METRICS out of this process's settings too)."""
+
+    def test_the_test_coordinator_serves_no_metrics(self):
+        Author.objects.create(name="the test coordinator is up")
+        with self.assertRaises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", int(os.environ["LB_TEST_METRICS_PORT"])), timeout=5).close()
 
 
 class SlowTestCase(TestCase):
