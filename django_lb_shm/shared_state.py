@@ -47,6 +47,7 @@ class DbState(enum.IntEnum):
     RECOVERING = 3     # back up, applying the writes it missed; no reads yet
     DIVERGED = 4       # a write failed here but not on the first database: needs an operator
     STOPPED = 5
+    SCHEMA_BEHIND = 6  # lacks migrations another copy has applied: no reads; writes wait in the journal
 
 
 _DB_STATES = {int(s): s for s in DbState}  # a dict lookup: DbState(n) costs microseconds per read
