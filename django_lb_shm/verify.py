@@ -544,7 +544,7 @@ def _format_schema(report: TableReport) -> list[str]:
 
 def _summary(reports: list[TableReport], unreachable: dict[str, str], aliases: Sequence[str]) -> tuple[int, str]:
     failed = [r.table for r in reports if r.error is not None]
-    differ = [r.table + (" (columns)" if r.schema else "") for r in reports if r.error is None and not r.ok]
+    differ = [r.table + (" (schema)" if r.schema else "") for r in reports if r.error is None and not r.ok]
     if unreachable or failed:
         what = [f"{', '.join(unreachable)} unreachable"] if unreachable else []
         what += [f"could not compare {', '.join(failed)}"] if failed else []
