@@ -791,8 +791,7 @@ class DbThread(threading.Thread):
             self.conn.open()
             self._claim(wait=max(0.0, deadline - time.monotonic()))
             self.boot_marker = self.conn.ensure_marker()
-            if self.hub.schema is not None:
-                self.boot_migrations = self.hub.schema.read_on(self.conn)
+            self.boot_migrations = self._read_migrations()
         except DatabaseOwnedElsewhere:
             self.conn.close()
             raise
@@ -848,10 +847,25 @@ class DbThread(threading.Thread):
         schema = self.hub.schema
         return schema.behind(self.alias) if schema is not None else ()
 
+    def _read_migrations(self) -> Optional[frozenset]:
+        """This copy's applied migrations of the load-balanced apps, read on its own connection; None
+        when they are not compared or cannot be read (a lost connection is raised)."""
+        if self.hub.schema is None:
+            return None
+        try:
+            return self.hub.schema.read_on(self.conn)
+        except Exception as exc:
+            if self.conn.lost(exc):
+                raise
+            logger.warning("database %r: cannot read its applied migrations (%s: %s); its schema is not compared",
+                           self.alias, type(exc).__name__, exc)
+            return None
+
     def _report_migrations(self) -> None:
         """Tell the schema watch what this copy, just (re)connected, has applied."""
-        if self.hub.schema is not None:
-            self.hub.schema.report({self.alias: self.hub.schema.read_on(self.conn)})
+        applied = self._read_migrations()
+        if applied is not None:
+            self.hub.schema.report({self.alias: applied})
 
     def fall_behind(self) -> None:
         self.set_state(DbState.SCHEMA_BEHIND, self.hub.schema.reason(self.alias))

@@ -25,6 +25,7 @@ from django.db import DEFAULT_DB_ALIAS, connections
 
 from django_lb_shm.backend.alias import lb_alias
 from django_lb_shm.schema import behind_copies
+from django_lb_shm.shared_state import DbState, SharedState
 from tests.support.lb import ALIASES, BACKEND, REPO, CoordinatorHandle, read_path
 from tests.testapp.models import Destination
 
@@ -224,6 +225,16 @@ def test_a_copy_migrated_alone_keeps_the_others_out_until_djangoloadbalancer_mig
     assert check.returncode == 0, check.stderr
     assert "django_lb_shm.W035" in check.stderr and MIGRATION in check.stderr, check.stderr
     assert "DB1" in check.stderr and "DB2" in check.stderr
+    # Django runs checks that read databases when the command names one (as `migrate` does).
+    assert "django_lb_shm.W035" in drift.manage("check", "--database", "default").stderr
+    assert "W035" not in drift.manage("check").stderr
+    # The state is in shared memory, for what reads it (zero-hop reads, metrics).
+    shared = SharedState.attach_untracked(drift.handle.segment_name)
+    try:
+        assert [shared.state(i) for i in range(3)] == [DbState.RUNNING, DbState.SCHEMA_BEHIND, DbState.SCHEMA_BEHIND]
+        assert int(DbState.SCHEMA_BEHIND) == 6
+    finally:
+        shared.close()
     verify = drift.cli("verify", "--no-progress")
     assert verify.returncode == 1, verify.stdout + verify.stderr
     schema_line = next(line for line in verify.stdout.splitlines() if line.startswith("testapp_destination"))
