@@ -1,7 +1,11 @@
-"""Django system checks (ids django_lb_shm.E0xx / W0xx): settings.LOAD_BALANCER, and how
-load-balanced models relate to the others.
+"""Django system checks (ids django_lb_shm.E0xx / W0xx): settings.LOAD_BALANCER, how
+load-balanced models relate to the others, and whether the copies have applied the same
+migrations (W035).
 
-Pure functions over settings and models: they never touch a database or the coordinator.
+Pure functions over settings and models, except W035: it reads each copy's
+``django_migrations``, so, as Django's own database checks, only when the command names
+databases (``migrate``, ``check --database``, the test runner; ``djangoloadbalancer check``,
+``migrate`` and ``verify`` name every copy).  None of them asks the coordinator.
 """
 from __future__ import annotations
 
@@ -145,7 +149,70 @@ def check_metrics_dependency(app_configs: Any = None, **kwargs: Any) -> list[che
     return []
 
 
+def check_applied_migrations(app_configs: Any = None, databases: Any = None,
+                             **kwargs: Any) -> list[checks.CheckMessage]:
+    """W035: the copies differ in the applied migrations of the load-balanced apps.
+
+    Only when ``databases`` names a load-balanced database (or the load-balanced alias);
+    a copy that cannot be read (down, a SQLite file that does not exist) is left out.
+    """
+    from .conf import get_config
+    from .schema import behind_copies, load_balanced_apps, missing_migrations
+
+    try:
+        config = get_config()
+    except Exception:   # invalid settings: E0xx says so
+        return []
+    if not databases or not set(databases) & {*config.databases, config.alias}:
+        return []
+    app_labels = load_balanced_apps()
+    applied = {alias: found for alias in config.databases
+               if (found := _applied_migrations_of(alias, app_labels)) is not None}
+    missing = {alias: names for alias, names in missing_migrations(applied).items() if names}
+    if not missing:
+        return []
+    behind = behind_copies(applied)
+    lacks = "; ".join(f"{alias} lacks {', '.join(names)}{'' if alias in behind else ' (but has others the rest lack)'}"
+                      for alias, names in missing.items())
+    return [checks.Warning(
+        f"The load-balanced databases differ in applied migrations: {lacks}. The coordinator serves no reads "
+        "from a copy that lacks migrations another copy has applied, and applies no writes there "
+        "(SCHEMA_BEHIND: they wait in its journal), until it has them.",
+        hint="Run `djangoloadbalancer migrate`: it migrates every copy (plain `manage.py migrate` migrates one).",
+        obj=SETTING_NAME, id="django_lb_shm.W035",
+    )]
+
+
+def _applied_migrations_of(alias: str, app_labels: frozenset) -> Any:
+    """The applied migrations of ``app_labels`` on ``alias`` (read directly), or None when it cannot be read.
+    A connection this opens is closed again."""
+    import os
+
+    from django.db import connections
+
+    from .ownership import sqlite_path
+    from .schema import applied_migrations
+
+    connection = connections[alias]
+    if connection.vendor == "sqlite" and not os.path.exists(sqlite_path(connection.settings_dict)):
+        return None   # connecting would create an empty database in its place
+    was_open = connection.connection is not None
+    try:
+        with connection.cursor() as cursor:
+            def query(sql: str, params: tuple) -> list:
+                cursor.execute(sql, params)
+                return cursor.fetchall()
+
+            return applied_migrations(query, connection.vendor, app_labels)
+    except Exception:
+        return None
+    finally:
+        if not was_open:
+            connection.close()
+
+
 def register() -> None:
     checks.register(check_load_balancer_settings, "django_lb_shm")
     checks.register(check_metrics_dependency, "django_lb_shm")
     checks.register(check_load_balanced_models, checks.Tags.models)
+    checks.register(check_applied_migrations, "django_lb_shm", checks.Tags.database)

@@ -142,7 +142,8 @@ def _take_django_options(argv: list[str], args: argparse.Namespace) -> list[str]
 
 def dispatch(args: argparse.Namespace) -> int:
     command = args.command or "run"
-    if command in ("run", "check", "migrate", "verify") and not run_checks():
+    # `run` does not read the copies here: the coordinator compares their migrations itself.
+    if command in ("run", "check", "migrate", "verify") and not run_checks(read_databases=command != "run"):
         return EXIT_CONFIG_ERROR
     if command == "check":
         print("System check identified no issues.")
@@ -195,17 +196,30 @@ def settings_from_manage_py(manage_py: Path) -> Optional[str]:
     return match.group(1) if match else None
 
 
-def run_checks() -> bool:
-    """Django's system checks (all apps); print the serious ones, False if any."""
+def run_checks(read_databases: bool = False) -> bool:
+    """Django's system checks (all apps), and with ``read_databases`` W035 over every copy; print
+    them, False if any is serious."""
     from django.core import checks
 
-    messages = [m for m in checks.run_checks(include_deployment_checks=False) if not m.is_silenced()]
+    found = checks.run_checks(include_deployment_checks=False)
+    if read_databases and not any(m.is_serious() for m in found):
+        found += _applied_migrations_check()
+    messages = [m for m in found if not m.is_silenced()]
     serious = [m for m in messages if m.is_serious()]
     for message in messages:
         sys.stderr.write(f"{message}\n")
     if serious:
         sys.stderr.write(f"djangoloadbalancer: {len(serious)} system check error(s); nothing was started.\n")
     return not serious
+
+
+def _applied_migrations_check() -> list:
+    """W035 on every load-balanced database: Django runs database checks only for the databases a
+    command names, and the load-balanced ones are all of them here."""
+    from .checks import check_applied_migrations
+    from .conf import get_config
+
+    return check_applied_migrations(databases=list(get_config().databases))
 
 
 # -- commands ---------------------------------------------------------------------------------
@@ -323,7 +337,7 @@ def format_status(data: dict) -> str:
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     for row in [header] + rows:
         lines.append("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
-    why = [_why_not_running(db) for db in data["databases"] if db["state"] != "RUNNING"]
+    why = [_why_not_running(db) for db in data["databases"] if db["state"] != "RUNNING" or db.get("missing_migrations")]
     return "\n".join(lines + ([""] + why if why else []))
 
 
@@ -331,6 +345,13 @@ def _why_not_running(db: dict) -> str:
     line = f"{db['name']} is {db['state']}"
     if db.get("state_age_s") is not None:
         line += f" (for {db['state_age_s']:.0f}s)"
+    missing = ", ".join(db.get("missing_migrations") or ())
+    if db["state"] == "SCHEMA_BEHIND":
+        return (f"{line}: missing migrations {missing}, which another copy has applied; it serves no reads and "
+                "its writes wait in the journal until `djangoloadbalancer migrate` has run")
+    if missing and db["state"] == "RUNNING":
+        return (f"{line} but lacks migrations {missing} that another copy has applied, and has others that copy "
+                "lacks (code of two branches?): migrate every copy to the same migrations")
     if db.get("last_error"):
         at = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(db["last_error_at"]))
         line += f"; last error {db['last_error_age_s']:.0f}s ago, at {at}: {db['last_error']}"

@@ -77,8 +77,10 @@ class CoordinatorStopping(CoordinatorUnavailable):
 class Coordinator:
     """The object app processes call through the Manager (``execute``, ``status``, ``hello``)."""
 
-    def __init__(self, config: Any, shared: SharedState, threads: list, sequencer: Any, algorithm: Any):
+    def __init__(self, config: Any, shared: SharedState, threads: list, sequencer: Any, algorithm: Any,
+                 schema: Any = None):
         self.config = config
+        self.schema = schema   # the SchemaWatch, for the migrations each copy lacks
         self.shared = shared
         self.threads = threads
         self.sequencer = sequencer
@@ -112,6 +114,7 @@ class Coordinator:
         for database, thread in zip(snapshot["databases"], self.threads):
             database["read_connections"] = thread.read_pool.stats()
             database.update(thread.why())
+            database["missing_migrations"] = self.schema.missing(thread.alias) if self.schema is not None else []
         snapshot["coordinator"].update(process_vitals(os.getpid()))
         snapshot["coordinator"]["address"] = str(self.config.address)
         snapshot["coordinator"]["read_algorithm"] = self.config.read_algorithm.name
@@ -788,8 +791,9 @@ class CoordinatorProcess:
 
     def boot(self) -> None:
         from .balancing import build_read_algorithm
-        from .db_thread import DbThread, Hub
+        from .db_thread import DbConnection, DbThread, Hub
         from .journal import Journal
+        from .schema import SchemaWatch, load_balanced_apps
         from .sequencer import Sequencer
 
         # Bind first: a taken port is a boot error before any database is touched.
@@ -797,11 +801,16 @@ class CoordinatorProcess:
         registry = {TYPEID: (lambda: self.coordinator, EXPOSED, None, None)}
         self.server = CoordinatorServer(registry, address.tuple, address.authkey, self, address.local_socket_path)
         self.algorithm = build_read_algorithm(self.config, self.shared)
+        self.schema = SchemaWatch(self.config.databases, load_balanced_apps(), self.config.wait_time,
+                                  connect=lambda alias: DbConnection(alias, self.config.statement_timeout),
+                                  readable=self._readable_copies, on_change=self._schema_changed)
         self.hub = Hub(self.shared, self.config, self._catch_up_from, self._replay_after, self._notify_applied,
-                       probe_interval=self.algorithm.probe_interval)
+                       probe_interval=self.algorithm.probe_interval, schema=self.schema)
         self.threads = [DbThread(i, alias, self.hub) for i, alias in enumerate(self.config.databases)]
         # Before the journal is opened or any database replayed.
         self._claim_databases()
+        # Before any copy serves: a copy behind another never becomes RUNNING, not even for a moment.
+        self.schema.report({t.alias: t.boot_migrations for t in self.threads if t.boot_migrations is not None})
         try:
             self.journal = Journal(self.config.journal_dir, fsync=self.config.journal_fsync,
                                    import_from=self.config.legacy_journal_dirs).open()
@@ -816,11 +825,13 @@ class CoordinatorProcess:
             self.shared.set_state(thread.index, DbState.STARTING)
             thread.start()
         self._wait_for_databases()
-        self.coordinator = Coordinator(self.config, self.shared, self.threads, self.sequencer, self.algorithm)
+        self.coordinator = Coordinator(self.config, self.shared, self.threads, self.sequencer, self.algorithm,
+                                       schema=self.schema)
         self.reader_watch = ReaderWatch(self.coordinator, self.threads)
         self.reader_watch.start()
         self.health_watch = HealthWatch(self.coordinator)
         self.health_watch.start()
+        self.schema.start()
         self.server.serve_forever_on_all()
 
     def client_connected(self, peer: str) -> None:
@@ -841,6 +852,16 @@ class CoordinatorProcess:
 
     def _notify_applied(self) -> None:
         self.sequencer.notify_applied()
+
+    def _readable_copies(self) -> list[str]:
+        """The copies whose migrations are worth reading now (a DOWN one is read when it is back)."""
+        gone = (DbState.DOWN, DbState.STARTING, DbState.STOPPED)
+        return [t.alias for t in self.threads if t.state not in gone]
+
+    def _schema_changed(self, aliases: set) -> None:
+        for thread in self.threads:
+            if thread.alias in aliases:
+                thread.wake()
 
     def _wait_for_databases(self) -> None:
         deadline = time.monotonic() + BOOT_CONNECT_WAIT
@@ -926,6 +947,7 @@ class CoordinatorProcess:
         self.server.close()
         self.reader_watch.stop()
         self.health_watch.stop()
+        self.schema.stop()
         if not self.coordinator.wait_idle(self.config.graceful_timeout):
             logger.warning("stopping with requests still in flight after %.1f s", self.config.graceful_timeout)
         for thread in self.threads:
@@ -936,6 +958,7 @@ class CoordinatorProcess:
             thread.join(max(0.1, deadline - time.monotonic()))
         self._trim_journal()
         self.journal.close()
+        self.schema.close()
         writes = self.sequencer.writes
         if writes.groups:
             logger.info("autocommit writes: %d in %d groups (mean size %.2f)", writes.grouped_writes, writes.groups,

@@ -10,7 +10,9 @@ Because a write is queued on every database before the caller is answered, a
 read queued later on any database runs after it.
 
 States (shared memory): STARTING -> RUNNING <-> DOWN -> RECOVERING -> RUNNING,
-and DIVERGED when a write the first database accepted fails here.
+DIVERGED when a write the first database accepted fails here, and SCHEMA_BEHIND
+(-> RECOVERING -> RUNNING) while the copy lacks migrations another copy has applied
+(``schema.py``).
 """
 from __future__ import annotations
 
@@ -501,7 +503,8 @@ class Hub:
                  catch_up_from: Callable[[str, Callable[[], tuple[int, int]]], str],
                  replay_after: Callable[[int], Iterator[JournalEntry]],
                  notify_applied: Callable[[], None],
-                 probe_interval: Optional[float] = None):
+                 probe_interval: Optional[float] = None,
+                 schema: Any = None):
         self.shared = shared
         self.config = config
         # (alias, read the marker) -> "" when the journal can bring the copy up to date, else why
@@ -510,6 +513,7 @@ class Hub:
         self.replay_after = replay_after
         self.notify_applied = notify_applied
         self.probe_interval = probe_interval
+        self.schema = schema   # a SchemaWatch: which copies lack migrations another has (None: not compared)
 
 
 class DbThread(threading.Thread):
@@ -540,6 +544,7 @@ class DbThread(threading.Thread):
         self.owned_elsewhere = ""   # why the last claim failed: another coordinator serves this database
         self.claimed_at_boot = False
         self.boot_marker: Optional[tuple[int, int]] = None   # (seq, tag) read by claim_at_boot()
+        self.boot_migrations: Optional[frozenset] = None     # applied migrations read by claim_at_boot()
         self.running = True
         self.next_probe = 0.0
         self.next_latency_probe = 0.0
@@ -566,7 +571,8 @@ class DbThread(threading.Thread):
 
     def _set_state(self, state: DbState, reason: str) -> None:
         if state != self.state:
-            log = logger.warning if state in (DbState.DOWN, DbState.DIVERGED, DbState.UNRESPONSIVE) else logger.info
+            log = logger.warning if state in (DbState.DOWN, DbState.DIVERGED, DbState.UNRESPONSIVE,
+                                              DbState.SCHEMA_BEHIND) else logger.info
             log("database %r is %s%s", self.alias, state.name, f": {reason}" if reason else "")
         if reason and state != DbState.RUNNING:
             self.note_error(reason)
@@ -627,6 +633,10 @@ class DbThread(threading.Thread):
     def probe_now(self) -> None:
         """A DOWN copy tries to recover at once instead of at its next probe."""
         self.next_probe = 0.0
+        self.queue.put(WAKE)
+
+    def wake(self) -> None:
+        """Look at the state again now (the schema verdict changed)."""
         self.queue.put(WAKE)
 
     def stop(self) -> None:
@@ -711,6 +721,10 @@ class DbThread(threading.Thread):
         state = self.state
         if state in (DbState.DOWN, DbState.STARTING) and now >= self.next_probe:
             self.recover()
+        elif state in (DbState.RUNNING, DbState.UNRESPONSIVE) and self._schema_behind():
+            self.fall_behind()
+        elif state == DbState.SCHEMA_BEHIND:
+            self._maintain_behind(now)
         elif state == DbState.RUNNING and self.hub.probe_interval and now >= self.next_latency_probe:
             self.next_latency_probe = now + self.hub.probe_interval
             self.probe_latency()
@@ -724,6 +738,13 @@ class DbThread(threading.Thread):
         except Exception as exc:
             if self.conn.lost(exc):
                 self.go_down(exc)
+
+    def _maintain_behind(self, now: float) -> None:
+        if not self._schema_behind():
+            self.recover()   # migrated: catch up from the journal, then RUNNING
+        elif now >= self.next_probe:
+            self.next_probe = now + self.hub.config.wait_time
+            self.probe_latency()   # a copy that went down meanwhile is DOWN, not SCHEMA_BEHIND
 
     def probe_latency(self) -> None:
         start = time.perf_counter()
@@ -880,6 +901,8 @@ class DbThread(threading.Thread):
                 if is_transient(exc) and attempt < TRANSIENT_RETRIES:
                     time.sleep(0.05 * (attempt + 1))
                     continue
+                if self._behind_now():
+                    return False   # it cannot run the write yet: it waits in the journal for the migration
                 self.shared.add(self.index, Slot.ERRORS, 1)
                 self.set_state(
                     DbState.DIVERGED,
@@ -912,6 +935,7 @@ class DbThread(threading.Thread):
             self.conn.open()
             self._claim(wait=max(0.0, deadline - time.monotonic()))
             self.boot_marker = self.conn.ensure_marker()
+            self.boot_migrations = self._read_migrations()
         except DatabaseOwnedElsewhere:
             self.conn.close()
             raise
@@ -932,10 +956,11 @@ class DbThread(threading.Thread):
         self.owned_elsewhere = ""
 
     def recover(self) -> None:
-        """Connect, then apply every journaled write this database missed; then RUNNING."""
+        """Connect, then apply every journaled write this database missed; then RUNNING
+        (or SCHEMA_BEHIND while it lacks migrations another copy has applied)."""
         try:
-            if self.claimed_at_boot and self.conn.is_open:
-                self.claimed_at_boot = False   # opened and claimed by claim_at_boot(): keep that session
+            if (self.claimed_at_boot or self.state == DbState.SCHEMA_BEHIND) and self.conn.is_open:
+                self.claimed_at_boot = False   # opened and claimed before: keep that session (and the claim)
             else:
                 self.conn.open()
                 self._claim()
@@ -943,6 +968,7 @@ class DbThread(threading.Thread):
             self._end_stale_writer()
             self.set_state(DbState.RECOVERING)
             gap = self.hub.catch_up_from(self.alias, self._read_marker)
+            self._report_migrations()
         except Exception as exc:
             if self.state != DbState.DOWN:
                 self.go_down(exc)
@@ -953,7 +979,9 @@ class DbThread(threading.Thread):
         if gap:
             self.set_state(DbState.DIVERGED, gap)
             return
-        if not self._replay():
+        if self._fall_behind_if_behind() or not self._replay():
+            return
+        if self._fall_behind_if_behind():   # another copy was migrated during the replay
             return
         self.set_state(DbState.RUNNING)
         self.hub.notify_applied()
@@ -974,6 +1002,51 @@ class DbThread(threading.Thread):
                                    "does not end; it may still commit")
             time.sleep(0.05)
         self.writer.session = None
+
+    # -- schema ---------------------------------------------------------------------------
+    def _schema_behind(self) -> tuple:
+        """The migrations this copy lacks while another copy is ahead of it; () when it is not behind."""
+        schema = self.hub.schema
+        return schema.behind(self.alias) if schema is not None else ()
+
+    def _read_migrations(self) -> Optional[frozenset]:
+        """This copy's applied migrations of the load-balanced apps, read on its own connection; None
+        when they are not compared or cannot be read (a lost connection is raised)."""
+        if self.hub.schema is None:
+            return None
+        try:
+            return self.hub.schema.read_on(self.conn)
+        except Exception as exc:
+            if self.conn.lost(exc):
+                raise
+            logger.warning("database %r: cannot read its applied migrations (%s: %s); its schema is not compared",
+                           self.alias, type(exc).__name__, exc)
+            return None
+
+    def _report_migrations(self) -> None:
+        """Tell the schema watch what this copy, just (re)connected, has applied."""
+        applied = self._read_migrations()
+        if applied is not None:
+            self.hub.schema.report({self.alias: applied})
+
+    def fall_behind(self) -> None:
+        self.set_state(DbState.SCHEMA_BEHIND, self.hub.schema.reason(self.alias))
+        self.read_pool.reset()
+        self.next_probe = time.monotonic() + self.hub.config.wait_time
+
+    def _fall_behind_if_behind(self) -> bool:
+        if not self._schema_behind():
+            return False
+        self.fall_behind()
+        return True
+
+    def _behind_now(self) -> bool:
+        """After a write another copy applied failed here: is this copy behind, looking again at
+        every copy now (the one ahead may have been migrated a moment ago)?  Then SCHEMA_BEHIND."""
+        if self.hub.schema is None:
+            return False
+        self.hub.schema.refresh()
+        return self._fall_behind_if_behind()
 
     def _replay(self) -> bool:
         """Apply the journal's records after the marker, read from disk a chunk at a time

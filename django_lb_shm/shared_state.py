@@ -48,6 +48,7 @@ class DbState(enum.IntEnum):
     DIVERGED = 4       # a write failed here but not on the first database: needs an operator
     STOPPED = 5
     UNRESPONSIVE = 6   # does not answer probes (hung, cut off): no reads; writes still go to it
+    SCHEMA_BEHIND = 9  # lacks migrations another copy has applied: no reads; writes wait in the journal
 
 
 _DB_STATES = {int(s): s for s in DbState}  # a dict lookup: DbState(n) costs microseconds per read

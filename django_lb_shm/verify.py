@@ -9,8 +9,13 @@ streams of all databases are merge-compared in lockstep, so memory stays
 bounded by ``chunk_size`` rows per database whatever the table size.  Rows are
 compared by a hash of their normalized values, keyed by primary key.
 
-Exit codes: 0 identical, 1 some table differs, 2 a database (or a table on it)
-could not be read; differences found on the others are still reported.
+Before the rows, each table's columns are compared: a copy that lacks the table, or
+columns another copy has (a migration applied to some copies only), is named, and the
+rows are then compared on the model's columns every copy has (not at all when a copy
+lacks the table or its primary key).
+
+Exit codes: 0 identical, 1 some table differs (in rows or columns), 2 a database (or a
+table on it) could not be read; differences found on the others are still reported.
 
 A table with differences is compared once more after a short pause, over the
 key range where the differences were, so a write that one database had not
@@ -26,7 +31,7 @@ import os
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from operator import itemgetter
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, TextIO
 
@@ -253,10 +258,12 @@ class TableReport:
     odd_ones: tuple[str, ...] = ()    # every database that disagreed about some row
     error: Optional[str] = None
     rechecked: bool = False
+    schema: dict[str, str] = field(default_factory=dict)   # database -> what it lacks ("no column extra")
+    rows_compared: bool = True
 
     @property
     def ok(self) -> bool:
-        return self.error is None and self.differing == 0
+        return self.error is None and self.differing == 0 and not self.schema
 
 
 def _show_key(key: Any) -> str:
@@ -343,6 +350,42 @@ def compare_table(spec: TableSpec, aliases: Sequence[str], chunk_size: int = 200
     return report
 
 
+# -- columns ------------------------------------------------------------------------------------
+def table_columns(alias: str, table: str) -> Optional[list[str]]:
+    """The columns of ``table`` on ``alias`` (None: no such table); VerifyError when it cannot be read."""
+    from django.db import DatabaseError, connections
+
+    connection = connections[alias]
+    try:
+        with connection.cursor() as cursor:
+            if table not in connection.introspection.table_names(cursor):
+                return None
+            return [column.name for column in connection.introspection.get_table_description(cursor, table)]
+    except DatabaseError as exc:
+        raise VerifyError(alias, f"cannot read the columns of table {table}: {type(exc).__name__}: {exc}") from exc
+
+
+def schema_differences(spec: TableSpec, aliases: Sequence[str]) -> tuple[Optional[TableSpec], dict[str, str]]:
+    """(the spec narrowed to the columns every copy has -- None when the rows cannot be compared
+    --, {alias: what it lacks that another copy has})."""
+    columns = {alias: table_columns(alias, spec.table) for alias in aliases}
+    present = {alias: set(found) for alias, found in columns.items() if found is not None}
+    every = set().union(*present.values())
+    lacking = {}
+    for alias in aliases:
+        if alias not in present:
+            lacking[alias] = f"no table {spec.table}"
+        elif every - present[alias]:
+            names = sorted(every - present[alias])
+            lacking[alias] = f"no column{'s' if len(names) > 1 else ''} {', '.join(names)}"
+    if len(present) < len(aliases):
+        return None, lacking
+    common = set.intersection(*present.values()) if present else set()
+    if not set(spec.pk_columns) <= common:
+        return None, lacking
+    return replace(spec, columns=tuple(c for c in spec.columns if c in common)), lacking
+
+
 def compare_tables(aliases: Optional[Sequence[str]] = None, tables: Optional[Iterable[Any]] = None,
                    chunk_size: int = 2000, show: int = 10, recheck_delay: Optional[float] = RECHECK_DELAY,
                    progress: Optional["ProgressBar"] = None) -> list[TableReport]:
@@ -359,10 +402,23 @@ def compare_tables(aliases: Optional[Sequence[str]] = None, tables: Optional[Ite
         if progress is not None:
             progress.start(spec.table, _estimate_rows(spec, aliases))
             tick = progress.update
-        reports.append(compare_table(spec, aliases, chunk_size, show, recheck_delay, tick))
+        reports.append(_compare_columns_then_rows(spec, aliases, chunk_size, show, recheck_delay, tick))
         if progress is not None:
             progress.finish()
     return reports
+
+
+def _compare_columns_then_rows(spec: TableSpec, aliases: tuple, chunk_size: int, show: int,
+                               recheck_delay: Optional[float], tick: Optional[Callable[[int], None]]) -> TableReport:
+    try:
+        narrowed, lacking = schema_differences(spec, aliases)
+    except VerifyError as exc:
+        return TableReport(spec.table, spec.label, aliases, error=str(exc))
+    if narrowed is None:
+        return TableReport(spec.table, spec.label, aliases, schema=lacking, rows_compared=False)
+    report = compare_table(narrowed, aliases, chunk_size, show, recheck_delay, tick)
+    report.schema = lacking
+    return report
 
 
 def _resolve_tables(tables: Optional[Iterable[Any]], alias: str) -> list[TableSpec]:
@@ -459,6 +515,8 @@ def format_report(report: TableReport) -> list[str]:
     counts = " ".join(f"{a}={n}" for a, n in report.counts.items())
     if report.error is not None:
         return [f"{report.table:<32} ERROR      {report.error}"]
+    if report.schema:
+        return _format_schema(report)
     if report.ok:
         rows = next(iter(report.counts.values()), 0)
         return [f"{report.table:<32} {rows:>10} rows  OK"]
@@ -472,9 +530,21 @@ def format_report(report: TableReport) -> list[str]:
     return lines
 
 
+def _format_schema(report: TableReport) -> list[str]:
+    lacking = "; ".join(f"{alias}: {what}" for alias, what in report.schema.items())
+    if not report.rows_compared:
+        return [f"{report.table:<32} SCHEMA     {lacking}; rows not compared"]
+    rows = (f"rows on the columns every copy has: {report.differing} differ" if report.differing
+            else f"rows identical on the columns every copy has ({next(iter(report.counts.values()), 0)} rows)")
+    lines = [f"{report.table:<32} SCHEMA     {lacking}; {rows}"]
+    if report.differences:
+        lines += [f"    {d.describe()}" for d in report.differences]
+    return lines
+
+
 def _summary(reports: list[TableReport], unreachable: dict[str, str], aliases: Sequence[str]) -> tuple[int, str]:
     failed = [r.table for r in reports if r.error is not None]
-    differ = [r.table for r in reports if r.error is None and r.differing]
+    differ = [r.table + (" (schema)" if r.schema else "") for r in reports if r.error is None and not r.ok]
     if unreachable or failed:
         what = [f"{', '.join(unreachable)} unreachable"] if unreachable else []
         what += [f"could not compare {', '.join(failed)}"] if failed else []
@@ -533,6 +603,10 @@ def _pending_writes_note() -> str:
     except Exception:
         return ("No coordinator answers: writes in its journal may not be applied to every copy yet. "
                 "Start it, wait until `djangoloadbalancer status` shows 0 pending, then verify again.")
+    behind = [db["name"] for db in status["databases"] if db["state"] == "SCHEMA_BEHIND"]
+    if behind:
+        return (f"{', '.join(behind)} SCHEMA_BEHIND (see `djangoloadbalancer status`): migrations applied on another "
+                "copy are missing there, and so are the writes that wait for them; run `djangoloadbalancer migrate`.")
     diverged = [db["name"] for db in status["databases"] if db["state"] == "DIVERGED"]
     if diverged:
         return (f"{', '.join(diverged)} DIVERGED (see `djangoloadbalancer status`): it rejected a write the "

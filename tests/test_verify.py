@@ -160,7 +160,8 @@ def test_small_chunks_use_keyset_pagination_and_stay_correct(replicas):
             context.__exit__(None, None, None)
     assert report.ok and report.counts == dict.fromkeys(ALIASES, 300)
     for alias, context in contexts.items():
-        selects = [q["sql"] for q in context.captured_queries if "testapp_author" in q["sql"]]
+        # (the comparison's own queries: not those that read the table's columns first)
+        selects = [q["sql"] for q in context.captured_queries if "testapp_author" in q["sql"] and "ORDER BY" in q["sql"]]
         assert len(selects) == 300 // 7 + 1, alias  # 42 full chunks and one of 6 rows
         assert all("LIMIT 7" in sql and "ORDER BY" in sql for sql in selects)
         assert " > " not in selects[0] and all(" > " in sql for sql in selects[1:])
@@ -256,7 +257,30 @@ def test_progress_bar_only_on_a_terminal(replicas):
     assert "\r" not in second_run.split("\n", 1)[1], "no bar with progress=False"
 
 
-def test_a_table_that_cannot_be_read_on_one_database_exits_2(replicas):
+def test_a_table_that_cannot_be_read_on_one_database_exits_2(replicas, monkeypatch):
+    import django_lb_shm.verify as verify_module
+
+    populate(2)
+    replicas.handle.wait_drained()
+    chunk_query = verify_module._chunk_query
+
+    def failing_on_db2(spec, alias, *args):
+        sql = chunk_query(spec, alias, *args)
+        if alias == "DB2" and spec.table == "testapp_destination":
+            return sql.replace('FROM "testapp_destination"', 'FROM "testapp_destination_hidden"')
+        return sql
+
+    monkeypatch.setattr(verify_module, "_chunk_query", failing_on_db2)
+    code, out = run_verify()
+    assert code == EXIT_UNREADABLE, out
+    assert re.search(r"^testapp_destination\s+ERROR\s+DB2: cannot read table testapp_destination: ", out, re.M)
+    assert re.search(r"^testapp_author\s+2 rows\s+OK$", out, re.MULTILINE)  # the rest is still compared
+    assert out.rstrip().endswith("verify INCOMPLETE: could not compare testapp_destination.")
+    monkeypatch.setattr(verify_module, "_chunk_query", chunk_query)
+    assert run_verify()[0] == EXIT_IDENTICAL
+
+
+def test_a_table_or_column_one_database_lacks_is_named(replicas):
     populate(2)
     replicas.handle.wait_drained()
     with connections["DB2"].cursor() as cursor:
@@ -266,10 +290,23 @@ def test_a_table_that_cannot_be_read_on_one_database_exits_2(replicas):
     finally:
         with connections["DB2"].cursor() as cursor:
             cursor.execute("ALTER TABLE testapp_destination_hidden RENAME TO testapp_destination")
-    assert code == EXIT_UNREADABLE, out
-    assert re.search(r"^testapp_destination\s+ERROR\s+DB2: cannot read table testapp_destination: ", out, re.M)
+    assert code == EXIT_DIFFERENT, out
+    assert re.search(r"^testapp_destination\s+SCHEMA\s+DB2: no table testapp_destination; rows not compared$",
+                     out, re.M), out
     assert re.search(r"^testapp_author\s+2 rows\s+OK$", out, re.MULTILINE)  # the rest is still compared
-    assert out.rstrip().endswith("verify INCOMPLETE: could not compare testapp_destination.")
+    assert (f"verify FAILED: 1 of {len(LB_TABLES)} table(s) differ across default, DB1, DB2: "
+            "testapp_destination (schema).") in out
+
+    with connections["DB1"].cursor() as cursor:
+        cursor.execute("ALTER TABLE testapp_destination ADD COLUMN extra varchar(10) NULL")
+    try:
+        code, out = run_verify()
+    finally:
+        with connections["DB1"].cursor() as cursor:
+            cursor.execute("ALTER TABLE testapp_destination DROP COLUMN extra")
+    assert code == EXIT_DIFFERENT, out
+    assert re.search(r"^testapp_destination\s+SCHEMA\s+default: no column extra; DB2: no column extra; "
+                     r"rows identical on the columns every copy has \(1 rows\)$", out, re.M), out
     assert run_verify()[0] == EXIT_IDENTICAL
 
 

@@ -47,6 +47,8 @@ _config_path = os.environ.get("LB_TEST_CONFIG")
 _config = json.loads(Path(_config_path).read_text()) if _config_path else _default_config()
 DATABASES = _config["DATABASES"]
 LOAD_BALANCER = _config["LOAD_BALANCER"]
+# A test that adds a migration points the app at a copy of its migrations (tests/test_schema_drift.py).
+MIGRATION_MODULES = _config.get("MIGRATION_MODULES", {})
 
 LOGGING = {
     "version": 1,
