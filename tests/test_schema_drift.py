@@ -236,7 +236,7 @@ def test_a_copy_migrated_alone_keeps_the_others_out_until_djangoloadbalancer_mig
     shared = SharedState.attach_untracked(drift.handle.segment_name)
     try:
         assert [shared.state(i) for i in range(3)] == [DbState.RUNNING, DbState.SCHEMA_BEHIND, DbState.SCHEMA_BEHIND]
-        assert int(DbState.SCHEMA_BEHIND) == 6
+        assert int(DbState.SCHEMA_BEHIND) == 9
     finally:
         shared.close()
     verify = drift.cli("verify", "--no-progress")
