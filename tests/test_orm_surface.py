@@ -230,7 +230,7 @@ READS: dict[str, Callable[[Optional[str]], Any]] = {
         B(db).values("author__name").annotate(n=Count("id"), most=Max("pages")).order_by("-n", "author__name")
     ),
     "annotate-filter-on-aggregate": lambda db: list(
-        A(db).annotate(n=Count("books")).filter(n__gte=2).values_list("name", flat=True)
+        A(db).annotate(n=Count("books")).filter(n__gte=2).order_by("name").values_list("name", flat=True)
     ),
     "aggregate-filtered": lambda db: A(db).aggregate(
         fives=Count("id", filter=Q(rating=5)), with_born=Count("born"), youngest=Max("born", filter=Q(rating__gt=0))
