@@ -4,7 +4,8 @@
 #
 #     bash scripts/demo.sh
 #
-#   1. installs what it needs (scripts/install.sh: pip install -e '.[test]');
+#   1. installs what it needs (scripts/install.sh: pip install -e '.[test]' into the
+#      checkout's own virtual environment, .venv/, never into the system interpreter);
 #   2. recreates example/run/ and migrates all five databases;
 #   3. starts the coordinator (`djangoloadbalancer`) in the background;
 #   4. runs a workload of creates/updates/deletes/reads from several app processes;
@@ -19,7 +20,8 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 REPO="$(pwd -P)"
-PY="${PYTHON:-python3}"
+VENV="${LB_VENV:-$REPO/.venv}"
+PY="$VENV/bin/python"   # made by scripts/install.sh
 T0=${EPOCHREALTIME/./}
 LB_PID=""
 
@@ -57,11 +59,8 @@ trap 'exit 143' TERM
 step "install (scripts/install.sh)"
 bash scripts/install.sh
 
-if command -v djangoloadbalancer >/dev/null 2>&1; then
-    LB=(djangoloadbalancer)
-else
-    LB=("$PY" "$REPO/bin/djangoloadbalancer")   # pip put its scripts off PATH
-fi
+export PATH="$VENV/bin:$PATH"
+LB=("$VENV/bin/djangoloadbalancer")   # the console script pip made in .venv/
 
 cd example
 export PYTHONUNBUFFERED=1

@@ -2,16 +2,22 @@
 # Idempotent set-up for the test suite on Debian 12 (run as root on a fresh
 # machine; also fine when everything is already installed, and needs no TTY):
 #   1. PostgreSQL server binaries (apt package "postgresql") if no initdb exists;
-#   2. runuser (util-linux) and pip for python3;
-#   3. this package in editable mode with its test extras.
+#   2. runuser (util-linux), and a virtual environment of the checkout's own,
+#      .venv/ (python3 -m venv; Debian's python3-venv if venv is missing);
+#   3. this package in editable mode with its test extras, into .venv/ — never into
+#      the system interpreter.  Scripts use .venv/bin/python; so can you:
+#      `. .venv/bin/activate`, or `.venv/bin/djangoloadbalancer`.
 # Debian's package may create and start a cluster "main" on port 5432: it is
 # left alone; the tests run their own servers on free ports.
-# Env: LB_FORCE_INSTALL=1 re-runs pip even if nothing changed.
+# Env: LB_FORCE_INSTALL=1 re-runs pip even if nothing changed; PYTHON (default python3)
+# is the interpreter the environment is made from; LB_VENV (default .venv) its directory.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 REPO_ROOT="$(pwd -P)"
 export DEBIAN_FRONTEND=noninteractive
-PY="${PYTHON:-python3}"
+BASE_PY="${PYTHON:-python3}"
+VENV="${LB_VENV:-$REPO_ROOT/.venv}"
+PY="$VENV/bin/python"
 
 log() { echo "[install] $*"; }
 die() { echo "[install] ERROR: $*" >&2; exit 1; }
@@ -52,27 +58,21 @@ if [ "$(id -u)" -eq 0 ] && ! id postgres >/dev/null 2>&1; then
     die "no 'postgres' OS user (normally created by the postgresql-common package)"
 fi
 
-# -- 2. runuser and pip ------------------------------------------------------
+# -- 2. runuser and the virtual environment -----------------------------------
 if ! command -v runuser >/dev/null 2>&1 && [ ! -x /usr/sbin/runuser ] && [ ! -x /sbin/runuser ]; then
     apt_install util-linux
 fi
-if ! "$PY" -m pip --version >/dev/null 2>&1; then
-    apt_install python3-pip
+if [ ! -x "$PY" ] || ! "$PY" -m pip --version >/dev/null 2>&1; then
+    if ! "$BASE_PY" -c 'import ensurepip, venv' >/dev/null 2>&1; then
+        apt_install python3-venv
+    fi
+    log "python virtual environment: $VENV (from $("$BASE_PY" -c 'import sys; print(sys.executable)'))"
+    rm -rf "$VENV"
+    "$BASE_PY" -m venv "$VENV"
 fi
 
 # -- 3. the package and its test dependencies --------------------------------
 export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
-# Debian's system python refuses pip installs (PEP 668) outside a venv.
-if "$PY" - <<'PYEOF'
-import os, sys, sysconfig
-in_venv = sys.prefix != getattr(sys, "base_prefix", sys.prefix)
-marker = os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")
-sys.exit(0 if (os.path.exists(marker) and not in_venv) else 1)
-PYEOF
-then
-    export PIP_BREAK_SYSTEM_PACKAGES=1
-fi
-
 cache_dir="${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/django_lb_shm"
 stamp="$cache_dir/install-$(printf '%s' "$REPO_ROOT" | sha1sum | cut -c1-12).stamp"
 want="$(cat setup.py pyproject.toml | sha256sum | cut -d' ' -f1) $("$PY" -c 'import sys; print(sys.executable, sys.version.split()[0])')"

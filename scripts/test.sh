@@ -6,13 +6,18 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 bash scripts/install.sh
+# Everything runs from the checkout's own environment (.venv/, made by install.sh): the
+# coordinators the tests start use the same interpreter (sys.executable), and its bin/
+# comes first on PATH for the `djangoloadbalancer` launcher.
+VENV="${LB_VENV:-$(pwd -P)/.venv}"
+export PATH="$VENV/bin:$PATH"
 
 declare -A rc=()
 for backend in sqlite postgres; do
     echo
     echo "=== pytest: LB_TEST_BACKEND=$backend ==="
     set +e
-    LB_TEST_BACKEND="$backend" python3 -m pytest tests -p no:cacheprovider "$@"
+    LB_TEST_BACKEND="$backend" "$VENV/bin/python" -m pytest tests -p no:cacheprovider "$@"
     rc[$backend]=$?
     set -e
 done
