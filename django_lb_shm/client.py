@@ -352,7 +352,10 @@ class ClientSession:
 
     def set_autocommit(self, autocommit: bool) -> None:
         if autocommit and self.transaction_open:
-            self.commit()
+            # Django ends a transaction before this; one still open here is what an exception
+            # inside its commit or rollback left: applied nowhere, as on a disconnect.
+            logger.warning("autocommit turned on inside an open load-balanced transaction: rolled back")
+            self.rollback()
         if autocommit:
             self.prelude.clear()
         self.autocommit = autocommit
@@ -498,15 +501,17 @@ class ClientSession:
         logger.warning("%s (%s)", note, type(exc).__name__)
 
     def _finish(self, op: str) -> None:
-        self.transaction_open = False
         if self.broken:
             reason, self.broken = self.broken, ""
+            self.transaction_open = False
             if op == d.OP_COMMIT:
                 raise TransactionError(reason)
             return   # dropping the connection rolled it back
         client = get_client()
         request = d.Request(op=op, in_transaction=True, request_id=client.new_request_id())
         payload = client.encode(request)
+        # Only now: an exception before the send leaves it open, to be ended (rolled back) later.
+        self.transaction_open = False
         try:
             ok, value = client.exchange(payload, idempotent=(op == d.OP_COMMIT))
         except BaseException as exc:
