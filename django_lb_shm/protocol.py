@@ -23,7 +23,7 @@ from multiprocessing import connection as mp_connection
 from multiprocessing.managers import BaseManager, BaseProxy, convert_to_error
 from typing import Any, Optional
 
-from .errors import AnswerTimeout
+from .errors import AnswerTimeout, ProtocolError
 
 TYPEID = "coordinator"
 EXPOSED = ("execute", "status", "hello", "ping", "identity")
@@ -192,7 +192,10 @@ class CoordinatorProxy(BaseProxy):
             # request was not run; reconnect with a fresh proxy.
             self.drop_connection()
             raise ConnectionResetError("the coordinator restarted since this connection was made")
-        raise convert_to_error(kind, result)
+        error = convert_to_error(kind, result)
+        if method == "execute":   # its own errors come back as data: this is the wire's
+            raise ProtocolError(f"the coordinator could not run a request ({kind}: {error})")
+        raise error
 
     def _connection(self) -> mp_connection.Connection:
         try:
