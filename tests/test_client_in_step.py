@@ -17,6 +17,7 @@ import random
 import signal
 import threading
 import time
+import traceback
 from typing import Any, Callable, Iterator
 
 import pytest
@@ -59,6 +60,9 @@ def alarm_raises() -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
+LANDED: list[str] = []   # where each interrupt landed: the innermost frame's file and function
+
+
 def attempt(action: Callable[[], Any], delay: float) -> tuple[bool, Any]:
     """(interrupted, value): ``action`` run with a one-shot SIGALRM ``delay`` seconds in."""
     try:
@@ -67,7 +71,9 @@ def attempt(action: Callable[[], Any], delay: float) -> tuple[bool, Any]:
             return False, action()
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
-    except Interrupted:
+    except Interrupted as exc:
+        frame = traceback.extract_tb(exc.__traceback__)[-2]   # [-1] is the handler
+        LANDED.append(f"{frame.filename.rsplit('/', 1)[-1]}:{frame.name}")
         return True, None
 
 
@@ -130,6 +136,7 @@ def test_a_client_interrupted_at_random_points_gets_its_own_answers(replicas, pa
     unknown: list[str] = []                  # creates whose answer an interrupt took
     pairs: list[tuple[str, str]] = []        # transactions whose end an interrupt took
     interrupts = healed = 0
+    LANDED.clear()
     with read_path(path), alarm_raises():
         anchor = Author.objects.create(name="anchor")
         target = Destination.objects.create(name="target", desc="start")
@@ -181,6 +188,8 @@ def test_a_client_interrupted_at_random_points_gets_its_own_answers(replicas, pa
             check_own_answers(i, anchor)
     assert interrupts >= ITERATIONS // 10, f"only {interrupts} calls were interrupted: the test proves little"
     assert healed <= interrupts // 4, f"{healed} of {interrupts} interrupts left Django outside autocommit"
+    waiting = [spot for spot in LANDED if spot.startswith("protocol.py")]
+    assert len(waiting) >= 5, f"only {len(waiting)} interrupts landed in a call to the coordinator: {LANDED}"
     replicas.assert_identical()
     assert_verify_identical()
     for alias in ALIASES:
