@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import pickle
 import re
 import threading
 import time
@@ -23,21 +24,28 @@ from multiprocessing import AuthenticationError
 from multiprocessing.managers import BaseProxy, State
 from typing import Any, Iterable, Optional
 
+from django.db.utils import Error as DjangoDatabaseError
+
 from . import descriptors as d
 from . import determinism
 from .conf import LoadBalancerConfig, database_identity, get_config
 from .breaker import ConnectBreaker
 from .errors import (
+    AnswerTimeout,
     AuthenticationFailed,
     ConfigurationError,
     CoordinatorDown,
     CoordinatorUnavailable,
+    LoadBalancerError,
     NotSupportedError,
+    ProtocolError,
     RequestRejected,
     TransactionError,
+    WriteNotApplied,
     WriteOutcomeUnknown,
     from_dict,
 )
+from .outcomes import SETTLE_WAIT
 from .protocol import CoordinatorManager, private_directory, timed_client
 from .reads import zero_hop_reader
 
@@ -49,6 +57,8 @@ _WRITING_CTE = re.compile(r"\b(?:INSERT|UPDATE|DELETE|MERGE)\b", re.IGNORECASE)
 # PostgreSQL's sequence reset (loaddata, sqlsequencereset) is a SELECT that changes a sequence.
 _SEQUENCE_RESET = re.compile(r"\bsetval\s*\(", re.IGNORECASE)
 _CONNECTION_LOST = (EOFError, ConnectionError, BrokenPipeError, OSError)
+_UNREADABLE = (pickle.UnpicklingError, EOFError, AttributeError, ImportError)
+SETTLE_MARGIN = 3.0   # on top of the coordinator's SETTLE_WAIT: its answer's way back
 
 
 _KINDS: dict = {}   # sql -> kind: an ORM query's SQL repeats (its parameters are apart)
@@ -195,19 +205,33 @@ class CoordinatorClient:
                     ) from None
 
     def request(self, request: d.Request, idempotent: bool) -> d.Result:
+        ok, value = self.exchange(self.encode(request), idempotent)
+        if ok:
+            return value
+        raise from_dict(value)
+
+    def encode(self, request: d.Request) -> bytes:
         payload = d.encode(request)
         if len(payload) > self.config.max_request_bytes:
             raise RequestRejected(
                 f"the query is {len(payload)} bytes once serialized, over LOAD_BALANCER['MAX_REQUEST_BYTES'] "
                 f"({self.config.max_request_bytes}); send it in smaller parts or raise the limit"
             )
+        return payload
+
+    def exchange(self, payload: bytes, idempotent: bool, timeout: Optional[float] = None) -> tuple[bool, Any]:
+        """The coordinator's answer to an encoded request: (True, Result) or (False, error as data).
+
+        Raises only when no answer was received (the connection is then dropped): the
+        coordinator unreachable, AnswerTimeout, or whatever interrupted the wait.
+        """
         deadline = time.monotonic() + self.config.connect_timeout
         while True:
             try:
-                ok, value = d.decode(self.call("execute", payload, deadline=deadline))
-                if ok:
-                    return value
-                raise from_dict(value)
+                ok, value = decode_answer(self.call("execute", payload, timeout=timeout, deadline=deadline))
+                if ok or value.get("error_type") != "CoordinatorUnavailable":
+                    return ok, value
+                raise from_dict(value)   # it is stopping: the request was not run
             except (AuthenticationFailed, CoordinatorDown):
                 raise  # a wrong key stays wrong; nothing is there to answer a retry
             except CoordinatorUnavailable:
@@ -219,8 +243,43 @@ class CoordinatorClient:
                 self.forget_connection()
                 time.sleep(0.05)
 
+    def settle(self, request_id: str) -> d.Result:
+        """What became of a write (or commit) whose answer did not come within CLIENT_TIMEOUT:
+        its result, its error raised, or WriteOutcomeUnknown naming ``request_id``."""
+        wait = min(SETTLE_WAIT, self.config.client_timeout)
+        payload = d.encode(d.Request(op=d.OP_OUTCOME, request_id=request_id))
+        try:
+            ok, value = self.exchange(payload, idempotent=True, timeout=wait + SETTLE_MARGIN)
+        except (CoordinatorUnavailable, AnswerTimeout, ProtocolError) as exc:
+            raise WriteOutcomeUnknown(
+                f"write request {request_id} got no answer within CLIENT_TIMEOUT and the coordinator could not "
+                f"be asked about it ({exc}); it is applied on every copy or on none"
+            ) from None
+        if ok:
+            return value
+        error = from_dict(value)
+        if isinstance(error, RequestRejected):   # a coordinator without OP_OUTCOME
+            raise WriteOutcomeUnknown(f"write request {request_id} got no answer within CLIENT_TIMEOUT; it is "
+                                      f"applied on every copy or on none ({error})") from None
+        raise error
+
+    def drop_thread_connection(self) -> None:
+        """This thread's connection may be out of step: it is never used again (the coordinator
+        rolls back the transaction it held, if any)."""
+        proxy = self._proxy
+        if proxy is not None:
+            proxy.drop_connection()
+
     def new_request_id(self) -> str:
         return f"{self.pid}-{uuid.uuid4().hex[:12]}-{next(self._ids)}"
+
+
+def decode_answer(reply: bytes) -> tuple[bool, Any]:
+    try:
+        ok, value = d.decode(reply)
+    except _UNREADABLE as exc:   # (not Exception: an app's signal handler may raise here)
+        raise ProtocolError(f"an answer of the coordinator could not be read ({type(exc).__name__}: {exc})") from None
+    return ok, value
 
 
 def read_status(config: LoadBalancerConfig, timeout: float = 5.0) -> dict:
@@ -285,6 +344,10 @@ class ClientSession:
         self.prelude: list[tuple[str, str]] = []   # (savepoint name, sql) not yet sent
         self.expected_inserts: deque = deque()
         self.closed = False
+        # Why the open transaction is lost (its connection was dropped mid-call): every later
+        # statement of it raises TransactionError with this, until it is rolled back.
+        self.broken = ""
+        self.outcome_unknown = ""   # request id of the last write whose answer an exception took
 
     # -- DB-API connection surface ----------------------------------------
     def cursor(self) -> "ProxyCursor":
@@ -292,7 +355,10 @@ class ClientSession:
 
     def set_autocommit(self, autocommit: bool) -> None:
         if autocommit and self.transaction_open:
-            self.commit()
+            # Django ends a transaction before this; one still open here is what an exception
+            # inside its commit or rollback left: applied nowhere, as on a disconnect.
+            logger.warning("autocommit turned on inside an open load-balanced transaction: rolled back")
+            self.rollback()
         if autocommit:
             self.prelude.clear()
         self.autocommit = autocommit
@@ -384,6 +450,8 @@ class ClientSession:
         return determinism.deterministic(statement, vendor, clock)
 
     def _send(self, op: str, statement: d.Statement, in_transaction: bool) -> d.Result:
+        if in_transaction and self.broken:
+            raise TransactionError(self.broken)
         client = get_client()
         # Only writes need an id: a repeated one is answered from the journal.
         request_id = "" if op == d.OP_READ else client.new_request_id()
@@ -392,42 +460,109 @@ class ClientSession:
         if opening:
             request.opens = True
             request.prelude = tuple(sql for _name, sql in self.prelude)
+        payload = client.encode(request)
+        if opening:
+            # From here the coordinator may hold the transaction, whatever becomes of this
+            # statement: it is ended as an open one (ending one it does not hold is harmless).
+            self.transaction_open = True
+            self.prelude.clear()
         try:
             # Safe to send again on a new connection: reads, autocommit writes (the journal
             # answers a repeated id) and a statement opening a transaction (nothing of a
             # transaction is applied before its commit).
-            result = client.request(request, idempotent=(op == d.OP_READ or not in_transaction or opening))
-        except CoordinatorUnavailable as exc:
-            if in_transaction and self.transaction_open:
-                self.transaction_open = False
-                raise TransactionError(
-                    f"the transaction was aborted: {exc}. None of its writes were applied."
-                ) from None
+            ok, value = client.exchange(payload, idempotent=(op == d.OP_READ or not in_transaction or opening))
+        except BaseException as exc:
+            return self._unanswered(client, request, exc)
+        if ok:
+            return value
+        raise from_dict(value)
+
+    def _unanswered(self, client: CoordinatorClient, request: d.Request, exc: BaseException) -> d.Result:
+        """``request`` was sent (or may have been) and its answer was not received: ``exc``."""
+        client.drop_thread_connection()
+        if request.in_transaction:
+            reason = self._break(_what_happened(exc))
+            if isinstance(exc, CoordinatorUnavailable) and request.opens:
+                raise exc   # nothing of the transaction reached the coordinator
+            if isinstance(exc, (CoordinatorUnavailable, AnswerTimeout)):
+                raise TransactionError(reason) from None
+            _note(exc, reason)
+            raise exc
+        if request.op == d.OP_READ:
+            raise exc
+        if isinstance(exc, (AnswerTimeout, ProtocolError)):
+            return self._settle(client, request)
+        if isinstance(exc, LoadBalancerError):
+            raise exc   # CoordinatorUnavailable: see README, "Not guaranteed"
+        self._unknown(request, exc)
+        raise exc
+
+    def _settle(self, client: CoordinatorClient, request: d.Request) -> d.Result:
+        try:
+            return client.settle(request.request_id)
+        except DjangoDatabaseError:
+            raise   # the write's own outcome, or WriteOutcomeUnknown
+        except BaseException as exc:   # the app's own interrupt, while asking
+            self._unknown(request, exc)
             raise
-        except Exception:
-            if opening:
-                # The coordinator may have begun the transaction (and taken the write
-                # order) before the statement failed: end it as an open one, so the
-                # rollback (or commit) reaches the coordinator.  Ending a transaction
-                # the coordinator does not hold is harmless.
-                self.transaction_open = True
-                self.prelude.clear()
-            raise
-        if opening:
-            self.transaction_open = True
-            self.prelude.clear()
-        return result
+
+    def _break(self, what: str) -> str:
+        self.broken = (f"the load-balanced transaction was aborted: {what}. Its connection to the coordinator "
+                       "was dropped, which rolled it back: none of its writes were applied. Roll back (leave the "
+                       "atomic block) before using the connection again")
+        self.transaction_open = True   # commit() and rollback() end it through _finish
+        self.prelude.clear()
+        return self.broken
+
+    def _unknown(self, request: d.Request, exc: BaseException) -> None:
+        """An exception of the app's took the answer to a write: the app's exception goes on, with a note."""
+        what = "commit" if request.op == d.OP_COMMIT else "write"
+        self.outcome_unknown = request.request_id
+        note = (f"django_lb_shm: the {what} of request {request.request_id} was sent and its answer not "
+                f"received: its outcome is unknown (it is applied on every copy or on none)")
+        _note(exc, note)
+        logger.warning("%s (%s)", note, type(exc).__name__)
 
     def _finish(self, op: str) -> None:
+        if self.broken:
+            reason, self.broken = self.broken, ""
+            self.transaction_open = False
+            if op == d.OP_COMMIT:
+                raise TransactionError(reason)
+            return   # dropping the connection rolled it back
         client = get_client()
         request = d.Request(op=op, in_transaction=True, request_id=client.new_request_id())
+        payload = client.encode(request)
+        # Only now: an exception before the send leaves it open, to be ended (rolled back) later.
         self.transaction_open = False
         try:
-            client.request(request, idempotent=(op == d.OP_COMMIT))
-        except CoordinatorUnavailable as exc:
-            if op == d.OP_ROLLBACK:
-                return  # the coordinator dropped the transaction with the connection
-            raise WriteOutcomeUnknown(f"commit of a load-balanced transaction: {exc}") from None
+            ok, value = client.exchange(payload, idempotent=(op == d.OP_COMMIT))
+        except BaseException as exc:
+            self._finish_unanswered(client, request, exc)
+            return
+        if not ok:
+            raise from_dict(value)
+
+    def _finish_unanswered(self, client: CoordinatorClient, request: d.Request, exc: BaseException) -> None:
+        client.drop_thread_connection()
+        if request.op == d.OP_ROLLBACK:
+            if isinstance(exc, (CoordinatorUnavailable, AnswerTimeout)):
+                return   # the coordinator dropped the transaction with the connection
+            raise exc
+        if isinstance(exc, (AnswerTimeout, ProtocolError)):
+            try:
+                self._settle(client, request)
+            except WriteNotApplied as error:
+                raise TransactionError(f"commit of a load-balanced transaction: {error}; none of its writes "
+                                       "were applied") from None
+            return
+        if isinstance(exc, CoordinatorUnavailable):
+            raise WriteOutcomeUnknown(f"commit of a load-balanced transaction (request {request.request_id}): "
+                                      f"{exc}") from None
+        if isinstance(exc, LoadBalancerError):
+            raise exc
+        self._unknown(request, exc)
+        raise exc
 
     def _track_savepoint(self, sql: str) -> None:
         words = sql.split()
@@ -441,6 +576,18 @@ class ClientSession:
         index = names.index(name)
         # RELEASE drops the savepoint and later ones; ROLLBACK TO keeps it.
         del self.prelude[index + (0 if words[0].upper() == "RELEASE" else 1):]
+
+
+def _what_happened(exc: BaseException) -> str:
+    if isinstance(exc, LoadBalancerError):
+        return str(exc)
+    return f"a statement was interrupted by {type(exc).__name__}({exc}) before its answer came"
+
+
+def _note(exc: BaseException, note: str) -> None:
+    add_note = getattr(exc, "add_note", None)   # Python 3.11+
+    if add_note is not None:
+        add_note(note)
 
 
 class ProxyCursor:

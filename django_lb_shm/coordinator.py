@@ -40,10 +40,12 @@ from .errors import (
     QueryTimeout,
     RequestRejected,
     TransactionError,
+    WriteNotApplied,
     to_dict,
 )
 from .health import is_transient
 from .probes import ANSWERED
+from .outcomes import SETTLE_WAIT, Fenced, WriteOutcomes
 from .protocol import (
     EXIT_ADDRESS_IN_USE,
     EXIT_BOOT_ERROR,
@@ -92,6 +94,8 @@ class Coordinator:
         self.stopping = False
         self._active_lock = threading.Lock()
         self.idle = threading.Condition(self._active_lock)
+        self.outcomes = WriteOutcomes(sequencer.journal.find_request)
+        self.settle_wait = min(SETTLE_WAIT, config.client_timeout)
 
     # -- exposed methods ---------------------------------------------------------------
     def ping(self) -> str:
@@ -234,7 +238,8 @@ class Coordinator:
             return self.read(request.statement)
         if op == d.OP_WRITE:
             if not request.in_transaction:
-                return self.sequencer.write(request.statement, request.request_id)
+                return self.outcomes.run(request.request_id,
+                                         lambda: self.sequencer.write(request.statement, request.request_id))
             if txn is None:
                 txn = self._local.txn = self.sequencer.begin(request.prelude, request.request_id,
                                                              self._client_label(request.request_id))
@@ -245,6 +250,8 @@ class Coordinator:
                 raise
         if op == d.OP_COMMIT:
             return self._commit(txn, request.request_id)
+        if op == d.OP_OUTCOME:
+            return self.outcomes.settle(request.request_id, self.settle_wait)
         self._local.txn = None
         if txn is not None:
             self.sequencer.abandon(txn)
@@ -252,16 +259,25 @@ class Coordinator:
 
     def _commit(self, txn: Any, request_id: str) -> d.Result:
         self._local.txn = None
-        if txn is not None:
-            self.sequencer.commit(txn, request_id)
-            return d.Result()
-        done = self.sequencer.journal.find_request(request_id)
-        if done is not None and not done.void:
-            return d.Result()  # a commit repeated after a reconnect: it was applied
-        raise TransactionError(
-            "commit of a transaction the coordinator does not hold (it restarted, or the connection dropped); "
-            "none of its writes were applied"
-        )
+        if txn is None:
+            # A commit sent again on a new connection: the first one may still be running.
+            try:
+                return self.outcomes.settle(request_id, self.settle_wait)
+            except WriteNotApplied as exc:
+                raise TransactionError(
+                    f"commit of a transaction the coordinator does not hold (it restarted, or the connection "
+                    f"dropped): {exc}; none of its writes were applied"
+                ) from None
+        try:
+            return self.outcomes.run(request_id, lambda: self._commit_held(txn, request_id))
+        except Fenced:
+            self.sequencer.abandon(txn)
+            raise TransactionError(f"commit of request {request_id}: its client stopped waiting for it and was "
+                                   "told it was not applied; none of its writes were applied") from None
+
+    def _commit_held(self, txn: Any, request_id: str) -> d.Result:
+        self.sequencer.commit(txn, request_id)
+        return d.Result()
 
     def client_connected(self, peer: str) -> None:
         self._local.peer = peer

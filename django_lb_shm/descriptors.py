@@ -25,7 +25,8 @@ OP_READ = "read"          # one statement on one database, chosen by the read al
 OP_WRITE = "write"        # one statement on every database, in the global write order
 OP_COMMIT = "commit"      # end the caller's transaction: apply it everywhere
 OP_ROLLBACK = "rollback"  # end the caller's transaction: apply it nowhere
-OPERATIONS = (OP_READ, OP_WRITE, OP_COMMIT, OP_ROLLBACK)
+OP_OUTCOME = "outcome"    # what became of the write (or commit) ``request_id`` whose answer was not received
+OPERATIONS = (OP_READ, OP_WRITE, OP_COMMIT, OP_ROLLBACK, OP_OUTCOME)
 
 
 @dataclass

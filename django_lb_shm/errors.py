@@ -33,7 +33,19 @@ class RequestRejected(LoadBalancerError, db_utils.ProgrammingError):
     """The coordinator refused a request (unknown operation, too large, not a LoadBalancerModel...)."""
 
 
-class SerializationError(LoadBalancerError, TypeError):
+class DataValueError(LoadBalancerError, db_utils.DataError, ValueError):
+    """A value the driver cannot bind (a lone surrogate in a string...): a ValueError in plain Django."""
+
+
+class DataOverflowError(LoadBalancerError, db_utils.DataError, OverflowError):
+    """A number the driver cannot bind (sqlite3: an int over 64 bits): an OverflowError in plain Django."""
+
+
+class ParameterTypeError(LoadBalancerError, db_utils.ProgrammingError, TypeError):
+    """A parameter of a type the driver cannot bind: a TypeError in plain Django."""
+
+
+class SerializationError(ParameterTypeError):
     """An argument could not be serialized for the coordinator."""
 
 
@@ -59,7 +71,12 @@ class CoordinatorDown(CoordinatorUnavailable):
 
 
 class QueryTimeout(LoadBalancerError, db_utils.OperationalError):
-    """The coordinator did not answer within the client timeout."""
+    """A read got no answer in time (CLIENT_TIMEOUT, or READ_TIMEOUT on two databases)."""
+
+
+class AnswerTimeout(QueryTimeout):
+    """Client side: no answer within CLIENT_TIMEOUT; the connection was dropped.  A read's
+    error as it is; a write's is turned into its settled outcome or WriteOutcomeUnknown."""
 
 
 class NoDatabaseAvailable(LoadBalancerError, db_utils.OperationalError):
@@ -114,13 +131,17 @@ _DJANGO_ERRORS: dict[str, type[Exception]] = {
         db_utils.ProgrammingError,
         db_utils.NotSupportedError,
         FieldError,
-        # Drivers raise these builtins for a parameter they cannot bind (sqlite3: an int
-        # over 64 bits is an OverflowError); plain Django lets them through unwrapped.
-        TypeError,
-        ValueError,
-        OverflowError,
     )
 }
+# Drivers raise these builtins for a value they cannot bind (a lone surrogate, an int over
+# 64 bits in sqlite3); plain Django lets them through.  Here they are both the builtin and a
+# django.db error, so `except ValueError` and `except DatabaseError` both catch them.
+_BUILTIN_ERRORS: dict[type[Exception], type[Exception]] = {
+    ValueError: DataValueError,
+    OverflowError: DataOverflowError,
+    TypeError: ParameterTypeError,
+}
+_DJANGO_ERRORS.update({builtin.__name__: typed for builtin, typed in _BUILTIN_ERRORS.items()})
 _OWN_ERRORS: dict[str, type[Exception]] = {
     cls.__name__: cls
     for cls in (
@@ -129,6 +150,9 @@ _OWN_ERRORS: dict[str, type[Exception]] = {
         ProtocolError,
         ProtocolVersionMismatch,
         RequestRejected,
+        DataValueError,
+        DataOverflowError,
+        ParameterTypeError,
         SerializationError,
         NotSupportedError,
         NonDeterministicWrite,
@@ -163,6 +187,19 @@ def from_dict(data: dict[str, Any]) -> Exception:
     cls = _OWN_ERRORS.get(name) or _DJANGO_ERRORS.get(name) or LoadBalancerError
     exc = cls(data.get("message", ""))
     exc.details = data.get("details") or {}  # type: ignore[attr-defined]
+    return exc
+
+
+def as_database_error(exc: BaseException) -> BaseException:
+    """A builtin ValueError/OverflowError/TypeError raised by a driver, as its django.db twin
+    (anything else as it is: an app's own exception class is never replaced)."""
+    if type(exc).__module__ != "builtins":
+        return exc
+    for builtin, typed in _BUILTIN_ERRORS.items():
+        if isinstance(exc, builtin):
+            twin = typed(str(exc))
+            twin.__cause__ = exc
+            return twin
     return exc
 
 

@@ -23,7 +23,7 @@ from multiprocessing import connection as mp_connection
 from multiprocessing.managers import BaseManager, BaseProxy, convert_to_error
 from typing import Any, Optional
 
-from .errors import QueryTimeout
+from .errors import AnswerTimeout, ProtocolError
 
 TYPEID = "coordinator"
 EXPOSED = ("execute", "status", "hello", "ping", "identity")
@@ -171,16 +171,22 @@ class CoordinatorProxy(BaseProxy):
         self._tls = threading.local()
 
     def call(self, method: str, args: tuple = (), timeout: float | None = None) -> Any:
+        frame = pickle.dumps((self._id, method, args, {}), pickle.HIGHEST_PROTOCOL)
         conn = self._connection()
-        conn.send_bytes(pickle.dumps((self._id, method, args, {}), pickle.HIGHEST_PROTOCOL))
-        if timeout is not None and not conn.readable_within(timeout):
-            # The reply may still come; this connection is out of step now, drop it.
+        try:
+            conn.send_bytes(frame)
+            if timeout is not None and not conn.readable_within(timeout):
+                raise AnswerTimeout(
+                    f"the load balancer coordinator at {self._token.address[0]}:{self._token.address[1]} "
+                    f"did not answer {method!r} within {timeout:.2f} s (CLIENT_TIMEOUT)"
+                )
+            kind, result = conn.recv()
+        except BaseException:
+            # Anything between the send and the whole answer (a timeout, a signal handler's
+            # exception, a half-sent frame): the answer may still come on this connection and
+            # would be taken for the next call's.  It is never used again.
             self.drop_connection()
-            raise QueryTimeout(
-                f"the load balancer coordinator at {self._token.address[0]}:{self._token.address[1]} "
-                f"did not answer {method!r} within {timeout:.2f} s"
-            )
-        kind, result = conn.recv()
+            raise
         if kind == "#RETURN":
             return result
         if kind == "#TRACEBACK" and "KeyError" in result and "id_to_obj" in result:
@@ -188,7 +194,10 @@ class CoordinatorProxy(BaseProxy):
             # request was not run; reconnect with a fresh proxy.
             self.drop_connection()
             raise ConnectionResetError("the coordinator restarted since this connection was made")
-        raise convert_to_error(kind, result)
+        error = convert_to_error(kind, result)
+        if method == "execute":   # its own errors come back as data: this is the wire's
+            raise ProtocolError(f"the coordinator could not run a request ({kind}: {error})")
+        raise error
 
     def _connection(self) -> mp_connection.Connection:
         try:

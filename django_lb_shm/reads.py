@@ -49,7 +49,7 @@ from typing import Any, Optional
 
 from .conf import _settings, get_config
 from .descriptors import Result, Statement
-from .errors import DatabaseDown, QueryTimeout, SharedMemoryNotOwned
+from .errors import DatabaseDown, QueryTimeout, SharedMemoryNotOwned, as_database_error
 from .health import interrupt_statement, is_connection_error, is_statement_timeout, is_transient
 from .shared_state import (
     HEADER_SIZE,
@@ -281,11 +281,13 @@ class ZeroHopReader:
         except BaseException as exc:
             state.busy_since = 0.0
             cut = state.cut or is_statement_timeout(exc)
-            if cut or is_connection_error(exc):
+            # Anything but the database's own error (an app's signal handler raising mid-read, a
+            # value the driver could not bind) may leave the connection mid-statement: not reused.
+            if cut or is_connection_error(exc) or not _from_driver(state.wrappers.get(db), exc):
                 self._drop(state, db)
             if cut:
                 raise _Cut() from exc
-            raise
+            raise as_database_error(exc)
         finally:
             state.busy_since = 0.0
             values[inflight] -= 1
@@ -450,6 +452,10 @@ def _watch(reader_ref: Any, pid: int) -> None:
             logger.exception("cutting overdue reads failed")
         del reader
         time.sleep(tick)
+
+
+def _from_driver(wrapper: Any, exc: BaseException) -> bool:
+    return wrapper is not None and isinstance(exc, wrapper.Database.Error)
 
 
 def _plain(params: Any) -> bool:

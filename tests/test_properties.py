@@ -105,7 +105,13 @@ def outcome(fn: Callable[[], Any]) -> tuple:
 
 
 def same_outcome(got: tuple, expected: tuple) -> bool:
-    return got[:2] == expected[:2]
+    if got[:2] == expected[:2]:
+        return True
+    # Plain Django lets a driver's ValueError/TypeError/OverflowError through; the load balancer
+    # raises a class that is that builtin and a django.db error too (issue 14).
+    return (got[0] == expected[0] == "raised" and expected[1].__module__ == "builtins"
+            and issubclass(got[1], DatabaseError)
+            and any(issubclass(got[1], b) and issubclass(expected[1], b) for b in (ValueError, TypeError, OverflowError)))
 
 
 def read_state() -> dict:
@@ -613,11 +619,14 @@ def test_generated_orm_programs_match_plain_django(replicas, program):
 # -- regressions found by the property above ---------------------------------------------------------
 def test_driver_overflow_error_keeps_its_class(replicas):
     """sqlite3 refuses an int over 64 bits with OverflowError, which plain Django lets through;
-    through the coordinator it came back as DatabaseError (errors.to_dict did not know the class)."""
+    through the coordinator it came back as DatabaseError (errors.to_dict did not know the class).
+    It is an OverflowError still, and a django.db DataError too (issue 14)."""
+    from django.db import DataError
+
     from django_lb_shm import errors
 
     rebuilt = errors.from_dict(errors.to_dict(OverflowError("Python int too large to convert to SQLite INTEGER")))
-    assert type(rebuilt) is OverflowError
+    assert isinstance(rebuilt, OverflowError) and isinstance(rebuilt, DataError), type(rebuilt).__mro__
     p = Program(replicas.handle)
     p.write(lambda: Author.objects.create(name="big", rating=2**63))   # same class as plain Django, nothing written
     p.read(lambda: Author.objects.filter(rating__in=[1, 2**63]).count())

@@ -40,8 +40,8 @@ class LoadBalancedInsertMixin:
         self.connection.ensure_connection()
         session = self.connection.connection
         pairs = self._insert_key_pairs(returning_fields)
-        session.expect_inserts(pairs)
         try:
+            session.expect_inserts(pairs)   # inside: an exception right after must not leave them queued
             return super().execute_sql(returning_fields)
         finally:
             session.expected_inserts.clear()

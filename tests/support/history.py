@@ -40,7 +40,7 @@ TABLES = {
 # Error classes that say the write was applied nowhere.
 DEFINITE_ERRORS = {"IntegrityError", "WriteNotApplied", "NoDatabaseAvailable", "DataError",
                    "ProgrammingError", "RequestRejected", "NotSupportedError", "SerializationError",
-                   "ValueError", "TypeError"}
+                   "ValueError", "TypeError", "DataValueError", "DataOverflowError", "ParameterTypeError"}
 # Messages that say so whatever the class (TransactionError "... none of its writes were applied").
 DEFINITE_PHRASES = ("none of its writes were applied", "nothing was applied", "was not applied",
                     "journal_dir")
