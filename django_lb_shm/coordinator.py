@@ -45,7 +45,7 @@ from .errors import (
 )
 from .health import is_transient
 from .probes import ANSWERED
-from .outcomes import SETTLE_WAIT, Fenced, WriteOutcomes
+from .outcomes import SETTLE_WAIT, Fenced, TrimLag, WriteOutcomes
 from .protocol import (
     EXIT_ADDRESS_IN_USE,
     EXIT_BOOT_ERROR,
@@ -832,6 +832,7 @@ class CoordinatorProcess:
                                    import_from=self.config.legacy_journal_dirs).open()
         except (OSError, sqlite3.Error) as exc:
             raise OSError(f"LOAD_BALANCER['JOURNAL_DIR'] ({self.config.journal_dir}) cannot be used: {exc}") from exc
+        self.trim_lag = TrimLag(self.config.client_timeout, self.config.connect_timeout)
         self.sequencer = Sequencer(self.threads, self.journal, self.shared, self.config)
         self.sequencer.fail_stop = self._restart_to_read_journal
         self.sequencer.settle_history({t.alias: t.boot_marker for t in self.threads})
@@ -952,8 +953,8 @@ class CoordinatorProcess:
                 replacement.start()
 
     def _trim_journal(self) -> None:
-        applied = min(t.applied_seq for t in self.threads)
-        if self.journal.trim(applied):
+        floor = self.trim_lag.floor(min(t.applied_seq for t in self.threads))
+        if floor is not None and self.journal.trim(floor):
             release_free_memory()
         self.shared.set_header(Header.JOURNAL_ENTRIES, self.journal.entry_count)
         self.shared.set_header(Header.JOURNAL_BYTES, self.journal.size_bytes)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import Any, Callable, Optional
 
 from .descriptors import Result
@@ -111,3 +111,30 @@ class WriteOutcomes:
         self._fenced[request_id] = None
         if len(self._fenced) > FENCED:
             self._fenced.popitem(last=False)
+
+
+class TrimLag:
+    """How far the journal may be trimmed so that ``settle`` never mistakes a trimmed record for
+    a write that never ran.
+
+    A client asks about a write at most CLIENT_TIMEOUT + CONNECT_TIMEOUT + SETTLE_WAIT after
+    sending it; a decided write's record is kept that long (plus a margin) after every copy
+    applied it, also across a coordinator restart: a new coordinator trims nothing before it
+    has watched the copies for that long.
+    """
+
+    MARGIN = 5.0
+
+    def __init__(self, client_timeout: float, connect_timeout: float):
+        self.retain = client_timeout + connect_timeout + SETTLE_WAIT + self.MARGIN
+        self._seen: "deque[tuple[float, int]]" = deque()   # (monotonic time, applied everywhere)
+
+    def floor(self, applied_everywhere: int, now: Optional[float] = None) -> Optional[int]:
+        """The sequence number the journal may be trimmed to now; None: nothing yet."""
+        now = time.monotonic() if now is None else now
+        self._seen.append((now, applied_everywhere))
+        old_enough = now - self.retain
+        while len(self._seen) > 1 and self._seen[1][0] <= old_enough:
+            self._seen.popleft()
+        seen_at, floor = self._seen[0]
+        return min(floor, applied_everywhere) if seen_at <= old_enough else None

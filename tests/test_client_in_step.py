@@ -411,3 +411,18 @@ def test_builtin_errors_cross_the_wire_as_django_errors():
     assert issubclass(errors.WriteOutcomeUnknown, DatabaseError)
     assert not issubclass(errors.WriteOutcomeUnknown, QueryTimeout)
     assert issubclass(errors.WriteNotApplied, DatabaseError)
+
+
+def test_the_journal_keeps_a_decided_write_while_its_client_may_still_ask_about_it():
+    """A trimmed record would make `settle` answer "never ran" for an applied write."""
+    from django_lb_shm.outcomes import SETTLE_WAIT, TrimLag
+
+    lag = TrimLag(client_timeout=30, connect_timeout=5)
+    assert lag.retain == 30 + 5 + SETTLE_WAIT + TrimLag.MARGIN
+    # A new coordinator (after a restart as well) trims nothing until it has watched that long.
+    assert lag.floor(10, now=100.0) is None
+    assert lag.floor(20, now=100.0 + lag.retain - 1) is None
+    # Then only to what every copy had applied `retain` seconds ago, never to today's floor.
+    assert lag.floor(30, now=100.0 + lag.retain) == 10
+    assert lag.floor(40, now=100.0 + 2 * lag.retain - 1) == 20
+    assert lag.floor(50, now=100.0 + 2 * lag.retain + 1) == 30
