@@ -89,6 +89,9 @@ class Coordinator:
         self.stopping = False
         self._active_lock = threading.Lock()
         self.idle = threading.Condition(self._active_lock)
+        from .resync import ResyncDesk
+
+        self.resyncs = ResyncDesk(threads, sequencer, config)
 
     # -- exposed methods ---------------------------------------------------------------
     def ping(self) -> str:
@@ -104,6 +107,22 @@ class Coordinator:
         """The databases this coordinator serves, for the client's check (``database_identity``)."""
         return {"databases": {alias: database_identity(alias) for alias in self.config.databases}}
 
+    # A resync (resync.py): the command copies; the coordinator owns the copy's state.
+    def resync_begin(self, alias: str, source: Optional[str], pid: int, host: str) -> dict:
+        return self.resyncs.begin(alias, source, pid, host)
+
+    def resync_progress(self, alias: str, nonce: int, progress: dict) -> dict:
+        return self.resyncs.progress(alias, nonce, progress)
+
+    def resync_done(self, alias: str, nonce: int, seq: int, tag: int) -> dict:
+        return self.resyncs.done(alias, nonce, seq, tag)
+
+    def resync_end(self, alias: str, nonce: int) -> None:
+        self.resyncs.end(alias, nonce)
+
+    def resync_abort(self, alias: str, nonce: int, reason: str) -> None:
+        self.resyncs.abort(alias, nonce, reason)
+
     def status(self) -> dict:
         from .health import process_vitals
 
@@ -111,6 +130,9 @@ class Coordinator:
         for database, thread in zip(snapshot["databases"], self.threads):
             database["read_connections"] = thread.read_pool.stats()
             database.update(thread.why())
+            resync = self.resyncs.describe(thread.alias)
+            if resync:
+                database["resync"] = resync
         snapshot["coordinator"].update(process_vitals(os.getpid()))
         snapshot["coordinator"]["address"] = str(self.config.address)
         snapshot["coordinator"]["read_algorithm"] = self.config.read_algorithm.name
@@ -698,7 +720,7 @@ class CoordinatorProcess:
         self.server = CoordinatorServer(registry, address.tuple, address.authkey, self, address.local_socket_path)
         self.algorithm = build_read_algorithm(self.config, self.shared)
         self.hub = Hub(self.shared, self.config, self._catch_up_from, self._replay_after, self._notify_applied,
-                       probe_interval=self.algorithm.probe_interval)
+                       probe_interval=self.algorithm.probe_interval, joined=self._joined)
         self.threads = [DbThread(i, alias, self.hub) for i, alias in enumerate(self.config.databases)]
         # Before the journal is opened or any database replayed.
         self._claim_databases()
@@ -736,6 +758,9 @@ class CoordinatorProcess:
 
     def _notify_applied(self) -> None:
         self.sequencer.notify_applied()
+
+    def _joined(self, alias: str) -> None:
+        self.sequencer.joined(alias)
 
     def _wait_for_databases(self) -> None:
         deadline = time.monotonic() + BOOT_CONNECT_WAIT
@@ -800,6 +825,7 @@ class CoordinatorProcess:
                 self.coordinator.cut_overdue_reads()
             except Exception:  # never let the watchdog stop the main loop
                 logger.exception("cutting overdue reads failed")
+            self.coordinator.resyncs.expire()
             if time.monotonic() >= next_trim:
                 next_trim = time.monotonic() + TRIM_EVERY
                 self._trim_journal()
@@ -814,8 +840,8 @@ class CoordinatorProcess:
                 replacement.start()
 
     def _trim_journal(self) -> None:
-        applied = min(t.applied_seq for t in self.threads)
-        if self.journal.trim(applied):
+        floors = [floor for floor in (t.journal_floor() for t in self.threads) if floor is not None]
+        if floors and self.journal.trim(min(floors)):
             release_free_memory()
         self.shared.set_header(Header.JOURNAL_ENTRIES, self.journal.entry_count)
         self.shared.set_header(Header.JOURNAL_BYTES, self.journal.size_bytes)

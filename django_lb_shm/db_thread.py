@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator, Optional
 from django.db import connections
 
 from .descriptors import Result, Statement
-from .errors import DatabaseDown, DatabaseOwnedElsewhere, QueryTimeout
+from .errors import DatabaseDown, DatabaseOwnedElsewhere, QueryTimeout, ResyncError
 from .health import interrupt_statement, is_connection_error, is_transient
 from .journal import JournalEntry
 from .conf import vendor_of
@@ -36,6 +36,10 @@ from .shared_state import DbState, SharedState, Slot
 logger = logging.getLogger("django_lb_shm.db")
 
 MARKER_TABLE = "django_lb_shm_applied"
+MARKER_CREATE = (f"CREATE TABLE IF NOT EXISTS {MARKER_TABLE} "
+                 "(id INTEGER PRIMARY KEY, seq BIGINT NOT NULL, tag BIGINT NOT NULL DEFAULT 0)")
+MARKER_ROW = (f"INSERT INTO {MARKER_TABLE} (id, seq, tag) SELECT 1, 0, 0 "
+              f"WHERE NOT EXISTS (SELECT 1 FROM {MARKER_TABLE} WHERE id = 1)")
 TRANSIENT_RETRIES = 5
 COMMIT_BUSY_RETRIES = 5
 WRITE_BATCH = 64   # queued follower writes applied in one transaction
@@ -311,15 +315,11 @@ class DbConnection:
     def ensure_marker(self) -> tuple[int, int]:
         """Create the marker table if needed (adding the tag column to one of an older
         version); (sequence, tag) of the last journal record applied here."""
-        self.run(f"CREATE TABLE IF NOT EXISTS {MARKER_TABLE} "
-                 "(id INTEGER PRIMARY KEY, seq BIGINT NOT NULL, tag BIGINT NOT NULL DEFAULT 0)")
+        self.run(MARKER_CREATE)
         columns = [c[0].lower() for c in self.run(f"SELECT * FROM {MARKER_TABLE} WHERE 1 = 0").description]
         if "tag" not in columns:
             self.run(f"ALTER TABLE {MARKER_TABLE} ADD COLUMN tag BIGINT NOT NULL DEFAULT 0")
-        self.run(
-            f"INSERT INTO {MARKER_TABLE} (id, seq, tag) SELECT 1, 0, 0 "
-            f"WHERE NOT EXISTS (SELECT 1 FROM {MARKER_TABLE} WHERE id = 1)"
-        )
+        self.run(MARKER_ROW)
         seq, tag = self.run(f"SELECT seq, tag FROM {MARKER_TABLE} WHERE id = 1").rows[0]
         return int(seq), int(tag)
 
@@ -379,6 +379,11 @@ _BEGIN_PREFIX = "BEGIN" + _SEP
 _BEGIN_IMMEDIATE = _BEGIN_PREFIX + "SET CONSTRAINTS ALL IMMEDIATE" + _SEP
 
 
+class NeedsResync(Exception):
+    """A copy the journal cannot catch up, whose next step is a full copy (state NEW): it is empty
+    while the others have writes, or its resync did not finish."""
+
+
 class GroupShapeError(Exception):
     """A group of writes cannot be run as one: the sequencer runs its writes one by one."""
 
@@ -416,6 +421,24 @@ class CancelQuery:
     session: tuple   # (backend pid, backend_start) of the connection whose read was cut
 
 
+@dataclass
+class MarkResync:
+    """Put a resync's mark (a negative tag) on the copy's marker: until a resync completes, a
+    restarted coordinator keeps the copy out (state NEW).  Answered on ``reply``: None or the error."""
+    tag: int
+    reply: "queue.SimpleQueue"
+
+
+@dataclass
+class FinishResync:
+    """A resync loaded the copy at ``seq`` with the mark ``mark``: take the source's ``tag`` as the
+    copy's own, then replay the journal after ``seq`` (answered on ``reply`` once the replay starts)."""
+    seq: int
+    tag: int
+    mark: int
+    reply: "queue.SimpleQueue"
+
+
 STOP = object()
 GROW_READ_POOL = object()
 WAKE = object()   # nothing to do: the loop's maintenance (a probe that is due) runs next
@@ -428,9 +451,11 @@ class Hub:
                  catch_up_from: Callable[[str, Callable[[], tuple[int, int]]], str],
                  replay_after: Callable[[int], Iterator[JournalEntry]],
                  notify_applied: Callable[[], None],
-                 probe_interval: Optional[float] = None):
+                 probe_interval: Optional[float] = None,
+                 joined: Optional[Callable[[str], None]] = None):
         self.shared = shared
         self.config = config
+        self.joined = joined or (lambda alias: None)   # the copy is caught up: a member of the journal's history
         # (alias, read the marker) -> "" when the journal can bring the copy up to date, else why
         # not; HistoryUnsettled while copies that may know more writes have not been seen
         self.catch_up_from = catch_up_from
@@ -465,6 +490,7 @@ class DbThread(threading.Thread):
         self.next_latency_probe = 0.0
         self.last_error = ""        # why it last left RUNNING (or stayed out), for `status`
         self.last_error_at = 0.0    # wall clock
+        self.resyncing = False      # a resync holds it (resync.ResyncDesk): only the resync changes its state
 
     # -- state --------------------------------------------------------------------
     @property
@@ -491,6 +517,11 @@ class DbThread(threading.Thread):
             "last_error_at": self.last_error_at,
             "last_error_age_s": round(time.time() - self.last_error_at, 3) if self.last_error_at else None,
         }
+
+    def journal_floor(self) -> Optional[int]:
+        """The first journal record this copy may still need (None: none, a full copy is its next step).
+        RESYNCING: the pin its resync set, at or before the sequence its copy will be taken at."""
+        return None if self.state == DbState.NEW else self.applied_seq
 
     def mark_applied(self, seq: int, writes: int = 1) -> None:
         self.applied_seq = seq
@@ -521,6 +552,10 @@ class DbThread(threading.Thread):
     def submit_write(self, entry: JournalEntry) -> None:
         self.queue.put(WriteWork(entry))
 
+    def submit(self, work: Any) -> None:
+        """A resync's step (MarkResync, FinishResync), done in queue order on this thread."""
+        self.queue.put(work)
+
     def probe_now(self) -> None:
         """A DOWN copy tries to recover at once instead of at its next probe."""
         self.next_probe = 0.0
@@ -539,6 +574,7 @@ class DbThread(threading.Thread):
         fresh.read_pool = self.read_pool
         fresh.ownership = self.ownership
         fresh.applied_seq = self.applied_seq
+        fresh.resyncing = self.resyncing
         self.conn.close()
         return fresh
 
@@ -577,6 +613,10 @@ class DbThread(threading.Thread):
             self._grow_read_pool()
         elif isinstance(item, CancelQuery):
             self._cancel_query(item.session)
+        elif isinstance(item, MarkResync):
+            self._mark_resync(item)
+        elif isinstance(item, FinishResync):
+            self._finish_resync(item)
         elif isinstance(item, WriteWork):
             entries, following = self._writes_queued_after(item.entry)
             self._write(entries)
@@ -790,6 +830,8 @@ class DbThread(threading.Thread):
 
     def recover(self) -> None:
         """Connect, then apply every journaled write this database missed; then RUNNING."""
+        if self.resyncing:
+            return   # the resync decides (a copy it is loading must not be caught up meanwhile)
         try:
             if self.claimed_at_boot and self.conn.is_open:
                 self.claimed_at_boot = False   # opened and claimed by claim_at_boot(): keep that session
@@ -799,6 +841,9 @@ class DbThread(threading.Thread):
             self.server_info = self.conn.describe_server()
             self.set_state(DbState.RECOVERING)
             gap = self.hub.catch_up_from(self.alias, self._read_marker)
+        except NeedsResync as exc:
+            self.set_state(DbState.NEW, str(exc))
+            return
         except Exception as exc:
             if self.state != DbState.DOWN:
                 self.go_down(exc)
@@ -809,19 +854,71 @@ class DbThread(threading.Thread):
         if gap:
             self.set_state(DbState.DIVERGED, gap)
             return
-        if not self._replay():
+        self._replay_then_run()
+
+    def _replay_then_run(self) -> None:
+        if not self._replay() or self.resyncing:   # (a resync that took it out meanwhile decides)
             return
         self.set_state(DbState.RUNNING)
+        self.hub.joined(self.alias)
         self.hub.notify_applied()
+
+    # -- a resync's steps (resync.py), on this thread ---------------------------------------
+    def _mark_resync(self, work: MarkResync) -> None:
+        try:
+            self.conn.ensure_marker()
+            self.conn.run(f"UPDATE {MARKER_TABLE} SET tag = {int(work.tag)} WHERE id = 1")
+        except Exception as exc:
+            work.reply.put(exc)
+            return
+        work.reply.put(None)
+
+    def _finish_resync(self, work: FinishResync) -> None:
+        """The copy's marker goes from (seq, mark) to (seq, the source's tag) -- only if it is the one
+        this resync committed --, then the journal after ``seq`` is replayed as after any outage."""
+        try:
+            flipped = self.conn.run(f"UPDATE {MARKER_TABLE} SET tag = {int(work.tag)} WHERE id = 1 "
+                                    f"AND seq = {int(work.seq)} AND tag = {int(work.mark)}").rowcount
+            if flipped != 1:
+                raise ResyncError(f"the marker of {self.alias!r} is not the one this resync committed "
+                                  f"(#{work.seq}): another resync or a restore changed it meanwhile")
+        except Exception as exc:
+            work.reply.put(exc)
+            return
+        self.resyncing = False
+        self.set_state(DbState.RECOVERING)
+        try:
+            gap = self.hub.catch_up_from(self.alias, self._read_marker)
+        except Exception as exc:   # complete at its marker now: an ordinary recovery takes it from here
+            work.reply.put(exc)
+            self.go_down(exc)
+            return
+        if gap:
+            self.set_state(DbState.DIVERGED, gap)
+            work.reply.put(ResyncError(f"{self.alias!r} was loaded at #{work.seq}, but {gap}"))
+            return
+        work.reply.put(None)
+        self._replay_then_run()
+
+    def _replay_batch(self, entries: list) -> bool:
+        """Several journaled writes in one transaction, as queued ones are (one by one on a failure)."""
+        self._write(entries)
+        return self.applied_seq >= entries[-1].seq and self.state == DbState.RECOVERING
 
     def _replay(self) -> bool:
         """Apply the journal's records after the marker, read from disk a chunk at a time
         (writes published meanwhile are also queued here; the marker skips a repeat)."""
-        start, replayed = self.applied_seq, 0
+        start, replayed, batch = self.applied_seq, 0, []
         for entry in self.hub.replay_after(self.applied_seq):
-            if not self.apply(entry):
+            batch.append(entry)
+            if len(batch) == WRITE_BATCH:
+                if not self._replay_batch(batch):
+                    return False
+                replayed, batch = replayed + len(batch), []
+        if batch:
+            if not self._replay_batch(batch):
                 return False
-            replayed += 1
+            replayed += len(batch)
         if replayed:
             logger.info("database %r: applied %d journaled writes after #%d", self.alias, replayed, start)
         return True

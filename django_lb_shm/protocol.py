@@ -26,7 +26,8 @@ from typing import Any, Optional
 from .errors import QueryTimeout
 
 TYPEID = "coordinator"
-EXPOSED = ("execute", "status", "hello", "ping", "identity")
+EXPOSED = ("execute", "status", "hello", "ping", "identity",
+           "resync_begin", "resync_progress", "resync_done", "resync_end", "resync_abort")
 
 EXIT_OK = 0
 EXIT_CONFIG_ERROR = 2    # settings invalid: never restart

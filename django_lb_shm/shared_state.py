@@ -47,6 +47,8 @@ class DbState(enum.IntEnum):
     RECOVERING = 3     # back up, applying the writes it missed; no reads yet
     DIVERGED = 4       # a write failed here but not on the first database: needs an operator
     STOPPED = 5
+    RESYNCING = 7      # being refilled from another copy (resync.py): no reads; its writes wait in the journal
+    NEW = 8            # empty, or its resync did not finish: no reads, no writes until a resync fills it
 
 
 _DB_STATES = {int(s): s for s in DbState}  # a dict lookup: DbState(n) costs microseconds per read

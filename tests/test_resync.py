@@ -1,0 +1,147 @@
+"""Resync (issue 18), with real processes: a DIVERGED copy refilled while app processes read and
+write; a resync killed midway and run again; a coordinator killed during a resync.
+
+The copy under test is a follower (DB2); the leader is DB1, so the default source is 'default'.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from django.db import connections
+
+from tests.support.lb import LAUNCHER, REPO, CoordinatorHandle
+from tests.support.resync_workers import app_loop
+from tests.testapp.models import Author, Destination
+
+pytestmark = pytest.mark.slow
+
+TARGET = "DB2"
+STATIC_ROWS = 3000
+SPAWN = multiprocessing.get_context("spawn")
+
+
+# -- helpers ------------------------------------------------------------------------------------
+def resync_command(handle: CoordinatorHandle, alias: str, *args: str) -> list[str]:
+    return [sys.executable, str(LAUNCHER), "resync", alias, *args]
+
+
+def run_resync(handle: CoordinatorHandle, alias: str, *args: str, timeout: float = 180) -> tuple[int, str]:
+    done = subprocess.run(resync_command(handle, alias, *args), cwd=str(REPO), env=handle.env(),
+                          capture_output=True, text=True, timeout=timeout)
+    return done.returncode, done.stdout + done.stderr
+
+
+def start_resync(handle: CoordinatorHandle, alias: str, *args: str, log: Path) -> subprocess.Popen:
+    with open(log, "wb") as out:
+        return subprocess.Popen(resync_command(handle, alias, *args), cwd=str(REPO), env=handle.env(),
+                                stdout=out, stderr=subprocess.STDOUT)
+
+
+def state_of(handle: CoordinatorHandle, alias: str) -> dict:
+    return next(d for d in handle.status()["databases"] if d["name"] == alias)
+
+
+def wait_copying(handle: CoordinatorHandle, alias: str, proc: subprocess.Popen, timeout: float = 60) -> dict:
+    """Until the resync of ``alias`` has copied rows (its command has reported them)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"the resync ended early ({proc.returncode})"
+        db = state_of(handle, alias)
+        if db["state"] == "RESYNCING" and db.get("resync", {}).get("progress", {}).get("copied_rows", 0) > 0:
+            return db
+        time.sleep(0.1)
+    raise AssertionError(f"{alias} is not being copied after {timeout}s: {state_of(handle, alias)}")
+
+
+def insert_behind_the_back(alias: str, **values) -> None:
+    """A row written to one copy directly, as an operator's mistake would."""
+    connection = connections[alias]
+    author = Author(**values)
+    fields = Author._meta.local_concrete_fields
+    for field in fields:
+        field.pre_save(author, add=True)
+    columns = ", ".join(connection.ops.quote_name(f.column) for f in fields)
+    params = [f.get_db_prep_save(getattr(author, f.attname), connection) for f in fields]
+    with connection.cursor() as cursor:
+        cursor.execute(f"INSERT INTO testapp_author ({columns}) VALUES ({', '.join(['%s'] * len(fields))})", params)
+
+
+def make_diverged(handle: CoordinatorHandle, alias: str) -> None:
+    insert_behind_the_back(alias, id=10 ** 9, name="only-once")
+    Author.objects.create(name="only-once")        # fine on the leader, refused on ``alias``
+    handle.wait_state(alias, "DIVERGED", timeout=20)
+
+
+def seed_static_rows() -> None:
+    Destination.objects.bulk_create([Destination(name=f"static-{i}", desc="x" * 40) for i in range(STATIC_ROWS)],
+                                    batch_size=1000)
+
+
+def run_verify(handle: CoordinatorHandle) -> tuple[int, str]:
+    done = subprocess.run([sys.executable, str(LAUNCHER), "verify", "--no-progress"], cwd=str(REPO),
+                          env=handle.env(), capture_output=True, text=True, timeout=120)
+    return done.returncode, done.stdout + done.stderr
+
+
+class Apps:
+    """Three app processes reading and writing (bounded in count and time) until stopped."""
+
+    def __init__(self, handle: CoordinatorHandle, count: int = 3, max_seconds: float = 90):
+        self.stop = SPAWN.Event()
+        self.results = SPAWN.Queue()
+        self.procs = [SPAWN.Process(target=app_loop, args=(str(handle.config_path), f"app{n}", 5000, max_seconds,
+                                                           STATIC_ROWS, self.stop, self.results))
+                      for n in range(count)]
+
+    def __enter__(self) -> "Apps":
+        for proc in self.procs:
+            proc.start()
+        return self
+
+    def finish(self) -> list[dict]:
+        self.stop.set()
+        outcomes = [self.results.get(timeout=120) for _ in self.procs]
+        for proc in self.procs:
+            proc.join(30)
+        return outcomes
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for proc in self.procs:
+            proc.join(30)
+            if proc.is_alive():
+                proc.kill()
+
+
+@pytest.fixture
+def handle(lb_factory, tmp_path):
+    return lb_factory("resync", JOURNAL_DIR=str(tmp_path / "journal"))
+
+
+# -- a DIVERGED copy, resynced under load ---------------------------------------------------------
+def test_a_diverged_copy_is_resynced_while_apps_read_and_write(handle):
+    seed_static_rows()
+    make_diverged(handle, TARGET)
+    with Apps(handle) as apps:
+        time.sleep(1.5)   # the apps are reading and writing
+        code, out = run_resync(handle, TARGET, "--chunk-size", "300", "--max-rate", "1500")
+        time.sleep(1.0)   # and go on after it, with the copy back in the reads
+        outcomes = apps.finish()
+    assert code == 0, out
+    assert "RUNNING and identical to default" in out, out
+    for outcome in outcomes:
+        assert outcome["errors"] == [], outcome
+        assert outcome["wrong_count"] == 0, outcome
+        assert outcome["ops"] > 5, outcome
+    assert state_of(handle, TARGET)["state"] == "RUNNING"
+    handle.wait_drained()
+    code, out = run_verify(handle)
+    assert code == 0, out
+    assert Author.objects.filter(name="only-once").count() == 1
