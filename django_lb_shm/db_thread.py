@@ -319,8 +319,11 @@ class DbConnection:
         columns = [c[0].lower() for c in self.run(f"SELECT * FROM {MARKER_TABLE} WHERE 1 = 0").description]
         if "tag" not in columns:
             self.run(f"ALTER TABLE {MARKER_TABLE} ADD COLUMN tag BIGINT NOT NULL DEFAULT 0")
-        self.run(MARKER_ROW)
-        seq, tag = self.run(f"SELECT seq, tag FROM {MARKER_TABLE} WHERE id = 1").rows[0]
+        rows = self.run(f"SELECT seq, tag FROM {MARKER_TABLE} WHERE id = 1").rows
+        if not rows:   # (SQLite: no write, so no wait, while a resync holds the file's write lock)
+            self.run(MARKER_ROW)
+            rows = self.run(f"SELECT seq, tag FROM {MARKER_TABLE} WHERE id = 1").rows
+        seq, tag = rows[0]
         return int(seq), int(tag)
 
     def set_marker(self, seq: int, tag: int) -> None:

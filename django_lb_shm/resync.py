@@ -485,8 +485,9 @@ class ResyncRun:
             self.client.call("resync_abort", self.alias, self.nonce, reason)
             where = f"{self.alias} is left out of reads (state NEW) until a resync completes"
         except Exception as lost:
-            where = (f"the coordinator could not be told ({type(lost).__name__}: {lost}); {self.alias} stays out "
-                     "of reads: its marker carries the resync's mark until a resync completes")
+            told = "" if isinstance(lost, ResyncError) else f"the coordinator could not be told ({lost}); "
+            where = (f"{told}{self.alias} stays out of reads: its marker carries the resync's mark until a "
+                     "resync completes")
         self.show.say(f"resync of {self.alias} FAILED: {reason}\n{where}; run `djangoloadbalancer resync "
                       f"{self.alias}` again")
 
@@ -534,8 +535,10 @@ class Heartbeat(threading.Thread):
         return self.client.call("resync_progress", self.alias, self.nonce, self.describe())
 
     def check(self) -> None:
+        if isinstance(self.error, ResyncError):
+            raise self.error
         if self.error is not None:
-            raise ResyncError(f"the coordinator no longer holds this resync: {self.error}")
+            raise ResyncError(f"lost the coordinator during the resync ({type(self.error).__name__}: {self.error})")
 
     def stop(self) -> None:
         self.stopped.set()

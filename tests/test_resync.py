@@ -145,3 +145,66 @@ def test_a_diverged_copy_is_resynced_while_apps_read_and_write(handle):
     code, out = run_verify(handle)
     assert code == 0, out
     assert Author.objects.filter(name="only-once").count() == 1
+
+
+# -- interrupted resyncs ----------------------------------------------------------------------------
+def watch_states(handle: CoordinatorHandle, alias: str, seconds: float) -> list[str]:
+    seen, deadline = [], time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        seen.append(state_of(handle, alias)["state"])
+        time.sleep(0.1)
+    return seen
+
+
+def assert_reads_whole() -> None:
+    for _ in range(12):
+        assert Destination.objects.count() == STATIC_ROWS
+
+
+def test_a_resync_killed_midway_is_run_again(handle, tmp_path):
+    seed_static_rows()
+    make_diverged(handle, TARGET)
+    first = start_resync(handle, TARGET, "--chunk-size", "100", "--max-rate", "400", log=tmp_path / "first.log")
+    wait_copying(handle, TARGET, first)
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait(10)
+
+    states = watch_states(handle, TARGET, 1.0)
+    assert "RUNNING" not in states, states
+    assert_reads_whole()
+    for i in range(20):
+        Author.objects.create(name=f"after-the-kill-{i}")
+
+    code, out = run_resync(handle, TARGET)
+    assert code == 0, out
+    assert "RUNNING and identical to default" in out, out
+    assert "taking over from pid" in handle.log(), handle.log()
+    handle.wait_drained()
+    code, out = run_verify(handle)
+    assert code == 0, out
+
+
+def test_a_coordinator_killed_during_a_resync_keeps_the_copy_out_until_a_resync_completes(handle, tmp_path):
+    seed_static_rows()
+    make_diverged(handle, TARGET)
+    first = start_resync(handle, TARGET, "--chunk-size", "100", "--max-rate", "400", log=tmp_path / "first.log")
+    wait_copying(handle, TARGET, first)
+    os.kill(handle.coordinator_pid(), signal.SIGKILL)
+
+    assert first.wait(120) == 1, (tmp_path / "first.log").read_text()
+    first_log = (tmp_path / "first.log").read_text()
+    assert "FAILED" in first_log and "stays out of reads" in first_log, first_log
+    handle.wait_ready()
+    handle.wait_state(TARGET, "NEW", timeout=30)
+    states = watch_states(handle, TARGET, 3.0)
+    assert set(states) == {"NEW"}, states
+    assert "resync of it did not finish" in state_of(handle, TARGET)["last_error"]
+    assert_reads_whole()
+    for i in range(20):
+        Author.objects.create(name=f"after-the-restart-{i}")
+
+    code, out = run_resync(handle, TARGET)
+    assert code == 0, out
+    handle.wait_drained()
+    code, out = run_verify(handle)
+    assert code == 0, out
