@@ -49,6 +49,7 @@ from .protocol import (
     EXIT_CONFIG_ERROR,
     EXIT_OK,
     EXIT_ORPHANED,
+    EXIT_RELOAD,
     EXIT_RESTART,
     EXPOSED,
     TYPEID,
@@ -57,7 +58,7 @@ from .protocol import (
     no_delay,
     private_directory,
 )
-from .shared_state import CoordinatorState, DbState, Header, Reader, SharedState, Slot
+from .shared_state import CoordinatorState, DbState, Header, Reader, SharedState, Slot, databases_key
 
 logger = logging.getLogger("django_lb_shm.coordinator")
 
@@ -905,6 +906,11 @@ def main(settings_module: Optional[str], shm_name: str, supervisor_pid: int, sys
         sys.exit(EXIT_CONFIG_ERROR)
     configure_logging(config.log_level)
     shared = SharedState.attach(shm_name, shares_tracker=True)
+    if shared.header(Header.DATABASES_KEY) != databases_key(config.databases):
+        # Added or removed copies (settings + SIGHUP): the segment's slots are laid out for the old list.
+        logging.getLogger("django_lb_shm").info("LOAD_BALANCER['DATABASES'] is now %s; the supervisor starts over "
+                                                "with it", ", ".join(config.databases))
+        os._exit(EXIT_RELOAD)
     code = CoordinatorProcess(config, shared, supervisor_pid).run()
     logging.shutdown()
     os._exit(code)

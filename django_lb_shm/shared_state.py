@@ -31,6 +31,7 @@ import pwd
 import stat
 import threading
 import time
+import zlib
 from multiprocessing import resource_tracker, shared_memory
 from typing import Any, Optional
 
@@ -79,6 +80,7 @@ class Header(enum.IntEnum):
     ACTIVE_REQUESTS = 14
     READER_SLOTS = 15       # number of reader slots after the database slots
     READERS_HIGH = 16       # one past the highest reader slot claimed so far (scan bound)
+    DATABASES_KEY = 17      # databases_key() of the aliases the slots are laid out for
 
 
 HEADER_SIZE = 24
@@ -122,6 +124,11 @@ class LayoutMismatch(RuntimeError):
 
 
 SHM_DIR = "/dev/shm"   # where Linux keeps POSIX shared memory segments
+
+
+def databases_key(aliases: Any) -> int:
+    """The aliases of LOAD_BALANCER['DATABASES'], in order, as one number (slot i is alias i)."""
+    return zlib.crc32("\0".join(aliases).encode())
 
 
 def segment_name(address: Any) -> str:
@@ -209,8 +216,10 @@ class SharedState:
         return 8 * (HEADER_SIZE + SLOT_SIZE * n_databases + reader_slots * (READER_HEAD + READER_FIELDS * n_databases))
 
     @classmethod
-    def create(cls, name: str, n_databases: int, reader_slots: int = READER_SLOTS) -> "SharedState":
-        """Create the segment, reclaiming one a dead supervisor left behind."""
+    def create(cls, name: str, n_databases: int, reader_slots: int = READER_SLOTS,
+               aliases: Any = ()) -> "SharedState":
+        """Create the segment, reclaiming one a dead supervisor left behind (or this very process
+        before it started over: see ``hand_over``)."""
         size = cls.size_for(n_databases, reader_slots)
         try:
             shm = shared_memory.SharedMemory(name=name, create=True, size=size)
@@ -233,6 +242,7 @@ class SharedState:
         state.set_header(Header.VERSION, LAYOUT_VERSION)
         state.set_header(Header.N_DATABASES, n_databases)
         state.set_header(Header.READER_SLOTS, reader_slots)
+        state.set_header(Header.DATABASES_KEY, databases_key(aliases))
         state._layout()
         state.set_header(Header.SUPERVISOR_PID, os.getpid())
         state.set_header(Header.SUPERVISOR_STARTED_AT, time.time())
@@ -301,6 +311,15 @@ class SharedState:
         except Exception:
             pass
         self.shm.close()
+
+    def hand_over(self) -> None:
+        """Before this supervisor process starts over (exec): the segment stays, naming this live pid,
+        so that app processes wait for the new one instead of failing; the new one reclaims it."""
+        try:
+            resource_tracker.unregister(self.shm._name, "shared_memory")  # type: ignore[attr-defined]
+        except Exception:
+            pass
+        self.close()
 
     def unlink(self) -> None:
         self.close()

@@ -5,8 +5,10 @@ The copy under test is a follower (DB2); the leader is DB1, so the default sourc
 """
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
+import uuid
 import signal
 import subprocess
 import sys
@@ -16,7 +18,7 @@ from pathlib import Path
 import pytest
 from django.db import connections
 
-from tests.support.lb import LAUNCHER, REPO, CoordinatorHandle
+from tests.support.lb import BACKEND, LAUNCHER, REPO, CoordinatorHandle
 from tests.support.resync_workers import app_loop
 from tests.testapp.models import Author, Destination
 
@@ -93,11 +95,11 @@ def run_verify(handle: CoordinatorHandle) -> tuple[int, str]:
 class Apps:
     """Three app processes reading and writing (bounded in count and time) until stopped."""
 
-    def __init__(self, handle: CoordinatorHandle, count: int = 3, max_seconds: float = 90):
+    def __init__(self, handle: CoordinatorHandle, count: int = 3, max_seconds: float = 90, atomic_every: int = 10):
         self.stop = SPAWN.Event()
         self.results = SPAWN.Queue()
         self.procs = [SPAWN.Process(target=app_loop, args=(str(handle.config_path), f"app{n}", 5000, max_seconds,
-                                                           STATIC_ROWS, self.stop, self.results))
+                                                           STATIC_ROWS, self.stop, self.results, atomic_every))
                       for n in range(count)]
 
     def __enter__(self) -> "Apps":
@@ -208,3 +210,77 @@ def test_a_coordinator_killed_during_a_resync_keeps_the_copy_out_until_a_resync_
     handle.wait_drained()
     code, out = run_verify(handle)
     assert code == 0, out
+
+
+# -- a copy added, then removed, while the apps run ---------------------------------------------------
+def new_database(tmp_path: Path) -> dict:
+    """An empty database: a SQLite file made by `djangoloadbalancer migrate` (the coordinator never
+    creates a missing file), or a PostgreSQL database the resync migrates itself."""
+    if BACKEND == "postgres":
+        server = pytest.lb_pg_cluster[0]
+        return server.django_settings(server.create_database(f"lb_added_{uuid.uuid4().hex[:8]}"))
+    return {"ENGINE": "django.db.backends.sqlite3", "NAME": str(tmp_path / "DB3.sqlite3")}
+
+
+def change_databases(handle: CoordinatorHandle, aliases: list, extra: dict) -> None:
+    """The operator's settings change, then SIGHUP to the djangoloadbalancer process."""
+    settings = json.loads(handle.config_path.read_text())   # (this process and its apps keep the first ones)
+    settings["DATABASES"].update(extra)
+    settings["LOAD_BALANCER"]["DATABASES"] = aliases
+    handle.config_path.write_text(json.dumps(settings, indent=1))
+
+
+def wait_serving(handle: CoordinatorHandle, aliases: list, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            status = handle.status(timeout=2)
+            if status["coordinator"]["state"] == "READY" and [d["name"] for d in status["databases"]] == aliases:
+                return status
+        except Exception:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"the coordinator does not serve {aliases} after {timeout}s:\n{handle.log()}")
+
+
+def test_a_fourth_copy_is_added_then_removed_while_apps_run(lb_factory, tmp_path):
+    handle = lb_factory("grow", JOURNAL_DIR=str(tmp_path / "journal"), CONNECT_TIMEOUT=20)
+    supervisor = handle.supervisor_pid
+    seed_static_rows()
+    three = list(handle.lb["DATABASES"])
+    four = three + ["DB3"]
+    change_databases(handle, four, {"DB3": new_database(tmp_path)})
+    if BACKEND == "sqlite":
+        done = subprocess.run([sys.executable, str(LAUNCHER), "migrate"], cwd=str(REPO), env=handle.env(),
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    with Apps(handle, atomic_every=0) as apps:   # (apps keep the three copies of their settings)
+        time.sleep(1.5)
+        os.kill(supervisor, signal.SIGHUP)
+        wait_serving(handle, four)
+        handle.wait_state("DB3", "NEW", timeout=30)
+        assert "fill it with `djangoloadbalancer resync DB3`" in state_of(handle, "DB3")["last_error"]
+        code, out = run_resync(handle, "DB3")
+        time.sleep(1.0)
+        outcomes = apps.finish()
+    assert code == 0, out
+    if BACKEND == "postgres":   # an empty database: the resync migrated it first
+        assert "migrate DB3: no migrations" not in out and "migrate DB3: " in out, out
+    assert handle.proc.pid == supervisor and handle.proc.poll() is None
+    for outcome in outcomes:
+        assert outcome["errors"] == [] and outcome["wrong_count"] == 0, outcome
+        assert outcome["ops"] > 5, outcome
+    handle.wait_drained()
+    code, out = run_verify(handle)
+    assert code == 0 and "on default, DB1, DB2, DB3" in out, out
+
+    change_databases(handle, three, {})
+    os.kill(supervisor, signal.SIGHUP)
+    wait_serving(handle, three)
+    for alias in three:
+        handle.wait_state(alias, "RUNNING", timeout=30)
+    Author.objects.create(name="after-the-removal")
+    handle.wait_drained()
+    code, out = run_verify(handle)
+    assert code == 0 and "on default, DB1, DB2." in out, out

@@ -8,10 +8,11 @@ from tests.support.workers import setup_child
 
 
 def app_loop(settings_json: str, prefix: str, max_ops: int, max_seconds: float, static_rows: int,
-             stop: Any, results: Any) -> None:
+             stop: Any, results: Any, atomic_every: int = 10) -> None:
     """Write, read back, and count rows nobody changes, until ``stop`` (bounded by ``max_ops`` and
     ``max_seconds``).  A read served by a half-copied, empty or lagging copy shows up as a wrong
-    count of the static rows, or as a write that cannot be read back."""
+    count of the static rows, or as a write that cannot be read back.  Every ``atomic_every``-th
+    round also runs an ``atomic()`` block (0: none; a coordinator restart fails an open one)."""
     setup_child(settings_json)
     import django_lb_shm
     from tests.testapp.models import Author, Destination
@@ -34,7 +35,7 @@ def app_loop(settings_json: str, prefix: str, max_ops: int, max_seconds: float, 
             count = Destination.objects.count()
             if count != static_rows:
                 wrong.append(f"{prefix}-{i}: {count} static rows, not {static_rows}")
-            if i % 10 == 0:
+            if atomic_every and i % atomic_every == 0:
                 with django_lb_shm.atomic():
                     Author.objects.filter(pk=author.pk).update(rating=i + 1)
                     Author.objects.filter(pk=author.pk).update(rating=i)
