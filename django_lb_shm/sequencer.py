@@ -516,8 +516,7 @@ def gap_in_history(journal: Journal, seq: int, tag: int, last_seq: int) -> str:
     """Why the journal cannot bring a copy whose marker is (``seq``, ``tag``) to ``last_seq``;
     "" when it can.  A copy's history must be the journal's: its last applied record must
     carry the tag the journal has for that number, and every later record must be here."""
-    repair = ("copy a healthy database over it (`djangoloadbalancer verify` shows the differences), "
-              "then restart the coordinator")
+    repair = "refill it from a healthy copy with `djangoloadbalancer resync <alias>` (the coordinator keeps running)"
     if seq > last_seq:
         return (f"it has applied writes up to #{seq}, but the journal and the other copies end at #{last_seq}: "
                 f"the journal in JOURNAL_DIR ({journal.directory}) is missing, older or restored from a "

@@ -46,7 +46,7 @@ class DbState(enum.IntEnum):
     RUNNING = 1        # serves reads, applies writes
     DOWN = 2           # connection-level failure: no reads; writes wait in the journal
     RECOVERING = 3     # back up, applying the writes it missed; no reads yet
-    DIVERGED = 4       # a write failed here but not on the first database: needs an operator
+    DIVERGED = 4       # a write failed here but not on the first database: needs a resync (resync.py)
     STOPPED = 5
     RESYNCING = 7      # being refilled from another copy (resync.py): no reads; its writes wait in the journal
     NEW = 8            # empty, or its resync did not finish: no reads, no writes until a resync fills it

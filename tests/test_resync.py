@@ -127,13 +127,37 @@ def handle(lb_factory, tmp_path):
     return lb_factory("resync", JOURNAL_DIR=str(tmp_path / "journal"))
 
 
+@pytest.fixture(autouse=True)
+def copies_alike_afterwards():
+    """The next tests (other coordinators, other journals) need copies alike, whatever this one left."""
+    yield
+    from tests.support.lb import ALIASES, clear_tables, stop_all_coordinators
+
+    stop_all_coordinators()
+    for alias in ALIASES:
+        connections[alias].close()
+    clear_tables()
+    marker = "django_lb_shm_applied"
+    rows = {}
+    for alias in ALIASES:
+        with connections[alias].cursor() as cursor:
+            cursor.execute(f"SELECT seq, tag FROM {marker} WHERE id = 1")
+            rows[alias] = cursor.fetchone()
+    seq, tag = max(rows.values())
+    for alias in ALIASES:
+        with connections[alias].cursor() as cursor:
+            cursor.execute(f"UPDATE {marker} SET seq = %s, tag = %s WHERE id = 1", [seq, abs(tag)])
+        connections[alias].close()
+
+
 # -- a DIVERGED copy, resynced under load ---------------------------------------------------------
 def test_a_diverged_copy_is_resynced_while_apps_read_and_write(handle):
     seed_static_rows()
     make_diverged(handle, TARGET)
     with Apps(handle) as apps:
         time.sleep(1.5)   # the apps are reading and writing
-        code, out = run_resync(handle, TARGET, "--chunk-size", "300", "--max-rate", "1500")
+        # slow enough (6 s) for the journal to be trimmed meanwhile: the resync's pin must hold
+        code, out = run_resync(handle, TARGET, "--chunk-size", "300", "--max-rate", "500")
         time.sleep(1.0)   # and go on after it, with the copy back in the reads
         outcomes = apps.finish()
     assert code == 0, out
@@ -168,6 +192,9 @@ def test_a_resync_killed_midway_is_run_again(handle, tmp_path):
     make_diverged(handle, TARGET)
     first = start_resync(handle, TARGET, "--chunk-size", "100", "--max-rate", "400", log=tmp_path / "first.log")
     wait_copying(handle, TARGET, first)
+    code, out = run_resync(handle, TARGET)   # a second one while the first runs: refused, the first goes on
+    assert code == 1 and f"a resync of '{TARGET}' is running (pid {first.pid}" in out, out
+    assert first.poll() is None and state_of(handle, TARGET)["state"] == "RESYNCING"
     os.kill(first.pid, signal.SIGKILL)
     first.wait(10)
 
@@ -284,3 +311,33 @@ def test_a_fourth_copy_is_added_then_removed_while_apps_run(lb_factory, tmp_path
     handle.wait_drained()
     code, out = run_verify(handle)
     assert code == 0 and "on default, DB1, DB2." in out, out
+
+
+# -- the command's surface -------------------------------------------------------------------------------
+def test_resync_refuses_bad_arguments_with_exit_2(handle):
+    for args, message in ((["NOPE"], "'NOPE' is not in LOAD_BALANCER['DATABASES']"),
+                          ([TARGET, "--from", TARGET], "cannot be resynced from itself"),
+                          ([TARGET, "--chunk-size", "0"], "--chunk-size must be at least 1")):
+        code, out = run_resync(handle, *args)
+        assert code == 2 and message in out, out
+    assert state_of(handle, TARGET)["state"] == "RUNNING"
+
+
+def test_a_resync_from_a_copy_that_is_not_running_is_refused_and_changes_nothing(handle):
+    make_diverged(handle, TARGET)
+    code, out = run_resync(handle, "DB1", "--from", TARGET)
+    assert code == 1 and "the source 'DB2' is DIVERGED, not RUNNING" in out, out
+    assert {d["name"]: d["state"] for d in handle.status()["databases"]} == {
+        "default": "RUNNING", "DB1": "RUNNING", TARGET: "DIVERGED"}
+
+
+def test_tables_are_copied_referenced_ones_first():
+    from django_lb_shm.resync import copy_plan
+
+    specs, models = copy_plan("default")
+    order = [spec.table for spec in specs]
+    for child, parent in (("testapp_book", "testapp_author"), ("testapp_review", "testapp_book"),
+                          ("testapp_book_tags", "testapp_book"), ("testapp_book_tags", "testapp_tag")):
+        assert order.index(parent) < order.index(child), order
+    assert "django_lb_shm_applied" not in order and "testapp_note" not in order   # (not load-balanced)
+    assert [m._meta.db_table for m in models] == order
