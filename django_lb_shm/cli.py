@@ -79,7 +79,8 @@ def _add_resync_parser(sub: Any, common: argparse.ArgumentParser) -> None:
                             epilog="exit status: 0 ALIAS is RUNNING and identical to SOURCE, 1 the resync failed "
                                    "(ALIAS is left out of reads until a resync completes, or untouched), "
                                    "2 invalid settings or arguments")
-    resync.add_argument("alias", metavar="ALIAS", help="the database to refill (an alias of LOAD_BALANCER['DATABASES'])")
+    resync.add_argument("alias", metavar="ALIAS",
+                        help="the database to refill (an alias of LOAD_BALANCER['DATABASES'])")
     resync.add_argument("--from", dest="source", metavar="SOURCE", default=None,
                         help="the database to copy (default: a RUNNING one other than the leader, when there is one)")
     resync.add_argument("--chunk-size", type=int, default=10000,

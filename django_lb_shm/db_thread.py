@@ -879,6 +879,9 @@ class DbThread(threading.Thread):
     def _finish_resync(self, work: FinishResync) -> None:
         """The copy's marker goes from (seq, mark) to (seq, the source's tag) -- only if it is the one
         this resync committed --, then the journal after ``seq`` is replayed as after any outage."""
+        if not self.resyncing:
+            work.reply.put(ResyncError(f"the resync of {self.alias!r} was given up meanwhile"))
+            return
         try:
             flipped = self.conn.run(f"UPDATE {MARKER_TABLE} SET tag = {int(work.tag)} WHERE id = 1 "
                                     f"AND seq = {int(work.seq)} AND tag = {int(work.mark)}").rowcount

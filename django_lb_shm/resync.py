@@ -40,7 +40,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, Optional, Sequence, TextIO
 
+from .db_thread import MARKER_CREATE, MARKER_ROW, MARKER_TABLE, FinishResync, MarkResync
 from .errors import ResyncError
+from .journal import new_tag
 from .shared_state import DbState, Slot
 
 logger = logging.getLogger("django_lb_shm.resync")
@@ -91,13 +93,11 @@ class ResyncDesk:
         with self.lock:
             thread = self._thread(alias)
             self._refuse_a_live_resync(alias, pid, host)
-            if thread.state not in (DbState.RUNNING, DbState.DIVERGED, DbState.NEW, DbState.RESYNCING):
-                raise ResyncError(f"{alias!r} is {thread.state.name}: a copy can be resynced when it is RUNNING, "
-                                  "DIVERGED or NEW (a DOWN copy cannot be reached; wait for it to come back)")
-            from .journal import new_tag
-
             nonce = new_tag()
-            with self.sequencer._ordered(f"resync of {alias!r}"):
+            with self.sequencer._ordered(f"resync of {alias!r}"):   # (no write half done on it as the leader)
+                if thread.state not in (DbState.RUNNING, DbState.DIVERGED, DbState.NEW, DbState.RESYNCING):
+                    raise ResyncError(f"{alias!r} is {thread.state.name}: a copy can be resynced when it is "
+                                      "RUNNING, DIVERGED or NEW (a DOWN copy cannot be reached; wait for it)")
                 origin = self._source(alias, source)
                 lease = Lease(alias, nonce, origin.alias, pid, host, pin=origin.applied_seq)
                 thread.resyncing = True
@@ -136,8 +136,6 @@ class ResyncDesk:
                 self._leave_out(alias, f"the copy was taken at #{seq}, before the journal's pin #{lease.pin}")
                 raise ResyncError(f"the copy of {alias!r} was taken at #{seq}, before #{lease.pin} "
                                   "(the source was behind): run the resync again")
-            from .db_thread import FinishResync
-
             try:
                 self._step(thread, lambda reply: FinishResync(seq, tag, lease.mark, reply))
             except Exception as exc:
@@ -259,8 +257,6 @@ class ResyncDesk:
 
 
 def _mark(tag: int) -> Callable[["queue.SimpleQueue"], Any]:
-    from .db_thread import MarkResync
-
     return lambda reply: MarkResync(tag, reply)
 
 
@@ -387,6 +383,7 @@ class ResyncRun:
         out = io.StringIO()
         t0 = time.monotonic()
         call_command("migrate", database=self.alias, interactive=False, verbosity=1, stdout=out)
+        _close_django_connections(self.alias)
         applied = out.getvalue().count("... OK")
         self.timings["migrate"] = time.monotonic() - t0
         self.show.say(f"migrate {self.alias}: {applied or 'no'} migration{'' if applied == 1 else 's'} applied")
@@ -662,8 +659,6 @@ def _quote(name: str) -> str:
 
 
 def _marker_statements(seq: int, mark: int) -> list[str]:
-    from .db_thread import MARKER_CREATE, MARKER_ROW, MARKER_TABLE
-
     return [MARKER_CREATE, MARKER_ROW, f"UPDATE {MARKER_TABLE} SET seq = {int(seq)}, tag = {int(mark)} WHERE id = 1"]
 
 
@@ -714,8 +709,6 @@ class SqliteCopier:
 
     def snapshot(self) -> tuple[int, int]:
         import sqlite3
-
-        from .db_thread import MARKER_TABLE
 
         path = self.source_path
         if _journal_mode(path) != "wal":
@@ -860,8 +853,6 @@ class PostgresCopier:
 
     def snapshot(self) -> tuple[int, int]:
         import psycopg
-
-        from .db_thread import MARKER_TABLE
 
         self.src.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         self.src.execute("SET LOCAL statement_timeout = 0")
