@@ -5,14 +5,15 @@ The copy under test is a follower (DB2); the leader is DB1, so the default sourc
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
-import uuid
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from django.db import connections
 
 from tests.support.lb import BACKEND, LAUNCHER, REPO, CoordinatorHandle
 from tests.support.resync_workers import app_loop
-from tests.testapp.models import Author, Destination
+from tests.testapp.models import Author, Book, Destination, Review, Tag
 
 pytestmark = pytest.mark.slow
 
@@ -84,6 +85,56 @@ def make_diverged(handle: CoordinatorHandle, alias: str) -> None:
 def seed_static_rows() -> None:
     Destination.objects.bulk_create([Destination(name=f"static-{i}", desc="x" * 40) for i in range(STATIC_ROWS)],
                                     batch_size=1000)
+
+
+def seed_related_rows() -> None:
+    """Rows with foreign keys and a many-to-many table: loaded with the constraints checked at COMMIT."""
+    tags = [Tag.objects.create(label=f"tag-{i}") for i in range(3)]
+    for i in range(5):
+        book = Book.objects.create(title=f"book-{i}", author=Author.objects.create(name=f"writer-{i}"), price="9.50")
+        book.tags.add(*tags[: i % 3 + 1])
+        Review.objects.create(book=book, stars=i % 5, text="fine")
+
+
+def open_raw(entry: dict):
+    """A plain DB-API connection to a DATABASES entry (one this process's settings may not name)."""
+    if "sqlite" in entry["ENGINE"]:
+        import sqlite3
+
+        return sqlite3.connect(entry["NAME"])
+    import psycopg
+
+    return psycopg.connect(host=entry["HOST"], port=entry["PORT"], user=entry["USER"], dbname=entry["NAME"],
+                           autocommit=True)
+
+
+def next_keys(entry: dict) -> dict:
+    """Where each load-balanced table's generated keys go on (PostgreSQL: its sequence; SQLite: sqlite_sequence)."""
+    from django_lb_shm.resync import copy_plan
+
+    found = {}
+    with contextlib.closing(open_raw(entry)) as db:
+        for spec in copy_plan("default")[0]:
+            if "sqlite" in entry["ENGINE"]:
+                row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = ?", [spec.table]).fetchone()
+                found[spec.table] = row[0] if row else None
+                continue
+            key = spec.pk_columns[0]
+            sequence = db.execute("SELECT pg_get_serial_sequence(%s, %s)", [spec.table, key]).fetchone()[0]
+            if sequence:
+                last_value, is_called = db.execute(f"SELECT last_value, is_called FROM {sequence}").fetchone()
+                top = db.execute(f'SELECT MAX("{key}") FROM "{spec.table}"').fetchone()[0]
+                found[spec.table] = (top is None or (last_value >= top and is_called), last_value, top)
+    return found
+
+
+def assert_keys_go_on_past_the_copy(copy: dict, source: dict) -> None:
+    """PostgreSQL: every sequence past the copied keys (as sqlsequencereset); SQLite: as on the source."""
+    keys = next_keys(copy)
+    if "sqlite" in copy["ENGINE"]:
+        assert keys == next_keys(source)
+    else:
+        assert all(past for past, _value, _top in keys.values()), keys
 
 
 def run_verify(handle: CoordinatorHandle) -> tuple[int, str]:
@@ -153,6 +204,7 @@ def copies_alike_afterwards():
 # -- a DIVERGED copy, resynced under load ---------------------------------------------------------
 def test_a_diverged_copy_is_resynced_while_apps_read_and_write(handle):
     seed_static_rows()
+    seed_related_rows()
     make_diverged(handle, TARGET)
     with Apps(handle) as apps:
         time.sleep(1.5)   # the apps are reading and writing
@@ -171,6 +223,7 @@ def test_a_diverged_copy_is_resynced_while_apps_read_and_write(handle):
     code, out = run_verify(handle)
     assert code == 0, out
     assert Author.objects.filter(name="only-once").count() == 1
+    assert_keys_go_on_past_the_copy(connections[TARGET].settings_dict, connections["default"].settings_dict)
 
 
 # -- interrupted resyncs ----------------------------------------------------------------------------
@@ -274,6 +327,8 @@ def test_a_fourth_copy_is_added_then_removed_while_apps_run(lb_factory, tmp_path
     handle = lb_factory("grow", JOURNAL_DIR=str(tmp_path / "journal"), CONNECT_TIMEOUT=20)
     supervisor = handle.supervisor_pid
     seed_static_rows()
+    seed_related_rows()
+    Review.objects.filter(pk=Review.objects.create(book=Book.objects.first(), stars=1).pk).delete()   # keys used up
     three = list(handle.lb["DATABASES"])
     four = three + ["DB3"]
     change_databases(handle, four, {"DB3": new_database(tmp_path)})
@@ -301,6 +356,8 @@ def test_a_fourth_copy_is_added_then_removed_while_apps_run(lb_factory, tmp_path
     handle.wait_drained()
     code, out = run_verify(handle)
     assert code == 0 and "on default, DB1, DB2, DB3" in out, out
+    settings = json.loads(handle.config_path.read_text())["DATABASES"]
+    assert_keys_go_on_past_the_copy(settings["DB3"], settings["DB2"])   # (a fresh database: nothing there before)
 
     change_databases(handle, three, {})
     os.kill(supervisor, signal.SIGHUP)
