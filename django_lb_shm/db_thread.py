@@ -527,6 +527,8 @@ class DbThread(threading.Thread):
         return None if self.state == DbState.NEW else self.applied_seq
 
     def mark_applied(self, seq: int, writes: int = 1) -> None:
+        if self.resyncing:
+            return   # a write finished just as its resync began: the pin stays its journal floor
         self.applied_seq = seq
         self.shared.set(self.index, Slot.APPLIED_SEQ, seq)
         self.shared.add(self.index, Slot.WRITES, writes)
