@@ -302,10 +302,14 @@ def resync(alias: str, source: Optional[str] = None, chunk_size: int = 10000, ma
     try:
         began = client.call("resync_begin", alias, source, os.getpid(), socket.gethostname())
     except LoadBalancerError as exc:
+        client.forget_connection()
         show.say(f"resync of {alias} not started: {exc}")
         return EXIT_RESYNC_FAILED
     run = ResyncRun(client, alias, began["source"], began["nonce"], began["pin"], show, chunk_size, max_rate)
-    return run.execute(migrate=migrate, verify=verify)
+    try:
+        return run.execute(migrate=migrate, verify=verify)
+    finally:
+        client.forget_connection()
 
 
 def _argument_problem(config: Any, alias: str, source: Optional[str], chunk_size: int, max_rate: float) -> str:

@@ -245,6 +245,10 @@ def test_a_resync_killed_midway_is_run_again(handle, tmp_path):
     make_diverged(handle, TARGET)
     first = start_resync(handle, TARGET, "--chunk-size", "100", "--max-rate", "400", log=tmp_path / "first.log")
     wait_copying(handle, TARGET, first)
+    shown = subprocess.run([sys.executable, str(LAUNCHER), "status"], cwd=str(REPO), env=handle.env(),
+                           capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 3 and f"{TARGET} is RESYNCING" in shown.stdout, shown.stdout + shown.stderr
+    assert f"resync from default by pid {first.pid}" in shown.stdout and "rows copied" in shown.stdout, shown.stdout
     code, out = run_resync(handle, TARGET)   # a second one while the first runs: refused, the first goes on
     assert code == 1 and f"a resync of '{TARGET}' is running (pid {first.pid}" in out, out
     assert first.poll() is None and state_of(handle, TARGET)["state"] == "RESYNCING"
@@ -377,6 +381,9 @@ def test_resync_refuses_bad_arguments_with_exit_2(handle):
                           ([TARGET, "--chunk-size", "0"], "--chunk-size must be at least 1")):
         code, out = run_resync(handle, *args)
         assert code == 2 and message in out, out
+    done = subprocess.run([sys.executable, "-m", "django", "loadbalancer", "resync", "NOPE"], cwd=str(REPO),
+                          env=handle.env(), capture_output=True, text=True, timeout=60)   # manage.py loadbalancer
+    assert done.returncode == 2 and "'NOPE' is not in" in done.stdout, done.stdout + done.stderr
     assert state_of(handle, TARGET)["state"] == "RUNNING"
 
 
