@@ -226,6 +226,21 @@ def test_a_diverged_copy_is_resynced_while_apps_read_and_write(handle):
     assert_keys_go_on_past_the_copy(connections[TARGET].settings_dict, connections["default"].settings_dict)
 
 
+def test_the_leader_itself_is_resynced_while_apps_write(handle):
+    """A RUNNING copy, and the one every write runs on first: the writes move to the next copy."""
+    seed_static_rows()
+    with Apps(handle, count=2) as apps:
+        time.sleep(1.0)
+        code, out = run_resync(handle, "DB1", "--max-rate", "1500")
+        outcomes = apps.finish()
+    assert code == 0 and "resync of DB1 from DB2" in out, out
+    for outcome in outcomes:
+        assert outcome["errors"] == [] and outcome["wrong_count"] == 0, outcome
+    handle.wait_drained()
+    code, out = run_verify(handle)
+    assert code == 0, out
+
+
 # -- interrupted resyncs ----------------------------------------------------------------------------
 def watch_states(handle: CoordinatorHandle, alias: str, seconds: float) -> list[str]:
     seen, deadline = [], time.monotonic() + seconds
