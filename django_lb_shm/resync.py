@@ -228,13 +228,11 @@ class ResyncDesk:
             if source.state != DbState.RUNNING:
                 raise ResyncError(f"the source {wanted!r} is {source.state.name}, not RUNNING")
             return source
+        # In the leader's order of preference: the first one leads (from now on, if ``alias`` led).
         running = [t for t in self.sequencer.leader_preference() if t.state == DbState.RUNNING and t.alias != alias]
         if not running:
             raise ResyncError(f"no RUNNING copy other than {alias!r} to resync it from")
-        caught_up = [t for t in running if t.applied_seq >= self.sequencer.last_seq]
-        leader = caught_up[0] if caught_up else None
-        others = [t for t in running if t is not leader]
-        return others[0] if others else running[0]
+        return running[1] if len(running) > 1 else running[0]
 
     def _step(self, thread: Any, make: Callable[["queue.SimpleQueue"], Any]) -> None:
         """Have the copy's own thread do ``make(reply)``, after the work queued before it."""
