@@ -1,4 +1,4 @@
-"""``djangoloadbalancer``: run the coordinator, show its status, migrate or verify the databases.
+"""``djangoloadbalancer``: run the coordinator, show its status, migrate, verify or resync the databases.
 
 Run it in the Django project directory.  Settings come from ``--settings``,
 DJANGO_SETTINGS_MODULE, or the project's manage.py.  The same system checks
@@ -60,8 +60,36 @@ def build_parser(prog: str = "djangoloadbalancer") -> argparse.ArgumentParser:
     verify.add_argument("--show", type=int, default=10, help="how many differing keys to name per table")
     verify.add_argument("--no-progress", action="store_true",
                         help="no progress bar (it is only drawn on a terminal anyway)")
+    _add_resync_parser(sub, common)
     sub.add_parser("check", parents=[common], help="run the system checks only")
     return parser
+
+
+RESYNC_DESCRIPTION = """Refill database ALIAS from another one while the coordinator runs: ALIAS leaves the
+reads (state RESYNCING) and its writes wait in the journal; ALIAS is migrated; a consistent
+snapshot of every load-balanced table of SOURCE is copied into ALIAS in one transaction,
+with SOURCE's marker; the coordinator replays the writes after it; then ALIAS is RUNNING and
+compared with SOURCE. Use it for a DIVERGED database, or to fill a NEW one (added to
+LOAD_BALANCER['DATABASES'])."""
+
+
+def _add_resync_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    resync = sub.add_parser("resync", parents=[common], help="refill one database from another, online",
+                            description=RESYNC_DESCRIPTION,
+                            epilog="exit status: 0 ALIAS is RUNNING and identical to SOURCE, 1 the resync failed "
+                                   "(ALIAS is left out of reads until a resync completes, or untouched), "
+                                   "2 invalid settings or arguments")
+    resync.add_argument("alias", metavar="ALIAS",
+                        help="the database to refill (an alias of LOAD_BALANCER['DATABASES'])")
+    resync.add_argument("--from", dest="source", metavar="SOURCE", default=None,
+                        help="the database to copy (default: a RUNNING one other than the leader, when there is one)")
+    resync.add_argument("--chunk-size", type=int, default=10000,
+                        help="rows copied per step (default 10000; PostgreSQL: at most 1 MiB); bounds the memory "
+                             "and the work per step")
+    resync.add_argument("--max-rate", type=float, default=0.0, metavar="ROWS_PER_S",
+                        help="copy at most this many rows per second (default: no limit), to spare the disks")
+    resync.add_argument("--no-migrate", action="store_true", help="do not run `migrate` on ALIAS first")
+    resync.add_argument("--no-verify", action="store_true", help="do not compare ALIAS with SOURCE at the end")
 
 
 def _add_status_parser(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -143,7 +171,7 @@ def _take_django_options(argv: list[str], args: argparse.Namespace) -> list[str]
 def dispatch(args: argparse.Namespace) -> int:
     command = args.command or "run"
     # `run` does not read the copies here: the coordinator compares their migrations itself.
-    if command in ("run", "check", "migrate", "verify") and not run_checks(read_databases=command != "run"):
+    if command in ("run", "check", "migrate", "verify", "resync") and not run_checks(read_databases=command != "run"):
         return EXIT_CONFIG_ERROR
     if command == "check":
         print("System check identified no issues.")
@@ -156,6 +184,11 @@ def dispatch(args: argparse.Namespace) -> int:
         return status(as_json=args.json)
     if command == "migrate":
         return migrate(args.migrate_args)
+    if command == "resync":
+        from .resync import resync
+
+        return resync(args.alias, args.source, chunk_size=args.chunk_size, max_rate=args.max_rate,
+                      migrate=not args.no_migrate, verify=not args.no_verify)
     from .verify import verify
 
     return verify(chunk_size=args.chunk_size, show=args.show, progress=not args.no_progress)
@@ -345,6 +378,11 @@ def _why_not_running(db: dict) -> str:
     line = f"{db['name']} is {db['state']}"
     if db.get("state_age_s") is not None:
         line += f" (for {db['state_age_s']:.0f}s)"
+    resync = db.get("resync")
+    if resync:
+        copied = resync.get("progress", {}).get("copied_rows", 0)
+        line += (f"; resync from {resync['source']} by pid {resync['pid']} on {resync['host']}: {resync['phase']}, "
+                 f"{copied} rows copied, last word {resync['silent_s']:.0f}s ago")
     missing = ", ".join(db.get("missing_migrations") or ())
     if db["state"] == "SCHEMA_BEHIND":
         return (f"{line}: missing migrations {missing}, which another copy has applied; it serves no reads and "
@@ -352,7 +390,7 @@ def _why_not_running(db: dict) -> str:
     if missing and db["state"] == "RUNNING":
         return (f"{line} but lacks migrations {missing} that another copy has applied, and has others that copy "
                 "lacks (code of two branches?): migrate every copy to the same migrations")
-    if db.get("last_error"):
+    if not resync and db.get("last_error"):
         at = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(db["last_error_at"]))
         line += f"; last error {db['last_error_age_s']:.0f}s ago, at {at}: {db['last_error']}"
     return line

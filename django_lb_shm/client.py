@@ -156,10 +156,14 @@ class CoordinatorClient:
             if "not exposed" in str(exc):
                 return   # a coordinator of an earlier version (no `identity`): nothing to compare
             raise
+        # Copies added or removed on the coordinator's side first (settings + SIGHUP) are not a mismatch;
+        # the same alias naming another database is, and so is no alias in common.
+        common = [alias for alias in self.config.databases if alias in theirs]
         differ = [
-            f"{alias!r} is {database_identity(alias)[1]!r} here, {theirs.get(alias, ['', '(not served)'])[1]!r} there"
-            for alias in self.config.databases if list(theirs.get(alias, ())) != database_identity(alias)
-        ]
+            f"{alias!r} is {database_identity(alias)[1]!r} here, {theirs[alias][1]!r} there"
+            for alias in common if list(theirs[alias]) != database_identity(alias)
+        ] or ([] if common else [f"it serves {', '.join(theirs) or 'none'}, this process names "
+                                 f"{', '.join(self.config.databases)}"])
         if differ:
             proxy.drop_connection()
             raise ConfigurationError(

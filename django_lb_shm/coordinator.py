@@ -52,6 +52,7 @@ from .protocol import (
     EXIT_CONFIG_ERROR,
     EXIT_OK,
     EXIT_ORPHANED,
+    EXIT_RELOAD,
     EXIT_RESTART,
     EXPOSED,
     TYPEID,
@@ -60,7 +61,7 @@ from .protocol import (
     no_delay,
     private_directory,
 )
-from .shared_state import CoordinatorState, DbState, Header, Reader, SharedState, Slot
+from .shared_state import CoordinatorState, DbState, Header, Reader, SharedState, Slot, databases_key
 
 logger = logging.getLogger("django_lb_shm.coordinator")
 
@@ -96,6 +97,9 @@ class Coordinator:
         self.idle = threading.Condition(self._active_lock)
         self.outcomes = WriteOutcomes(sequencer.journal.find_request)
         self.settle_wait = min(SETTLE_WAIT, config.client_timeout)
+        from .resync import ResyncDesk
+
+        self.resyncs = ResyncDesk(threads, sequencer, config)
 
     # -- exposed methods ---------------------------------------------------------------
     def ping(self) -> str:
@@ -111,6 +115,22 @@ class Coordinator:
         """The databases this coordinator serves, for the client's check (``database_identity``)."""
         return {"databases": {alias: database_identity(alias) for alias in self.config.databases}}
 
+    # A resync (resync.py): the command copies; the coordinator owns the copy's state.
+    def resync_begin(self, alias: str, source: Optional[str], pid: int, host: str) -> dict:
+        return self.resyncs.begin(alias, source, pid, host)
+
+    def resync_progress(self, alias: str, nonce: int, progress: dict) -> dict:
+        return self.resyncs.progress(alias, nonce, progress)
+
+    def resync_done(self, alias: str, nonce: int, seq: int, tag: int) -> dict:
+        return self.resyncs.done(alias, nonce, seq, tag)
+
+    def resync_end(self, alias: str, nonce: int) -> None:
+        self.resyncs.end(alias, nonce)
+
+    def resync_abort(self, alias: str, nonce: int, reason: str) -> None:
+        self.resyncs.abort(alias, nonce, reason)
+
     def status(self) -> dict:
         from .health import process_vitals
 
@@ -119,6 +139,9 @@ class Coordinator:
             database["read_connections"] = thread.read_pool.stats()
             database.update(thread.why())
             database["missing_migrations"] = self.schema.missing(thread.alias) if self.schema is not None else []
+            resync = self.resyncs.describe(thread.alias)
+            if resync:
+                database["resync"] = resync
         snapshot["coordinator"].update(process_vitals(os.getpid()))
         snapshot["coordinator"]["address"] = str(self.config.address)
         snapshot["coordinator"]["read_algorithm"] = self.config.read_algorithm.name
@@ -821,7 +844,8 @@ class CoordinatorProcess:
                                   connect=lambda alias: DbConnection(alias, self.config.statement_timeout),
                                   readable=self._readable_copies, on_change=self._schema_changed)
         self.hub = Hub(self.shared, self.config, self._catch_up_from, self._replay_after, self._notify_applied,
-                       probe_interval=self.algorithm.probe_interval, schema=self.schema)
+                       probe_interval=self.algorithm.probe_interval, schema=self.schema,
+                       joined=self._joined)
         self.threads = [DbThread(i, alias, self.hub) for i, alias in enumerate(self.config.databases)]
         # Before the journal is opened or any database replayed.
         self._claim_databases()
@@ -879,6 +903,9 @@ class CoordinatorProcess:
         for thread in self.threads:
             if thread.alias in aliases:
                 thread.wake()
+
+    def _joined(self, alias: str) -> None:
+        self.sequencer.joined(alias)
 
     def _wait_for_databases(self) -> None:
         deadline = time.monotonic() + BOOT_CONNECT_WAIT
@@ -939,6 +966,10 @@ class CoordinatorProcess:
                 self.exit_code = EXIT_ORPHANED
                 return
             self._replace_dead_threads()
+            try:
+                self.coordinator.resyncs.expire()
+            except Exception:  # never let a resync's bookkeeping stop the main loop
+                logger.exception("expiring silent resyncs failed")
             if time.monotonic() >= next_trim:
                 next_trim = time.monotonic() + TRIM_EVERY
                 self._trim_journal()
@@ -953,7 +984,8 @@ class CoordinatorProcess:
                 replacement.start()
 
     def _trim_journal(self) -> None:
-        floor = self.trim_lag.floor(min(t.applied_seq for t in self.threads))
+        floors = [floor for floor in (t.journal_floor() for t in self.threads) if floor is not None]
+        floor = self.trim_lag.floor(min(floors)) if floors else None
         if floor is not None and self.journal.trim(floor):
             release_free_memory()
         self.shared.set_header(Header.JOURNAL_ENTRIES, self.journal.entry_count)
@@ -1022,6 +1054,11 @@ def main(settings_module: Optional[str], shm_name: str, supervisor_pid: int, sys
         sys.exit(EXIT_CONFIG_ERROR)
     configure_logging(config.log_level)
     shared = SharedState.attach(shm_name, shares_tracker=True)
+    if shared.header(Header.DATABASES_KEY) != databases_key(config.databases):
+        # Added or removed copies (settings + SIGHUP): the segment's slots are laid out for the old list.
+        logging.getLogger("django_lb_shm").info("LOAD_BALANCER['DATABASES'] is now %s; the supervisor starts over "
+                                                "with it", ", ".join(config.databases))
+        os._exit(EXIT_RELOAD)
     code = CoordinatorProcess(config, shared, supervisor_pid).run()
     logging.shutdown()
     os._exit(code)

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator, Optional
 from django.db import connections
 
 from .descriptors import Result, Statement
-from .errors import DatabaseDown, DatabaseOwnedElsewhere, QueryTimeout
+from .errors import DatabaseDown, DatabaseOwnedElsewhere, QueryTimeout, ResyncError
 from .health import interrupt_statement, is_connection_error, is_statement_timeout, is_transient
 from .journal import JournalEntry
 from .conf import vendor_of
@@ -40,6 +40,10 @@ from .shared_state import DbState, SharedState, Slot
 logger = logging.getLogger("django_lb_shm.db")
 
 MARKER_TABLE = "django_lb_shm_applied"
+MARKER_CREATE = (f"CREATE TABLE IF NOT EXISTS {MARKER_TABLE} "
+                 "(id INTEGER PRIMARY KEY, seq BIGINT NOT NULL, tag BIGINT NOT NULL DEFAULT 0)")
+MARKER_ROW = (f"INSERT INTO {MARKER_TABLE} (id, seq, tag) SELECT 1, 0, 0 "
+              f"WHERE NOT EXISTS (SELECT 1 FROM {MARKER_TABLE} WHERE id = 1)")
 TRANSIENT_RETRIES = 5
 COMMIT_BUSY_RETRIES = 5
 WRITE_BATCH = 64   # queued follower writes applied in one transaction
@@ -383,16 +387,15 @@ class DbConnection:
     def ensure_marker(self) -> tuple[int, int]:
         """Create the marker table if needed (adding the tag column to one of an older
         version); (sequence, tag) of the last journal record applied here."""
-        self.run(f"CREATE TABLE IF NOT EXISTS {MARKER_TABLE} "
-                 "(id INTEGER PRIMARY KEY, seq BIGINT NOT NULL, tag BIGINT NOT NULL DEFAULT 0)")
+        self.run(MARKER_CREATE)
         columns = [c[0].lower() for c in self.run(f"SELECT * FROM {MARKER_TABLE} WHERE 1 = 0").description]
         if "tag" not in columns:
             self.run(f"ALTER TABLE {MARKER_TABLE} ADD COLUMN tag BIGINT NOT NULL DEFAULT 0")
-        self.run(
-            f"INSERT INTO {MARKER_TABLE} (id, seq, tag) SELECT 1, 0, 0 "
-            f"WHERE NOT EXISTS (SELECT 1 FROM {MARKER_TABLE} WHERE id = 1)"
-        )
-        seq, tag = self.run(f"SELECT seq, tag FROM {MARKER_TABLE} WHERE id = 1").rows[0]
+        rows = self.run(f"SELECT seq, tag FROM {MARKER_TABLE} WHERE id = 1").rows
+        if not rows:   # (SQLite: no write, so no wait, while a resync holds the file's write lock)
+            self.run(MARKER_ROW)
+            rows = self.run(f"SELECT seq, tag FROM {MARKER_TABLE} WHERE id = 1").rows
+        seq, tag = rows[0]
         return int(seq), int(tag)
 
     def set_marker(self, seq: int, tag: int) -> None:
@@ -453,6 +456,11 @@ _BEGIN_PREFIX = "BEGIN" + _SEP
 _BEGIN_IMMEDIATE = _BEGIN_PREFIX + "SET CONSTRAINTS ALL IMMEDIATE" + _SEP
 
 
+class NeedsResync(Exception):
+    """A copy the journal cannot catch up, whose next step is a full copy (state NEW): it is empty
+    while the others have writes, or its resync did not finish."""
+
+
 class GroupShapeError(Exception):
     """A group of writes cannot be run as one: the sequencer runs its writes one by one."""
 
@@ -490,6 +498,24 @@ class CancelQuery:
     session: tuple   # (backend pid, backend_start) of the connection whose read was cut
 
 
+@dataclass
+class MarkResync:
+    """Put a resync's mark (a negative tag) on the copy's marker: until a resync completes, a
+    restarted coordinator keeps the copy out (state NEW).  Answered on ``reply``: None or the error."""
+    tag: int
+    reply: "queue.SimpleQueue"
+
+
+@dataclass
+class FinishResync:
+    """A resync loaded the copy at ``seq`` with the mark ``mark``: take the source's ``tag`` as the
+    copy's own, then replay the journal after ``seq`` (answered on ``reply`` once the replay starts)."""
+    seq: int
+    tag: int
+    mark: int
+    reply: "queue.SimpleQueue"
+
+
 STOP = object()
 GROW_READ_POOL = object()
 CHECK_CONNECTION = object()   # a probe failed: is this thread's connection lost too?
@@ -504,9 +530,10 @@ class Hub:
                  replay_after: Callable[[int], Iterator[JournalEntry]],
                  notify_applied: Callable[[], None],
                  probe_interval: Optional[float] = None,
-                 schema: Any = None):
+                 schema: Any = None, joined: Optional[Callable[[str], None]] = None):
         self.shared = shared
         self.config = config
+        self.joined = joined or (lambda alias: None)   # the copy is caught up: a member of the journal's history
         # (alias, read the marker) -> "" when the journal can bring the copy up to date, else why
         # not; HistoryUnsettled while copies that may know more writes have not been seen
         self.catch_up_from = catch_up_from
@@ -550,6 +577,7 @@ class DbThread(threading.Thread):
         self.next_latency_probe = 0.0
         self.last_error = ""        # why it last left RUNNING (or stayed out), for `status`
         self.last_error_at = 0.0    # wall clock
+        self.resyncing = False      # a resync holds it (resync.ResyncDesk): only the resync changes its state
 
     # -- state --------------------------------------------------------------------
     @property
@@ -591,7 +619,14 @@ class DbThread(threading.Thread):
             "last_error_age_s": round(time.time() - self.last_error_at, 3) if self.last_error_at else None,
         }
 
+    def journal_floor(self) -> Optional[int]:
+        """The first journal record this copy may still need (None: none, a full copy is its next step).
+        RESYNCING: the pin its resync set, at or before the sequence its copy will be taken at."""
+        return None if self.state == DbState.NEW else self.applied_seq
+
     def mark_applied(self, seq: int, writes: int = 1) -> None:
+        if self.resyncing:
+            return   # a write finished just as its resync began: the pin stays its journal floor
         self.applied_seq = seq
         self.shared.set(self.index, Slot.APPLIED_SEQ, seq)
         self.shared.add(self.index, Slot.WRITES, writes)
@@ -630,6 +665,10 @@ class DbThread(threading.Thread):
     def submit_write(self, entry: JournalEntry) -> None:
         self.queue.put(WriteWork(entry))
 
+    def submit(self, work: Any) -> None:
+        """A resync's step (MarkResync, FinishResync), done in queue order on this thread."""
+        self.queue.put(work)
+
     def probe_now(self) -> None:
         """A DOWN copy tries to recover at once instead of at its next probe."""
         self.next_probe = 0.0
@@ -654,6 +693,7 @@ class DbThread(threading.Thread):
         fresh.applied_seq = self.applied_seq
         fresh._state_lock = self._state_lock
         fresh.prober = self.prober   # its verdicts go to the old object: the same shared slot and queue
+        fresh.resyncing = self.resyncing
         self.conn.close()
         return fresh
 
@@ -694,6 +734,10 @@ class DbThread(threading.Thread):
             self._cancel_query(item.session)
         elif item is CHECK_CONNECTION:
             self._check_connection()
+        elif isinstance(item, MarkResync):
+            self._mark_resync(item)
+        elif isinstance(item, FinishResync):
+            self._finish_resync(item)
         elif isinstance(item, WriteWork):
             entries, following = self._writes_queued_after(item.entry)
             self._write(entries)
@@ -958,6 +1002,8 @@ class DbThread(threading.Thread):
     def recover(self) -> None:
         """Connect, then apply every journaled write this database missed; then RUNNING
         (or SCHEMA_BEHIND while it lacks migrations another copy has applied)."""
+        if self.resyncing:
+            return   # the resync decides (a copy it is loading must not be caught up meanwhile)
         try:
             if (self.claimed_at_boot or self.state == DbState.SCHEMA_BEHIND) and self.conn.is_open:
                 self.claimed_at_boot = False   # opened and claimed before: keep that session (and the claim)
@@ -969,6 +1015,9 @@ class DbThread(threading.Thread):
             self.set_state(DbState.RECOVERING)
             gap = self.hub.catch_up_from(self.alias, self._read_marker)
             self._report_migrations()
+        except NeedsResync as exc:
+            self.set_state(DbState.NEW, str(exc))
+            return
         except Exception as exc:
             if self.state != DbState.DOWN:
                 self.go_down(exc)
@@ -979,11 +1028,17 @@ class DbThread(threading.Thread):
         if gap:
             self.set_state(DbState.DIVERGED, gap)
             return
-        if self._fall_behind_if_behind() or not self._replay():
+        if self._fall_behind_if_behind():
+            return
+        self._replay_then_run()
+
+    def _replay_then_run(self) -> None:
+        if not self._replay() or self.resyncing:   # (a resync that took it out meanwhile decides)
             return
         if self._fall_behind_if_behind():   # another copy was migrated during the replay
             return
         self.set_state(DbState.RUNNING)
+        self.hub.joined(self.alias)
         self.hub.notify_applied()
 
     def _end_stale_writer(self) -> None:
@@ -1048,14 +1103,65 @@ class DbThread(threading.Thread):
         self.hub.schema.refresh()
         return self._fall_behind_if_behind()
 
+    # -- a resync's steps (resync.py), on this thread ---------------------------------------
+    def _mark_resync(self, work: MarkResync) -> None:
+        try:
+            self.conn.ensure_marker()
+            self.conn.run(f"UPDATE {MARKER_TABLE} SET tag = {int(work.tag)} WHERE id = 1")
+        except Exception as exc:
+            work.reply.put(exc)
+            return
+        work.reply.put(None)
+
+    def _finish_resync(self, work: FinishResync) -> None:
+        """The copy's marker goes from (seq, mark) to (seq, the source's tag) -- only if it is the one
+        this resync committed --, then the journal after ``seq`` is replayed as after any outage."""
+        if not self.resyncing:
+            work.reply.put(ResyncError(f"the resync of {self.alias!r} was given up meanwhile"))
+            return
+        try:
+            flipped = self.conn.run(f"UPDATE {MARKER_TABLE} SET tag = {int(work.tag)} WHERE id = 1 "
+                                    f"AND seq = {int(work.seq)} AND tag = {int(work.mark)}").rowcount
+            if flipped != 1:
+                raise ResyncError(f"the marker of {self.alias!r} is not the one this resync committed "
+                                  f"(#{work.seq}): another resync or a restore changed it meanwhile")
+        except Exception as exc:
+            work.reply.put(exc)
+            return
+        self.resyncing = False
+        self.set_state(DbState.RECOVERING)
+        try:
+            gap = self.hub.catch_up_from(self.alias, self._read_marker)
+        except Exception as exc:   # complete at its marker now: an ordinary recovery takes it from here
+            work.reply.put(exc)
+            self.go_down(exc)
+            return
+        if gap:
+            self.set_state(DbState.DIVERGED, gap)
+            work.reply.put(ResyncError(f"{self.alias!r} was loaded at #{work.seq}, but {gap}"))
+            return
+        work.reply.put(None)
+        self._replay_then_run()
+
+    def _replay_batch(self, entries: list) -> bool:
+        """Several journaled writes in one transaction, as queued ones are (one by one on a failure)."""
+        self._write(entries)
+        return self.applied_seq >= entries[-1].seq and self.state == DbState.RECOVERING
+
     def _replay(self) -> bool:
         """Apply the journal's records after the marker, read from disk a chunk at a time
         (writes published meanwhile are also queued here; the marker skips a repeat)."""
-        start, replayed = self.applied_seq, 0
+        start, replayed, batch = self.applied_seq, 0, []
         for entry in self.hub.replay_after(self.applied_seq):
-            if not self.apply(entry):
+            batch.append(entry)
+            if len(batch) == WRITE_BATCH:
+                if not self._replay_batch(batch):
+                    return False
+                replayed, batch = replayed + len(batch), []
+        if batch:
+            if not self._replay_batch(batch):
                 return False
-            replayed += 1
+            replayed += len(batch)
         if replayed:
             logger.info("database %r: applied %d journaled writes after #%d", self.alias, replayed, start)
         return True

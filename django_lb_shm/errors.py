@@ -116,6 +116,10 @@ class JournalCorrupt(LoadBalancerError):
     """The journal holds a damaged record followed by valid ones: the coordinator will not guess."""
 
 
+class ResyncError(LoadBalancerError, db_utils.OperationalError):
+    """A resync could not start, go on or finish; the copy is left out of reads."""
+
+
 # Database errors raised by a database thread keep their Django class on the
 # client side; these names are the ones allowed to cross the queue.
 _DJANGO_ERRORS: dict[str, type[Exception]] = {
@@ -168,6 +172,7 @@ _OWN_ERRORS: dict[str, type[Exception]] = {
         TransactionError,
         JournalError,
         JournalCorrupt,
+        ResyncError,
         SharedMemoryNotOwned,
     )
 }

@@ -20,6 +20,7 @@ and are not kept in memory.  Segment files of the format before version 1
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import pickle
@@ -87,6 +88,7 @@ class Journal:
         self.base_tag = 0
         self.entry_count = 0
         self.is_new = False              # created by this open(): it knows nothing of the copies' past
+        self.members: set[str] = set()   # aliases that share its history (see settle_members)
         self._lock = threading.Lock()
         self._lock_file: Optional[int] = None
 
@@ -209,6 +211,29 @@ class Journal:
                        "numbering continues after #%d", self.directory, self.last_seq, seq, seq)
         self.base_seq, self.base_tag = seq, tag
         self.last_seq = max(self.last_seq, seq)
+
+    # -- members: the copies that share this history ---------------------------------------
+    def settle_members(self, aliases: Sequence[str]) -> None:
+        """At boot: the configured copies that share this history.  A journal that never recorded
+        members (new, or of an earlier version) counts every configured copy; aliases no longer
+        configured are dropped (added again later, such a copy is a newcomer)."""
+        stored = self._meta("members")
+        members = set(aliases) if stored is None else set(json.loads(stored)) & set(aliases)
+        self._store_members(members)
+
+    def add_member(self, alias: str) -> None:
+        """``alias`` holds this history now (it caught up, or a resync filled it)."""
+        if alias not in self.members:
+            self._store_members(self.members | {alias})
+
+    def _store_members(self, members: set) -> None:
+        with self._lock:
+            try:
+                with self._transaction():
+                    self._set_meta("members", json.dumps(sorted(members)))
+            except sqlite3.Error as exc:
+                logger.warning("journal: could not record its members (%s)", exc)
+        self.members = members
 
     def _cannot_write(self, exc: BaseException) -> str:
         return (f"the write journal in LOAD_BALANCER['JOURNAL_DIR'] ({self.directory}) cannot record "

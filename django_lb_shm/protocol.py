@@ -26,7 +26,8 @@ from typing import Any, Optional
 from .errors import AnswerTimeout, ProtocolError
 
 TYPEID = "coordinator"
-EXPOSED = ("execute", "status", "hello", "ping", "identity")
+EXPOSED = ("execute", "status", "hello", "ping", "identity",
+           "resync_begin", "resync_progress", "resync_done", "resync_end", "resync_abort")
 
 EXIT_OK = 0
 EXIT_CONFIG_ERROR = 2    # settings invalid: never restart
@@ -34,6 +35,7 @@ EXIT_BOOT_ERROR = 3      # could not boot (journal unusable, databases claimed..
 EXIT_ORPHANED = 4        # supervisor went away; not restarted (nobody left to restart it)
 EXIT_RESTART = 5         # the coordinator asks to be restarted (its journal must be read again)
 EXIT_ADDRESS_IN_USE = 6  # ADDRESS is taken: a boot error at the first boot, retried with backoff after it
+EXIT_RELOAD = 7          # LOAD_BALANCER['DATABASES'] changed: the supervisor starts over with the new settings
 # Set by LoadBalancerTestRunner to its own pid: the supervisor stops once that process is gone.
 STOP_WITH_PARENT_ENV = "DJANGO_LB_SHM_STOP_WITH_PARENT"
 
@@ -44,6 +46,7 @@ EXIT_CODES = {
     EXIT_ORPHANED: "orphaned",
     EXIT_RESTART: "restart requested",
     EXIT_ADDRESS_IN_USE: "address in use",
+    EXIT_RELOAD: "the databases changed",
 }
 
 

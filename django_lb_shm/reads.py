@@ -60,6 +60,7 @@ from .shared_state import (
     Reader,
     SharedState,
     Slot,
+    databases_key,
     segment_name,
 )
 
@@ -408,7 +409,8 @@ class ZeroHopReader:
             heartbeat = shared.header(Header.HEARTBEAT)
             same = all(shared.header(h) == self.shared.header(h)
                        for h in (Header.SUPERVISOR_PID, Header.SUPERVISOR_STARTED_AT))
-            if same or not heartbeat or now - heartbeat > self.heartbeat_timeout or shared.n_databases != self.n:
+            stale = not heartbeat or now - heartbeat > self.heartbeat_timeout
+            if same or stale or not _laid_out_for(shared, self.names):
                 shared.close()
                 return False
             self.shared, self.values = shared, shared.values
@@ -541,8 +543,8 @@ def _build(config: Any) -> Optional[ZeroHopReader]:
                 logger.warning("reads go through the coordinator: cannot use shared memory segment %r (%s: %s)",
                                name, type(exc).__name__, exc)
             return None
-        if shared.n_databases != len(config.databases) or not shared.reader_slots:
-            shared.close()
+        if not _laid_out_for(shared, config.databases) or not shared.reader_slots:
+            shared.close()   # (another list of copies: a coordinator that started over with other settings)
             _next_try = now + 60.0
             return None
         # The coordinator must serve the databases this process names (as on the coordinator
@@ -552,6 +554,11 @@ def _build(config: Any) -> Optional[ZeroHopReader]:
         get_client().proxy()
         _reader = ZeroHopReader(config, shared)
         return _reader
+
+
+def _laid_out_for(shared: SharedState, aliases: Any) -> bool:
+    """The segment's database slots are this process's LOAD_BALANCER['DATABASES'], in this order."""
+    return shared.n_databases == len(aliases) and shared.header(Header.DATABASES_KEY) == databases_key(aliases)
 
 
 def _reset_after_fork() -> None:

@@ -49,7 +49,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 from django.db import DEFAULT_DB_ALIAS
 
-from .db_thread import DbConnection, DbThread
+from .db_thread import DbConnection, DbThread, NeedsResync
 from .descriptors import InsertKeys, Result, Statement
 from .errors import (JournalError, NoDatabaseAvailable, NotSupportedError, TransactionError, WriteNotApplied,
                      WriteOutcomeUnknown)
@@ -135,7 +135,9 @@ class Sequencer:
         or ends before a copy's marker, a copy not reached may hold writes no one else knows:
         then no copy is caught up (nor serves reads) until every copy has been seen."""
         self.start_at(self.journal.last_seq)
-        reached = {alias: m for alias, m in markers.items() if m is not None}
+        self.journal.settle_members([t.alias for t in self.threads])
+        # A copy whose resync did not finish holds no history of its own (its number is its source's).
+        reached = {alias: (m if m[1] >= 0 else (0, 0)) for alias, m in markers.items() if m is not None}
         top = max(reached.values(), key=lambda marker: marker[0], default=(0, 0))
         unsure = self.journal.is_new or top[0] > self.journal.last_seq
         if unsure and len(reached) < len(markers):
@@ -166,7 +168,7 @@ class Sequencer:
             self.hold = Hold("replay", time.monotonic(), client=f"database thread {alias!r} (catching up)")
             seq, tag = read_marker()
             if self.awaited is not None:
-                self.awaited[alias] = (seq, tag)
+                self.awaited[alias] = (seq, tag) if tag >= 0 else (0, 0)
                 unseen = sorted(t.alias for t in self.threads if t.alias not in self.awaited)
                 if unseen:
                     raise HistoryUnsettled(
@@ -174,7 +176,18 @@ class Sequencer:
                         "so until every copy has been seen no copy is known to hold every acknowledged write "
                         "(a copy that is gone for good: remove it from LOAD_BALANCER['DATABASES'] and send SIGHUP)")
                 self._rebase_on(self.awaited)
-            return gap_in_history(self.journal, seq, tag, self.last_seq)
+            if tag < 0:
+                raise NeedsResync(f"a resync of it did not finish (its marker still carries the resync's mark); "
+                                  f"it is left out until `djangoloadbalancer resync {alias}` completes")
+            gap = gap_in_history(self.journal, seq, tag, self.last_seq)
+            if (seq, tag) == (0, 0) and self.last_seq and (gap or alias not in self.journal.members):
+                raise NeedsResync(f"it has applied no write while the others are at #{self.last_seq} (a copy just "
+                                  f"added, or an empty database): fill it with `djangoloadbalancer resync {alias}`")
+            return gap
+
+    def joined(self, alias: str) -> None:
+        """Copy ``alias`` is caught up: it shares the journal's history from now on."""
+        self.journal.add_member(alias)
 
     def replay_after(self, seq: int) -> Iterator[JournalEntry]:
         """Records after ``seq`` that are decided and published: a record still being decided
@@ -637,8 +650,7 @@ def gap_in_history(journal: Journal, seq: int, tag: int, last_seq: int) -> str:
     """Why the journal cannot bring a copy whose marker is (``seq``, ``tag``) to ``last_seq``;
     "" when it can.  A copy's history must be the journal's: its last applied record must
     carry the tag the journal has for that number, and every later record must be here."""
-    repair = ("copy a healthy database over it (`djangoloadbalancer verify` shows the differences), "
-              "then restart the coordinator")
+    repair = "refill it from a healthy copy with `djangoloadbalancer resync <alias>` (the coordinator keeps running)"
     if seq > last_seq:
         return (f"it has applied writes up to #{seq}, but the journal and the other copies end at #{last_seq}: "
                 f"the journal in JOURNAL_DIR ({journal.directory}) is missing, older or restored from a "

@@ -31,6 +31,7 @@ import pwd
 import stat
 import threading
 import time
+import zlib
 from multiprocessing import resource_tracker, shared_memory
 from typing import Any, Optional
 
@@ -45,10 +46,12 @@ class DbState(enum.IntEnum):
     RUNNING = 1        # serves reads, applies writes
     DOWN = 2           # connection-level failure: no reads; writes wait in the journal
     RECOVERING = 3     # back up, applying the writes it missed; no reads yet
-    DIVERGED = 4       # a write failed here but not on the first database: needs an operator
+    DIVERGED = 4       # a write failed here but not on the first database: needs a resync (resync.py)
     STOPPED = 5
     UNRESPONSIVE = 6   # does not answer probes (hung, cut off): no reads; writes still go to it
     SCHEMA_BEHIND = 9  # lacks migrations another copy has applied: no reads; writes wait in the journal
+    RESYNCING = 7      # being refilled from another copy (resync.py): no reads; its writes wait in the journal
+    NEW = 8            # empty, or its resync did not finish: no reads, no writes until a resync fills it
 
 
 _DB_STATES = {int(s): s for s in DbState}  # a dict lookup: DbState(n) costs microseconds per read
@@ -79,6 +82,7 @@ class Header(enum.IntEnum):
     ACTIVE_REQUESTS = 14
     READER_SLOTS = 15       # number of reader slots after the database slots
     READERS_HIGH = 16       # one past the highest reader slot claimed so far (scan bound)
+    DATABASES_KEY = 17      # databases_key() of the aliases the slots are laid out for
 
 
 HEADER_SIZE = 24
@@ -122,6 +126,11 @@ class LayoutMismatch(RuntimeError):
 
 
 SHM_DIR = "/dev/shm"   # where Linux keeps POSIX shared memory segments
+
+
+def databases_key(aliases: Any) -> int:
+    """The aliases of LOAD_BALANCER['DATABASES'], in order, as one number (slot i is alias i)."""
+    return zlib.crc32("\0".join(aliases).encode())
 
 
 def segment_name(address: Any) -> str:
@@ -209,8 +218,10 @@ class SharedState:
         return 8 * (HEADER_SIZE + SLOT_SIZE * n_databases + reader_slots * (READER_HEAD + READER_FIELDS * n_databases))
 
     @classmethod
-    def create(cls, name: str, n_databases: int, reader_slots: int = READER_SLOTS) -> "SharedState":
-        """Create the segment, reclaiming one a dead supervisor left behind."""
+    def create(cls, name: str, n_databases: int, reader_slots: int = READER_SLOTS,
+               aliases: Any = ()) -> "SharedState":
+        """Create the segment, reclaiming one a dead supervisor left behind (or this very process
+        before it started over: see ``hand_over``)."""
         size = cls.size_for(n_databases, reader_slots)
         try:
             shm = shared_memory.SharedMemory(name=name, create=True, size=size)
@@ -233,6 +244,7 @@ class SharedState:
         state.set_header(Header.VERSION, LAYOUT_VERSION)
         state.set_header(Header.N_DATABASES, n_databases)
         state.set_header(Header.READER_SLOTS, reader_slots)
+        state.set_header(Header.DATABASES_KEY, databases_key(aliases))
         state._layout()
         state.set_header(Header.SUPERVISOR_PID, os.getpid())
         state.set_header(Header.SUPERVISOR_STARTED_AT, time.time())
@@ -301,6 +313,15 @@ class SharedState:
         except Exception:
             pass
         self.shm.close()
+
+    def hand_over(self) -> None:
+        """Before this supervisor process starts over (exec): the segment stays, naming this live pid,
+        so that app processes wait for the new one instead of failing; the new one reclaims it."""
+        try:
+            resource_tracker.unregister(self.shm._name, "shared_memory")  # type: ignore[attr-defined]
+        except Exception:
+            pass
+        self.close()
 
     def unlink(self) -> None:
         self.close()

@@ -31,6 +31,7 @@ from .protocol import (
     EXIT_CODES,
     EXIT_CONFIG_ERROR,
     EXIT_OK,
+    EXIT_RELOAD,
     STOP_WITH_PARENT_ENV,
 )
 from .shared_state import CoordinatorState, DbState, Header, SharedState, Slot, segment_name
@@ -40,6 +41,21 @@ logger = logging.getLogger("django_lb_shm.supervisor")
 BOOT_TIMEOUT = 60.0
 MAX_BACKOFF = 30.0
 HEALTHY_AFTER = 60.0   # a coordinator up this long resets the backoff
+
+
+STARTED_OVER_ENV = "DJANGO_LB_SHM_STARTED_OVER"   # set across start_over(): a second request is a boot error
+
+
+def start_over() -> None:
+    """LOAD_BALANCER['DATABASES'] changed (settings + SIGHUP): this process's settings and shared-memory
+    layout are the old ones, so it runs its own command line again (same pid) to read the new ones."""
+    logger.info("LOAD_BALANCER['DATABASES'] changed; the supervisor starts over (pid %d) with the new settings",
+                os.getpid())
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.environ[STARTED_OVER_ENV] = "1"
+    os.execv(sys.executable, [sys.executable] + sys.orig_argv[1:])
 
 
 def mp_context() -> Any:
@@ -66,17 +82,22 @@ class Supervisor:
     # -- life cycle ---------------------------------------------------------------------
     def run(self) -> int:
         self._install_signals()
-        self.shared = SharedState.create(segment_name(self.config.address), len(self.config.databases))
+        self.shared = SharedState.create(segment_name(self.config.address), len(self.config.databases),
+                                         aliases=self.config.databases)
+        code = EXIT_BOOT_ERROR
         try:
             self.metrics = serve_metrics(self.config, self.shared)
             code = self._boot()
-            if code is not None:
-                return code
-            return self._loop()
+            if code is None:
+                code = self._loop()
+            return code
         finally:
             self._stop_coordinator(force=False)
             if self.metrics is not None:
                 self.metrics.stop()   # before the segment it reads is unmapped
+            if code == EXIT_RELOAD:
+                self.shared.hand_over()
+                start_over()
             self.shared.unlink()
 
     def _install_signals(self) -> None:
@@ -104,6 +125,8 @@ class Supervisor:
         if self.stopping:
             return EXIT_OK
         code = self.process.exitcode
+        if code == EXIT_RELOAD and not os.environ.pop(STARTED_OVER_ENV, ""):
+            return code
         if code == EXIT_ADDRESS_IN_USE:
             reason = self._address_in_use()
         elif code is not None:
@@ -126,6 +149,7 @@ class Supervisor:
         return False
 
     def _log_ready(self) -> None:
+        os.environ.pop(STARTED_OVER_ENV, None)   # a later change of the databases may start over again
         names = self.config.databases
         states = ", ".join(f"{name} ({self.shared.state(i).name})" for i, name in enumerate(names))
         logger.info("django_lb_shm ready at %s (supervisor pid %d, coordinator pid %d); databases: %s",
@@ -155,6 +179,8 @@ class Supervisor:
                 code = self.process.exitcode
                 if code in (EXIT_CONFIG_ERROR, EXIT_BOOT_ERROR):
                     logger.error("the coordinator exited with %s; not restarting", EXIT_CODES[code])
+                    return code
+                if code == EXIT_RELOAD:
                     return code
                 if code == EXIT_ADDRESS_IN_USE:
                     problem = f"the coordinator (pid {self.process.pid}) cannot serve: {self._address_in_use()}"

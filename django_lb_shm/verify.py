@@ -610,7 +610,11 @@ def _pending_writes_note() -> str:
     diverged = [db["name"] for db in status["databases"] if db["state"] == "DIVERGED"]
     if diverged:
         return (f"{', '.join(diverged)} DIVERGED (see `djangoloadbalancer status`): it rejected a write the "
-                "others applied and needs an operator; the README's Failure semantics say how to repair it.")
+                f"others applied; refill it with `djangoloadbalancer resync {diverged[0]}`.")
+    out = [db["name"] for db in status["databases"] if db["state"] in ("NEW", "RESYNCING")]
+    if out:
+        return (f"{', '.join(out)} waiting for or in a resync (see `djangoloadbalancer status`): it serves no reads "
+                "and is not expected to match until its resync completes.")
     pending = {db["name"]: db["pending_writes"] for db in status["databases"] if db["pending_writes"]}
     if pending:
         waiting = ", ".join(f"{name}: {count}" for name, count in pending.items())

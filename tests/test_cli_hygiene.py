@@ -41,7 +41,7 @@ def test_every_option_of_every_subcommand_has_help():
         and (not action.help or action.help == argparse.SUPPRESS)
     ]
     assert missing == []
-    assert set(subparsers(cli.build_parser())) == {"", "run", "status", "migrate", "verify", "check"}
+    assert set(subparsers(cli.build_parser())) == {"", "run", "status", "migrate", "verify", "resync", "check"}
 
 
 def fresh_sqlite_env(tmp_path: Path) -> tuple[dict, list[Path]]:
