@@ -43,7 +43,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, TextIO
 from .db_thread import MARKER_CREATE, MARKER_ROW, MARKER_TABLE, FinishResync, MarkResync
 from .errors import ResyncError
 from .journal import new_tag
-from .shared_state import DbState, Slot
+from .shared_state import DbState, Slot, pid_alive
 
 logger = logging.getLogger("django_lb_shm.resync")
 
@@ -211,7 +211,7 @@ class ResyncDesk:
         if lease is None or (lease.pid == pid and lease.host == host):
             return
         silent = time.monotonic() - lease.seen
-        gone = lease.host == socket.gethostname() and not _pid_alive(lease.pid)
+        gone = lease.host == socket.gethostname() and not pid_alive(lease.pid)
         if not gone and silent <= LEASE:
             raise ResyncError(f"a resync of {alias!r} is running (pid {lease.pid} on {lease.host}, from "
                               f"{lease.source}, last word {silent:.0f} s ago); wait for it, or stop it first")
@@ -256,16 +256,6 @@ class ResyncDesk:
 
 def _mark(tag: int) -> Callable[["queue.SimpleQueue"], Any]:
     return lambda reply: MarkResync(tag, reply)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # == the command's side ======================================================================
@@ -807,7 +797,7 @@ def _remove_stale_snapshots(target_path: str) -> None:
             pid = int(path.rsplit(".resync-", 1)[1].split(".", 1)[0])
         except ValueError:
             continue
-        if pid != os.getpid() and not _pid_alive(pid):
+        if pid != os.getpid() and not pid_alive(pid):
             for suffix in ("", "-journal"):
                 try:
                     os.unlink(path + suffix)

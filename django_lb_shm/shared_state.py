@@ -230,7 +230,7 @@ class SharedState:
             if existing is not None:
                 check_owner(existing, name)   # another user's file: never reclaimed
             pid = _owner_pid(name)
-            if pid and pid != os.getpid() and _pid_alive(pid):
+            if pid and pid != os.getpid() and pid_alive(pid):
                 raise RuntimeError(
                     f"another djangoloadbalancer supervisor (pid {pid}) already serves this address "
                     f"(shared memory segment {name!r})"
@@ -465,10 +465,11 @@ def live_supervisor(address: Any) -> int:
         pid = int(state.header(Header.SUPERVISOR_PID))
     finally:
         state.close()
-    return pid if pid and _pid_alive(pid) else 0
+    return pid if pid and pid_alive(pid) else 0
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """A process ``pid`` exists on this host (one of another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
