@@ -10,7 +10,7 @@ bash scripts/install.sh
 # coordinators the tests start use the same interpreter (sys.executable), and its bin/
 # comes first on PATH for the `djangoloadbalancer` launcher.
 VENV="${LB_VENV:-$(pwd -P)/.venv}"
-export PATH="$VENV/bin:$PATH"
+export PATH="$VENV/bin:$PATH" LB_TEST_VENV="$VENV"
 
 declare -A rc=()
 for backend in sqlite postgres; do

@@ -72,3 +72,18 @@ def test_the_installed_launchers_run(installed, script):
                             cwd=str(installed), capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: djangoloadbalancer") and "status" in result.stdout
+
+
+@pytest.mark.skipif("LB_TEST_VENV" not in os.environ, reason="run by scripts/test.sh only (it sets LB_TEST_VENV)")
+def test_the_test_command_runs_in_the_checkouts_own_virtual_environment():
+    """scripts/test.sh installs into .venv/ and runs from it, never from the system interpreter."""
+    venv = Path(os.environ["LB_TEST_VENV"]).resolve()
+    assert Path(sys.prefix).resolve() == venv, (sys.prefix, venv)
+    assert sys.prefix != sys.base_prefix   # a virtual environment, not the system interpreter
+    import django
+    import django_lb_shm
+
+    assert Path(django.__file__).resolve().is_relative_to(venv)
+    assert Path(django_lb_shm.__file__).resolve().is_relative_to(REPO.resolve())
+    launcher = shutil.which("djangoloadbalancer")
+    assert launcher and Path(launcher).parent.resolve() == venv / "bin"
