@@ -1132,6 +1132,7 @@ class DbThread(threading.Thread):
         self.set_state(DbState.RECOVERING)
         try:
             gap = self.hub.catch_up_from(self.alias, self._read_marker)
+            self._report_migrations()   # the resync may have migrated it: the watch may have seen it half-way
         except Exception as exc:   # complete at its marker now: an ordinary recovery takes it from here
             work.reply.put(exc)
             self.go_down(exc)
