@@ -236,8 +236,11 @@ def clear_tables() -> None:
     """Delete the test app's rows on every database directly (children first)."""
     from django.db import connections
 
-    order = ["testapp_review", "testapp_book_tags", "testapp_book", "testapp_tag", "testapp_author",
-             "testapp_destination", "testapp_token"]
+    # tests/plainlbapp's tables (load-balanced by LOAD_BALANCER['MODELS']) point at testapp's: first.
+    plain = ["plainlbapp_bundleitem", "plainlbapp_plainbundle", "plainlbapp_plainitem_tags",
+             "plainlbapp_specialitem", "plainlbapp_plainitem", "plainlbapp_plainowned"]
+    order = plain + ["testapp_review", "testapp_book_tags", "testapp_book", "testapp_tag", "testapp_author",
+                     "testapp_destination", "testapp_token"]
     for alias in ALIASES:
         with connections[alias].cursor() as cursor:
             for table in order + [t for t in app_tables() if t not in order]:
