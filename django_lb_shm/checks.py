@@ -91,15 +91,14 @@ def _is_subclass_model(model: type) -> bool:
 
 
 def _make_it_load_balanced_hint(lb_side: type, plain: type) -> str:
-    """List the plain side in MODELS too (both apps, when the load-balanced side is listed by app)."""
-    from .routers import listed_in_models
-
-    plain_meta = plain._meta
-    if listed_in_models(lb_side._meta) or not _is_subclass_model(lb_side):
-        return (f"List both in LOAD_BALANCER['MODELS']: {lb_side._meta.app_label!r} and "
-                f"{plain_meta.app_label!r} (or {plain_meta.label!r}).")
-    return (f"Make {plain_meta.object_name} a LoadBalancerModel, or list {plain_meta.label!r} (or its app "
-            f"{plain_meta.app_label!r}) in LOAD_BALANCER['MODELS'].")
+    """How to load-balance the plain side too: by class, or by LOAD_BALANCER['MODELS']."""
+    lb_meta, meta = lb_side._meta, plain._meta
+    if _is_subclass_model(lb_side):
+        return (f"Make {meta.object_name} a LoadBalancerModel, or list {meta.label!r} (or its app "
+                f"{meta.app_label!r}) in LOAD_BALANCER['MODELS'].")
+    if lb_meta.app_label != meta.app_label:
+        return f"List both {lb_meta.app_label!r} and {meta.app_label!r} in LOAD_BALANCER['MODELS'] (or {meta.label!r})."
+    return f"List {meta.label!r} in LOAD_BALANCER['MODELS'] too (or the whole app {meta.app_label!r})."
 
 
 def check_models_setting(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
