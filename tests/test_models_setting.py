@@ -299,3 +299,74 @@ def test_refresh_from_db_using_a_real_alias_inside_a_load_balanced_transaction(c
     item.refresh_from_db(using="default")
     author.refresh_from_db(using="default")
     assert (item.qty, author.rating) == (2, 3)
+
+
+# -- the coordinator process reads MODELS from its own settings ------------------------------------------
+def test_the_coordinators_write_guard_follows_its_models_setting(coordinator):
+    """The suite's coordinator lists plainlbapp, not auth (see the auth test below for the other way)."""
+    from django_lb_shm.errors import RequestRejected
+
+    with connections[lb_alias()].cursor() as cursor:
+        cursor.execute("UPDATE plainlbapp_plainitem SET qty = 1")   # listed: accepted
+        with pytest.raises(RequestRejected, match="auth.User, which is not a LoadBalancerModel nor listed "
+                                                  r"in LOAD_BALANCER\['MODELS'\]"):
+            cursor.execute("UPDATE auth_user SET is_staff = %s", [True])
+
+
+def test_a_coordinator_refuses_to_start_when_its_models_cannot_hold(lb_factory):
+    handle = lb_factory("unlisted", start=False, MODELS=[])   # plainlbapp's relations to testapp cannot hold
+    with pytest.raises(AssertionError, match="django_lb_shm.E024"):
+        handle.start(timeout=60)
+
+
+# -- django.contrib.auth and contenttypes, listed ----------------------------------------------------------
+AUTH_TABLES = ["auth_user", "auth_group", "auth_user_groups", "auth_user_user_permissions", "auth_group_permissions",
+               "auth_permission", "django_content_type"]
+
+
+@pytest.fixture
+def auth_load_balanced(lb_factory):
+    """A coordinator, and this process, with auth and contenttypes in MODELS; their rows removed afterwards."""
+    handle = lb_factory("auth", MODELS=["plainlbapp", "auth", "contenttypes"])
+    yield handle
+    handle.wait_drained()
+    for alias in ALIASES:
+        with connections[alias].cursor() as cursor:
+            for table in ("auth_user_groups", "auth_user_user_permissions", "auth_group_permissions", "auth_user",
+                          "auth_group"):
+                cursor.execute(f"DELETE FROM {table}")
+            cursor.execute("DELETE FROM django_content_type WHERE model = 'madeupmodel'")
+        connections[alias].close()
+
+
+def test_auth_and_contenttypes_listed_are_load_balanced_end_to_end(auth_load_balanced):
+    from django.contrib.auth import authenticate
+    from django.contrib.auth.models import Group, Permission, User
+    from django.contrib.contenttypes.models import ContentType
+
+    from django_lb_shm.verify import compare_tables
+
+    assert check_load_balanced_models() == [] and check_models_setting() == []
+    assert all(router.db_for_write(m) == lb_alias() for m in (User, Group, Permission, ContentType))
+    editors = Group.objects.create(name="editors")
+    editors.permissions.add(Permission.objects.get(content_type=ContentType.objects.get_for_model(Author),
+                                                   codename="change_author"))
+    user = User.objects.create_user("ann", password="secret")
+    user.groups.add(editors)
+    user.user_permissions.add(Permission.objects.get(codename="add_book"))
+    ContentType.objects.create(app_label="testapp", model="madeupmodel")   # created at run time, on every copy
+    assert authenticate(username="ann", password="secret") == user
+    with connections[lb_alias()].cursor() as cursor:   # this coordinator lists auth: its guard lets it through
+        cursor.execute("UPDATE auth_user SET is_staff = %s", [True])
+    assert User.objects.get().is_staff
+    user = User.objects.get(username="ann")   # fresh permission caches
+    assert user.has_perm("testapp.change_author") and user.has_perm("testapp.add_book")
+    assert not user.has_perm("testapp.delete_book")
+    user.delete()                              # cascades into its m2m rows, on every copy
+    assert not Group.objects.get().user_set.exists()
+
+    auth_load_balanced.wait_drained()
+    reports = compare_tables(tables=AUTH_TABLES, recheck_delay=None)
+    assert [r.table for r in reports if not r.ok] == []
+    assert [r.counts for r in reports if r.table == "auth_group_permissions"] == [{a: 1 for a in ALIASES}]
+    assert all(table_rows(alias, "auth_user") == [] for alias in ALIASES)
