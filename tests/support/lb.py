@@ -218,9 +218,10 @@ def app_tables(load_balanced_only: bool = False) -> list[str]:
     from django_lb_shm.routers import is_load_balanced
 
     tables = []
-    for model in apps.get_app_config("testapp").get_models(include_auto_created=True):
-        if is_load_balanced(model) or not load_balanced_only:
-            tables.append(model._meta.db_table)
+    for label in ("testapp", "plainlbapp"):   # plainlbapp: load-balanced by LOAD_BALANCER['MODELS']
+        for model in apps.get_app_config(label).get_models(include_auto_created=True):
+            if (is_load_balanced(model) or not load_balanced_only) and model._meta.db_table not in tables:
+                tables.append(model._meta.db_table)
     return tables
 
 
