@@ -362,6 +362,12 @@ def test_auth_and_contenttypes_listed_are_load_balanced_end_to_end(auth_load_bal
     user = User.objects.get(username="ann")   # fresh permission caches
     assert user.has_perm("testapp.change_author") and user.has_perm("testapp.add_book")
     assert not user.has_perm("testapp.delete_book")
+    with pytest.raises(NotSupportedError, match=rf"--database {lb_alias()}|using='default'"):
+        call_command("createsuperuser", username="root", email="root@example.com", interactive=False,
+                     stdout=io.StringIO())   # into 'default' alone
+    call_command("createsuperuser", username="root", email="root@example.com", interactive=False,
+                 database=lb_alias(), stdout=io.StringIO())
+    assert User.objects.get(username="root").is_superuser
     user.delete()                              # cascades into its m2m rows, on every copy
     assert not Group.objects.get().user_set.exists()
 
@@ -369,4 +375,4 @@ def test_auth_and_contenttypes_listed_are_load_balanced_end_to_end(auth_load_bal
     reports = compare_tables(tables=AUTH_TABLES, recheck_delay=None)
     assert [r.table for r in reports if not r.ok] == []
     assert [r.counts for r in reports if r.table == "auth_group_permissions"] == [{a: 1 for a in ALIASES}]
-    assert all(table_rows(alias, "auth_user") == [] for alias in ALIASES)
+    assert [[row[4] for row in table_rows(alias, "auth_user")] for alias in ALIASES] == [["root"]] * 3
