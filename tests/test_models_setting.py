@@ -376,3 +376,50 @@ def test_auth_and_contenttypes_listed_are_load_balanced_end_to_end(auth_load_bal
     assert [r.table for r in reports if not r.ok] == []
     assert [r.counts for r in reports if r.table == "auth_group_permissions"] == [{a: 1 for a in ALIASES}]
     assert [[row[4] for row in table_rows(alias, "auth_user")] for alias in ALIASES] == [["root"]] * 3
+
+
+# -- resync copies the listed tables --------------------------------------------------------------------
+@pytest.fixture
+def resync_handle(lb_factory, tmp_path):
+    """A coordinator of its own journal; afterwards, as tests/test_resync.py does, copies alike again."""
+    yield lb_factory("resync-models", JOURNAL_DIR=str(tmp_path / "journal"))
+    from tests.support.lb import clear_tables, stop_all_coordinators
+
+    stop_all_coordinators()
+    clear_tables()
+    marks = {}
+    for alias in ALIASES:
+        with connections[alias].cursor() as cursor:
+            cursor.execute("SELECT seq, tag FROM django_lb_shm_applied WHERE id = 1")
+            marks[alias] = cursor.fetchone()
+    seq, tag = max(marks.values())
+    for alias in ALIASES:
+        with connections[alias].cursor() as cursor:
+            cursor.execute("UPDATE django_lb_shm_applied SET seq = %s, tag = %s WHERE id = 1", [seq, abs(tag)])
+        connections[alias].close()
+
+
+def test_resync_copies_the_listed_tables(resync_handle):
+    import subprocess
+    import sys
+
+    from django_lb_shm.verify import compare_tables
+    from tests.support.lb import LAUNCHER, REPO
+
+    tag = Tag.objects.create(label="x")
+    for i in range(5):
+        item = SpecialItem.objects.create(name=f"item{i}", power=i) if i % 2 else PlainItem.objects.create(name=f"item{i}")
+        item.tags.add(tag)
+    PlainOwned.objects.create(author=Author.objects.create(name="Ann"), label="mine")
+    resync_handle.wait_drained()
+    with connections["DB2"].cursor() as cursor:   # DB2 loses the plain rows behind the coordinator's back
+        for table in ("plainlbapp_plainitem_tags", "plainlbapp_specialitem", "plainlbapp_plainitem"):
+            cursor.execute(f"DELETE FROM {table}")
+    assert not all(r.ok for r in compare_tables(tables=PLAIN_TABLES, recheck_delay=None))
+    done = subprocess.run([sys.executable, str(LAUNCHER), "resync", "DB2"], cwd=str(REPO), env=resync_handle.env(),
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    resync_handle.wait_drained()
+    reports = compare_tables(tables=PLAIN_TABLES, recheck_delay=None)
+    assert [r.table for r in reports if not r.ok] == []
+    assert {r.table: r.counts["DB2"] for r in reports}["plainlbapp_specialitem"] == 2
