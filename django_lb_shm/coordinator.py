@@ -602,8 +602,9 @@ class WriteGuard:
             if table in self.others:
                 raise RequestRejected(
                     f"write to table {table!r} refused: it belongs to {self.others[table]}, which is not a "
-                    "LoadBalancerModel nor listed in LOAD_BALANCER['MODELS']; write it on its own database (a relation from a load-balanced model "
-                    "that cascades into it is refused by system check django_lb_shm.E024)"
+                    "LoadBalancerModel nor listed in LOAD_BALANCER['MODELS']; write it on its own database (a "
+                    "relation from a load-balanced model that cascades into it is refused by system check "
+                    "django_lb_shm.E024)"
                 )
             if table not in self.tables:
                 raise RequestRejected(

@@ -27,7 +27,9 @@ def is_load_balanced(model: Any) -> bool:
             known = _is_load_balanced(model)
             from django.apps import apps
 
-            if apps.models_ready:   # relations resolved: the answer no longer changes
+            # Relations resolved: the answer no longer changes.  Not kept for migrations' historical
+            # models: a migrate builds many, used once.
+            if apps.models_ready and model.__module__ != "__fake__":
                 _LOAD_BALANCED[model] = known
         return known
     return _is_load_balanced(model)
