@@ -274,8 +274,11 @@ def test_related_objects_of_an_instance_read_with_using_stay_on_that_alias(coord
     assert Book.objects.get(pk=book.pk).author._state.db == lb_alias()
     item_on_db1.qty = 4
     item_on_db1.save()
-    coordinator.wait_drained()
+    item_on_db1.tags.add(Tag.objects.create(label="y"))
+    Author.objects.using("DB1").get().books.create(title="second")
     assert [row[2] for row in rows_everywhere(coordinator, "plainlbapp_plainitem")] == [4]
+    assert len(rows_everywhere(coordinator, "plainlbapp_plainitem_tags")) == 2
+    assert all("second" in [row[1] for row in table_rows(alias, "testapp_book")] for alias in ALIASES)
 
 
 def test_refresh_from_db_using_a_real_alias_inside_a_load_balanced_transaction(coordinator):
