@@ -53,7 +53,13 @@ def test_listed_models_their_proxies_children_and_through_tables_are_load_balanc
     assert not is_load_balanced(Note) and router.db_for_write(Note) == "default"
     # Migrations' historical models run on the one copy being migrated.
     state = MigrationLoader(None, ignore_no_migrations=True).project_state(("plainlbapp", "0001_initial"))
-    assert not is_load_balanced(state.apps.get_model("plainlbapp", "PlainItem"))
+    historical = state.apps.get_model("plainlbapp", "PlainItem")
+    assert not is_load_balanced(historical)
+    row = historical(name="by a data migration")
+    row.save(using="DB1")                                     # not refused, as RunPython needs
+    assert "by a data migration" in [r[1] for r in table_rows("DB1", "plainlbapp_plainitem")]
+    row.delete()
+    assert "by a data migration" not in [r[1] for r in table_rows("DB1", "plainlbapp_plainitem")]
 
 
 def test_the_answers_follow_an_overridden_models_setting():
