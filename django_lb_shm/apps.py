@@ -16,12 +16,13 @@ class DjangoLbShmConfig(AppConfig):
         from . import checks
         from .backend.alias import install_alias
         from .conf import apply_overrides_from_environment
-        from .routers import install_router
+        from .routers import install_router, watch_settings
 
         apply_overrides_from_environment()   # a coordinator started by LoadBalancerTestRunner
         checks.register()
         if install_alias():
             install_router()
+        watch_settings()
         post_migrate.connect(warn_one_copy_changed, dispatch_uid="django_lb_shm.warn_one_copy_changed")
 
 

@@ -33,7 +33,8 @@ SHARED_BY_EVERY_COPY = {"contenttypes.contenttype"}
 
 
 def check_load_balanced_models(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
-    """A relation between a LoadBalancerModel and a model that is not one cannot hold on every copy."""
+    """A relation between a load-balanced model (a LoadBalancerModel, or listed in LOAD_BALANCER['MODELS'])
+    and one that is not cannot hold on every copy."""
     from django.apps import apps
 
     messages: list[checks.CheckMessage] = []
@@ -58,37 +59,110 @@ def _relation_problems(model: type) -> list[checks.CheckMessage]:
             continue
         label = f"{model._meta.label}.{field.name}"
         if is_load_balanced(model) or field.many_to_many:
-            if related._meta.label_lower in SHARED_BY_EVERY_COPY:
-                continue
             lb_side, plain = (model, related) if is_load_balanced(model) else (related, model)
+            if plain._meta.label_lower in SHARED_BY_EVERY_COPY and _is_subclass_model(lb_side):
+                continue
             problems.append(checks.Error(
-                f"{label} relates the LoadBalancerModel {lb_side._meta.label} to {plain._meta.label}, which is "
-                f"not one: {plain._meta.label}'s rows are in one database, the load-balanced rows in every copy, "
-                "so foreign keys fail on the other copies, and joins and cascades see different rows.",
-                hint=f"Make {plain._meta.object_name} a LoadBalancerModel, or keep the key in a plain field "
-                     "(e.g. models.IntegerField). If every copy holds that table identically by other means, "
-                     "silence django_lb_shm.E023.",
+                f"{label} relates the load-balanced {lb_side._meta.label} to {plain._meta.label}, which is "
+                f"not load-balanced: {plain._meta.label}'s rows are in one database, the load-balanced rows in "
+                "every copy, so foreign keys fail on the other copies, and joins and cascades see different rows.",
+                hint=_make_it_load_balanced_hint(lb_side, plain)
+                + " Or keep the key in a plain field (e.g. models.IntegerField). If every copy holds that table "
+                  "identically by other means, silence django_lb_shm.E023.",
                 obj=field, id="django_lb_shm.E023",
             ))
         elif field.db_constraint or field.remote_field.on_delete is not models.DO_NOTHING:
             problems.append(checks.Error(
-                f"{label} points a model that is not load-balanced at the LoadBalancerModel "
+                f"{label} points a model that is not load-balanced at the load-balanced "
                 f"{related._meta.label}: deleting a {related._meta.object_name} would cascade into a table the "
                 "load balancer does not write, and a foreign-key constraint on one copy would refuse deletes "
                 "the other copies accept.",
-                hint="Declare it with on_delete=models.DO_NOTHING and db_constraint=False, or make "
-                     f"{model._meta.object_name} a LoadBalancerModel.",
+                hint=_make_it_load_balanced_hint(related, model)
+                + " Or declare it with on_delete=models.DO_NOTHING and db_constraint=False.",
                 obj=field, id="django_lb_shm.E024",
             ))
     return problems
+
+
+def _is_subclass_model(model: type) -> bool:
+    from .load_balancer_model import LoadBalancerModel
+
+    return issubclass(model, LoadBalancerModel)
+
+
+def _make_it_load_balanced_hint(lb_side: type, plain: type) -> str:
+    """How to load-balance the plain side too: by class, or by LOAD_BALANCER['MODELS']."""
+    lb_meta, meta = lb_side._meta, plain._meta
+    if _is_subclass_model(lb_side):
+        return (f"Make {meta.object_name} a LoadBalancerModel, or list {meta.label!r} (or its app "
+                f"{meta.app_label!r}) in LOAD_BALANCER['MODELS'].")
+    if lb_meta.app_label != meta.app_label:
+        return f"List both {lb_meta.app_label!r} and {meta.app_label!r} in LOAD_BALANCER['MODELS'] (or {meta.label!r})."
+    return f"List {meta.label!r} in LOAD_BALANCER['MODELS'] too (or the whole app {meta.app_label!r})."
+
+
+def check_models_setting(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """LOAD_BALANCER['MODELS'] names installed apps and models (E041); a proxy is listed with its
+    concrete model (E042); an entry naming a LoadBalancerModel is redundant (W040)."""
+    from django.apps import apps
+
+    from .conf import models_setting
+
+    messages: list[checks.CheckMessage] = []
+    for entry in models_setting(getattr(settings, SETTING_NAME, None)):
+        if "." not in entry:
+            if entry not in apps.app_configs:
+                messages.append(_unknown_entry(entry, f"no installed app has the label {entry!r}",
+                                               f"Installed app labels: {', '.join(sorted(apps.app_configs))}."))
+            continue
+        messages += _model_entry_problems(entry)
+    return messages
+
+
+def _model_entry_problems(entry: str) -> list[checks.CheckMessage]:
+    from django.apps import apps
+
+    from .routers import is_load_balanced
+
+    app_label, name = entry.split(".")
+    if app_label not in apps.app_configs:
+        return [_unknown_entry(entry, f"no installed app has the label {app_label!r}",
+                               f"Installed app labels: {', '.join(sorted(apps.app_configs))}.")]
+    try:
+        model = apps.get_model(app_label, name)
+    except LookupError:
+        names = ", ".join(sorted(m.__name__ for m in apps.get_app_config(app_label).get_models()))
+        return [_unknown_entry(entry, f"app {app_label!r} has no model {name!r}",
+                               f"Models of {app_label!r}: {names or '(none)'}; or list the whole app as {app_label!r}.")]
+    if model._meta.proxy and not is_load_balanced(model):
+        concrete = model._meta.concrete_model._meta.label
+        return [checks.Error(
+            f"LOAD_BALANCER['MODELS'] lists the proxy model {entry!r} but not its concrete model {concrete}: a proxy "
+            "has no table of its own, its rows are those of the concrete model.",
+            hint=f"List {concrete!r} (its proxies follow it).", obj=SETTING_NAME, id="django_lb_shm.E042",
+        )]
+    if _is_subclass_model(model):
+        return [checks.Warning(
+            f"LOAD_BALANCER['MODELS'] lists {entry!r}, a LoadBalancerModel: it is load-balanced anyway.",
+            hint="Remove the entry.", obj=SETTING_NAME, id="django_lb_shm.W040",
+        )]
+    return []
+
+
+def _unknown_entry(entry: str, what: str, hint: str) -> checks.CheckMessage:
+    return checks.Error(
+        f"LOAD_BALANCER['MODELS'] lists {entry!r}, but {what}: nothing is load-balanced for that entry.",
+        hint=hint + " Entries are app labels ('auth') and 'app_label.ModelName' ('auth.User').",
+        obj=SETTING_NAME, id="django_lb_shm.E041",
+    )
 
 
 def _manager_problems(model: type) -> list[checks.CheckMessage]:
     from .query import LoadBalancerQuerySet
     from .routers import is_load_balanced
 
-    if not is_load_balanced(model):
-        return []
+    if not is_load_balanced(model) or not _is_subclass_model(model):
+        return []   # a model listed in MODELS keeps its own managers
     return [
         checks.Warning(
             f"{model._meta.label}.{manager.name} is a manager whose querysets are not LoadBalancerQuerySets: "
@@ -114,7 +188,7 @@ def check_app_installed(app_configs: Any = None, **kwargs: Any) -> list[checks.C
 
     if apps.is_installed("django_lb_shm"):
         return []
-    models = [m for m in apps.get_models() if is_load_balanced(m)]
+    models = [m for m in apps.get_models() if is_load_balanced(m) and _is_subclass_model(m)]
     if not models:
         return []
     labels = ", ".join(m._meta.label for m in models[:5]) + (f" and {len(models) - 5} more" if len(models) > 5 else "")
@@ -215,4 +289,5 @@ def register() -> None:
     checks.register(check_load_balancer_settings, "django_lb_shm")
     checks.register(check_metrics_dependency, "django_lb_shm")
     checks.register(check_load_balanced_models, checks.Tags.models)
+    checks.register(check_models_setting, "django_lb_shm", checks.Tags.models)
     checks.register(check_applied_migrations, "django_lb_shm", checks.Tags.database)

@@ -53,7 +53,7 @@ def build_parser(prog: str = "djangoloadbalancer") -> argparse.ArgumentParser:
     migrate.add_argument("migrate_args", nargs="*", metavar="migrate-argument",
                          help="passed to Django's `migrate` (not --database)")
     verify = sub.add_parser("verify", parents=[common],
-                            help="compare every LoadBalancerModel table across the databases",
+                            help="compare every load-balanced table across the databases",
                             epilog="exit status: 0 identical, 1 the databases differ, 2 a database could not be read")
     verify.add_argument("--chunk-size", type=int, default=2000,
                         help="rows read per query from each database and table (default 2000); bounds the memory used")

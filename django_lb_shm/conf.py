@@ -32,7 +32,7 @@ KNOWN_KEYS = {
     "JOURNAL_DIR", "JOURNAL_FSYNC", "WRITE_ACK", "CLIENT_TIMEOUT", "CONNECT_TIMEOUT",
     "HEARTBEAT_TIMEOUT", "GRACEFUL_TIMEOUT", "MAX_RSS_MB", "MAX_REQUEST_BYTES",
     "STATEMENT_TIMEOUT", "READ_TIMEOUT", "READ_CONNECTIONS", "LOG_LEVEL", "READ_PATH",
-    "TRANSACTION_HOLD_TIMEOUT", "METRICS",
+    "TRANSACTION_HOLD_TIMEOUT", "METRICS", "MODELS",
 }
 METRICS_KEYS = {"HOST", "PORT"}
 DEFAULT_METRICS_HOST = "127.0.0.1"   # loopback: the metrics have no authentication
@@ -153,6 +153,7 @@ class LoadBalancerConfig:
     read_path: str = "AUTO"
     transaction_hold_timeout: float = 5.0
     metrics: Optional[MetricsConfig] = None   # None: no metrics served
+    models: tuple[str, ...] = ()   # LOAD_BALANCER['MODELS']: app labels and 'app_label.ModelName'
 
     @property
     def database_answer_timeout(self) -> float:
@@ -385,6 +386,30 @@ def _check_host_port(address: Mapping[str, Any]) -> list[Problem]:
     return problems
 
 
+def _check_models(raw: Mapping[str, Any]) -> list[Problem]:
+    """MODELS: a list of app labels and 'app_label.ModelName' strings (E040; E041/E042 need the
+    app registry: checks.py)."""
+    entries = raw.get("MODELS", ())
+    example = "For example 'MODELS': ['auth', 'contenttypes', 'sessions', 'shop.Order']."
+    if not isinstance(entries, (list, tuple)):
+        return [Problem("django_lb_shm.E040",
+                        f"LOAD_BALANCER['MODELS'] must be a list of app labels and 'app_label.ModelName' strings, "
+                        f"got {type(entries).__name__} {entries!r}.", example)]
+    bad = [e for e in entries if not isinstance(e, str) or not all(e.split(".")) or e.count(".") > 1]
+    if bad:
+        return [Problem("django_lb_shm.E040",
+                        f"LOAD_BALANCER['MODELS'] has entries that are neither an app label nor "
+                        f"'app_label.ModelName': {', '.join(map(repr, bad))}.", example)]
+    return []
+
+
+def models_setting(raw: Any) -> tuple[str, ...]:
+    """LOAD_BALANCER['MODELS'] of a raw setting, () when it is absent or not valid (E040 says so)."""
+    if not isinstance(raw, Mapping) or _check_models(raw):
+        return ()
+    return tuple(raw.get("MODELS", ()))
+
+
 def _check_metrics(raw: Mapping[str, Any]) -> list[Problem]:
     """METRICS: absent or None (off), or {'PORT': ..., 'HOST': ...} (E031-E033; E034 is in checks.py)."""
     metrics = raw.get("METRICS")
@@ -563,6 +588,7 @@ def find_problems(raw: Any, django_dbs: Mapping[str, Any]) -> list[Problem]:
         + _check_numbers(raw)
         + _check_alias(raw, django_dbs)
         + _check_metrics(raw)
+        + _check_models(raw)
     )
     unknown = sorted(set(raw) - KNOWN_KEYS)
     if unknown:
@@ -648,6 +674,7 @@ def build_config(raw: Any, django_dbs: Mapping[str, Any]) -> LoadBalancerConfig:
         log_level=str(raw.get("LOG_LEVEL", "INFO")).upper(),
         read_path=raw.get("READ_PATH", "AUTO"),
         metrics=metrics_config(raw.get("METRICS")),
+        models=models_setting(raw),
         **numbers,
     )
 

@@ -602,12 +602,13 @@ class WriteGuard:
             if table in self.others:
                 raise RequestRejected(
                     f"write to table {table!r} refused: it belongs to {self.others[table]}, which is not a "
-                    "LoadBalancerModel; write it on its own database (a relation from a load-balanced model "
-                    "that cascades into it is refused by system check django_lb_shm.E024)"
+                    "LoadBalancerModel nor listed in LOAD_BALANCER['MODELS']; write it on its own database (a "
+                    "relation from a load-balanced model that cascades into it is refused by system check "
+                    "django_lb_shm.E024)"
                 )
             if table not in self.tables:
                 raise RequestRejected(
-                    f"write to table {table!r} refused: it belongs to no LoadBalancerModel this "
+                    f"write to table {table!r} refused: it belongs to no load-balanced model this "
                     "coordinator knows (only their tables are written through the load balancer). The "
                     "coordinator loads the models when it starts: if this model is new, restart it "
                     "(SIGHUP to the djangoloadbalancer process) after `djangoloadbalancer migrate`"

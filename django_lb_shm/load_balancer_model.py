@@ -10,6 +10,7 @@ from django.db.models.signals import pre_save
 from .backend.alias import lb_alias
 from .checks import check_app_installed
 from .query import LoadBalancerManager, refuse_direct_write
+from .routers import is_load_balanced
 
 
 class LoadBalancerModel(models.Model):
@@ -41,9 +42,10 @@ class LoadBalancerModel(models.Model):
 
 
 def _refuse_direct_save(sender: type, instance: Any, using: str | None = None, **kwargs: Any) -> None:
-    """Every save of a LoadBalancerModel names its database here, including the ones that
-    bypass save(): serializers (``loaddata``) call ``Model.save_base(obj, using=...)`` directly."""
-    if isinstance(instance, LoadBalancerModel):
+    """Every save of a load-balanced model (a LoadBalancerModel, or a plain one LOAD_BALANCER['MODELS']
+    lists) names its database here, including the ones that bypass save(): serializers (``loaddata``)
+    call ``Model.save_base(obj, using=...)`` directly."""
+    if isinstance(instance, LoadBalancerModel) or is_load_balanced(sender):
         refuse_direct_write(sender, using, "save_base")
 
 

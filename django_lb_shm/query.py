@@ -20,7 +20,8 @@ def refuse_direct_write(model: type, using: str | None, method: str) -> None:
     if using is not None and using != lb_alias():
         raise NotSupportedError(
             f"{model.__name__}.{method}() with using={using!r} would write to one database only; "
-            "LoadBalancerModel writes go through the load balancer to every database. "
+            "the writes of load-balanced models (LoadBalancerModel, LOAD_BALANCER['MODELS']) go through the "
+            "load balancer to every database. "
             "Remove using= (or use the load-balanced alias; for fixtures: "
             f"`manage.py loaddata <fixture> --database {lb_alias()}`)."
         )
@@ -43,6 +44,10 @@ class LoadBalancerQuerySet(models.QuerySet):
     @property
     def db(self) -> str:
         if self._db is None:
+            if not self._for_write and self._hints:   # a related manager of an instance read with using()
+                from .routers import chosen_alias
+
+                return chosen_alias(self._hints) or lb_alias()
             return lb_alias()
         return self._db
 

@@ -1,4 +1,4 @@
-"""Keeps every LoadBalancerModel query on the load-balanced alias.
+"""Keeps every query of a load-balanced model on the load-balanced alias.
 
 Installed automatically in front of settings.DATABASE_ROUTERS (AppConfig.ready),
 so base managers, related managers and Django internals that ask the router
@@ -6,7 +6,7 @@ so base managers, related managers and Django internals that ask the router
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from django.db import DEFAULT_DB_ALIAS
 
@@ -14,19 +14,47 @@ from .backend.alias import lb_alias
 
 
 _LOAD_BALANCED: dict = {}   # model class -> bool (asked by the router on every query)
+_LISTED: list = [None]      # LOAD_BALANCER['MODELS'] as (app labels, 'app_label.modelname's), parsed once
 
 
 def is_load_balanced(model: Any) -> bool:
+    """Whether ``model``'s rows are on every copy: a LoadBalancerModel, a model that
+    LOAD_BALANCER['MODELS'] lists, their proxies and multi-table children, and the
+    auto-created many-to-many tables of either."""
     if isinstance(model, type):
         known = _LOAD_BALANCED.get(model)
         if known is None:
             known = _is_load_balanced(model)
             from django.apps import apps
 
-            if apps.models_ready:   # relations resolved: the answer no longer changes
+            # Relations resolved: the answer no longer changes.  Not kept for migrations' historical
+            # models: a migrate builds many, used once.
+            if apps.models_ready and model.__module__ != "__fake__":
                 _LOAD_BALANCED[model] = known
         return known
     return _is_load_balanced(model)
+
+
+def listed_in_models(meta: Any) -> bool:
+    """Whether LOAD_BALANCER['MODELS'] names this model or its app."""
+    parsed = _LISTED[0]
+    if parsed is None:
+        from django.conf import settings
+
+        from .conf import SETTING_NAME, models_setting
+
+        entries = models_setting(getattr(settings, SETTING_NAME, None))
+        parsed = _LISTED[0] = (
+            frozenset(e for e in entries if "." not in e),
+            frozenset(f"{e.split('.')[0]}.{e.split('.')[1].lower()}" for e in entries if "." in e),
+        )
+    return meta.app_label in parsed[0] or meta.label_lower in parsed[1]
+
+
+def forget_answers() -> None:
+    """LOAD_BALANCER changed (override_settings): MODELS may list other models now."""
+    _LOAD_BALANCED.clear()
+    _LISTED[0] = None
 
 
 def _is_load_balanced(model: Any) -> bool:
@@ -36,18 +64,37 @@ def _is_load_balanced(model: Any) -> bool:
         return False
     if isinstance(model, type) and issubclass(model, LoadBalancerModel):
         return True
-    # Auto-created many-to-many tables between load-balanced models.
     meta = getattr(model, "_meta", None)
-    if meta is not None and meta.auto_created:
+    # Migrations' historical models ("__fake__") run on the one copy being migrated.
+    if meta is None or getattr(model, "__module__", "") == "__fake__":
+        return False
+    if meta.proxy:
+        return is_load_balanced(meta.concrete_model)
+    if listed_in_models(meta) or any(is_load_balanced(parent) for parent in meta.parents):
+        return True
+    # Auto-created many-to-many tables between load-balanced models.
+    if meta.auto_created:
         return any(
             is_load_balanced(f.related_model) for f in meta.fields if f.is_relation and f.related_model
         )
     return False
 
 
+def chosen_alias(hints: dict) -> Optional[str]:
+    """The real alias a load-balanced instance was read from with ``using()`` (a choice of the
+    app): its related objects are read there too, as Django does.  None otherwise."""
+    instance = hints.get("instance")
+    if instance is None or not is_load_balanced(type(instance)):
+        return None
+    db = instance._state.db
+    return db if db is not None and db != lb_alias() else None
+
+
 class LoadBalancerRouter:
     def db_for_read(self, model: Any, **hints: Any):
-        return lb_alias() if is_load_balanced(model) else None
+        if not is_load_balanced(model):
+            return None
+        return chosen_alias(hints) or lb_alias()
 
     def db_for_write(self, model: Any, **hints: Any):
         return lb_alias() if is_load_balanced(model) else None
@@ -88,12 +135,14 @@ class PlainModelRouter:
     @staticmethod
     def _plain(model: Any, hints: dict):
         instance = hints.get("instance")
-        if instance is not None and is_load_balanced(type(instance)) and not is_load_balanced(model):
+        if instance is not None and is_load_balanced(type(instance)) and not is_load_balanced(model) \
+                and not chosen_alias(hints):
             return DEFAULT_DB_ALIAS
         return None
 
 
 def install_router() -> None:
+    """Put the package's routers in Django's cached router list (again: see watch_settings)."""
     from django.db import router
 
     routers = router.routers  # cached list built from settings.DATABASE_ROUTERS
@@ -101,3 +150,28 @@ def install_router() -> None:
         routers.insert(0, LoadBalancerRouter())
     if not any(isinstance(r, PlainModelRouter) for r in routers):
         routers.append(PlainModelRouter())
+
+
+def watch_settings() -> None:
+    """Keep the routers and the MODELS answers right when a test overrides settings.
+
+    override_settings(DATABASE_ROUTERS=...) makes Django rebuild its router list from that
+    setting alone (django.test.signals), silently dropping the package's routers: they are put
+    back after Django's own receiver -- imported first so that it is connected, and runs, first.
+    """
+    import django.test.signals  # noqa: F401
+    from django.core.signals import setting_changed
+
+    setting_changed.connect(_on_setting_changed, dispatch_uid="django_lb_shm.routers.setting_changed")
+
+
+def _on_setting_changed(*, setting: str, **kwargs: Any) -> None:
+    from .conf import SETTING_NAME
+
+    if setting == "DATABASE_ROUTERS":
+        from .backend.alias import install_alias
+
+        if install_alias():   # as in AppConfig.ready(): no routers while the settings are invalid
+            install_router()
+    elif setting == SETTING_NAME:
+        forget_answers()

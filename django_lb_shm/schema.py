@@ -38,7 +38,7 @@ _HAS_TABLE = {
 
 
 def load_balanced_apps() -> frozenset[str]:
-    """Labels of the installed apps that have a LoadBalancerModel."""
+    """Labels of the installed apps that have a load-balanced model (LoadBalancerModel, LOAD_BALANCER['MODELS'])."""
     from django.apps import apps
 
     from .routers import is_load_balanced

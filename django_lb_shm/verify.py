@@ -81,7 +81,8 @@ def table_spec(model: Any, alias: str) -> TableSpec:
 
 
 def load_balanced_tables(alias: Optional[str] = None) -> list[TableSpec]:
-    """Every concrete LoadBalancerModel table and auto-created m2m table between them."""
+    """Every concrete table of a load-balanced model (LoadBalancerModel, LOAD_BALANCER['MODELS']) and
+    auto-created m2m table between them."""
     from django.apps import apps
 
     from .conf import get_config

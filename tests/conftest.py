@@ -63,6 +63,7 @@ def pytest_configure(config: pytest.Config) -> None:
             "JOURNAL_FSYNC": False,
             "CLIENT_TIMEOUT": 20,
             "CONNECT_TIMEOUT": 5,
+            "MODELS": ["plainlbapp"],   # plain models load-balanced by setting (tests/plainlbapp)
         },
     }
     config_path = base / "settings.json"

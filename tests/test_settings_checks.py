@@ -283,7 +283,7 @@ def test_a_load_balanced_model_pointing_at_a_plain_one_is_an_error():
 
     problems = _relation_problems(Pet)
     assert ids(problems) == ["django_lb_shm.E023", "django_lb_shm.E023"]
-    assert "testapp.Pet.owner relates the LoadBalancerModel testapp.Pet to testapp.Owner" in problems[0].msg
+    assert "testapp.Pet.owner relates the load-balanced testapp.Pet to testapp.Owner" in problems[0].msg
     assert "Make Owner a LoadBalancerModel" in problems[0].hint
     assert "testapp.Pet.friends" in problems[1].msg
 
@@ -394,7 +394,7 @@ def test_a_load_balanced_model_without_the_app_installed_is_an_error(tmp_path):
 
 def test_the_app_may_come_after_staticfiles(tmp_path):
     apps = ["django.contrib.contenttypes", "django.contrib.auth", "django.contrib.staticfiles",
-            "django_lb_shm", "tests.testapp"]
+            "django_lb_shm", "tests.testapp", "tests.plainlbapp"]   # (the suite's LOAD_BALANCER['MODELS'])
     result = project_check(tmp_path, apps)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "no issues" in result.stdout

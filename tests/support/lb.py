@@ -218,9 +218,10 @@ def app_tables(load_balanced_only: bool = False) -> list[str]:
     from django_lb_shm.routers import is_load_balanced
 
     tables = []
-    for model in apps.get_app_config("testapp").get_models(include_auto_created=True):
-        if is_load_balanced(model) or not load_balanced_only:
-            tables.append(model._meta.db_table)
+    for label in ("testapp", "plainlbapp"):   # plainlbapp: load-balanced by LOAD_BALANCER['MODELS']
+        for model in apps.get_app_config(label).get_models(include_auto_created=True):
+            if (is_load_balanced(model) or not load_balanced_only) and model._meta.db_table not in tables:
+                tables.append(model._meta.db_table)
     return tables
 
 
@@ -236,8 +237,11 @@ def clear_tables() -> None:
     """Delete the test app's rows on every database directly (children first)."""
     from django.db import connections
 
-    order = ["testapp_review", "testapp_book_tags", "testapp_book", "testapp_tag", "testapp_author",
-             "testapp_destination", "testapp_token"]
+    # tests/plainlbapp's tables (load-balanced by LOAD_BALANCER['MODELS']) point at testapp's: first.
+    plain = ["plainlbapp_bundleitem", "plainlbapp_plainbundle", "plainlbapp_plainitem_tags",
+             "plainlbapp_specialitem", "plainlbapp_plainitem", "plainlbapp_plainowned"]
+    order = plain + ["testapp_review", "testapp_book_tags", "testapp_book", "testapp_tag", "testapp_author",
+                     "testapp_destination", "testapp_token"]
     for alias in ALIASES:
         with connections[alias].cursor() as cursor:
             for table in order + [t for t in app_tables() if t not in order]:

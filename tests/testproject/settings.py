@@ -20,6 +20,7 @@ INSTALLED_APPS = [
     "django.contrib.auth",
     "django_lb_shm",
     "tests.testapp",
+    "tests.plainlbapp",
 ]
 
 
@@ -39,6 +40,7 @@ def _default_config():
             "ADDRESS": {"HOST": "127.0.0.1", "PORT": 46000, "AUTHKEY": "test-authkey"},
             "JOURNAL_DIR": str(base / "journal"),
             "JOURNAL_FSYNC": False,
+            "MODELS": ["plainlbapp"],
         },
     }
 
