@@ -33,6 +33,7 @@ KNOWN_KEYS = {
     "HEARTBEAT_TIMEOUT", "GRACEFUL_TIMEOUT", "MAX_RSS_MB", "MAX_REQUEST_BYTES",
     "STATEMENT_TIMEOUT", "READ_TIMEOUT", "READ_CONNECTIONS", "LOG_LEVEL", "READ_PATH",
     "TRANSACTION_HOLD_TIMEOUT", "METRICS",
+    "MODELS",   # stand-in (branch djsuite); branch models validates it
 }
 METRICS_KEYS = {"HOST", "PORT"}
 DEFAULT_METRICS_HOST = "127.0.0.1"   # loopback: the metrics have no authentication
