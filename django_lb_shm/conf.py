@@ -703,7 +703,7 @@ def runtime_settings(settings: Any) -> dict:
     """
     import json
 
-    module = getattr(settings, "SETTINGS_MODULE", None)
+    module = _settings_module(settings)
     declared = _declared_settings(module) if module else None   # None: settings.configure(), all run-time
     changed = {}
     for name in dir(settings):
@@ -720,6 +720,17 @@ def runtime_settings(settings: Any) -> dict:
 
 
 _MISSING = object()
+
+
+def _settings_module(settings: Any) -> Optional[str]:
+    """Under override_settings the holder in front has SETTINGS_MODULE None: ask the one it wraps."""
+    holder = getattr(settings, "_wrapped", settings)
+    while holder is not None:
+        module = getattr(holder, "SETTINGS_MODULE", None)
+        if module:
+            return module
+        holder = getattr(holder, "default_settings", None)
+    return None
 
 
 def _declared_settings(module: str) -> Any:
