@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.db import DEFAULT_DB_ALIAS
+from django.db.utils import ConnectionRouter
 
 from .backend.alias import lb_alias
 
@@ -105,11 +106,39 @@ class PlainModelRouter:
         return None
 
 
-def install_router() -> None:
-    from django.db import router
-
-    routers = router.routers  # cached list built from settings.DATABASE_ROUTERS
+def _add_ours(routers: list) -> list:
     if not any(isinstance(r, LoadBalancerRouter) for r in routers):
         routers.insert(0, LoadBalancerRouter())
     if not any(isinstance(r, PlainModelRouter) for r in routers):
         routers.append(PlainModelRouter())
+    return routers
+
+
+class _RouterKeepingOurs(ConnectionRouter):
+    """Django's ``router``, whose list gets these routers back whenever it is rebuilt.
+
+    Django replaces ``router.routers`` with a list built from DATABASE_ROUTERS alone when that
+    setting changes (``override_settings`` in tests), and keeps that list after the override
+    ends: load-balanced models would then silently use one copy for the rest of the process.
+    """
+
+    @property
+    def routers(self) -> list:
+        found = self.__dict__.get("_lb_routers")
+        if found is None:
+            found = self.__dict__["_lb_routers"] = _add_ours(ConnectionRouter(self._routers).routers)
+        return found
+
+    @routers.setter
+    def routers(self, value: list) -> None:
+        self.__dict__["_lb_routers"] = _add_ours(list(value))
+
+
+def install_router() -> None:
+    from django.db import router
+
+    if not isinstance(router, _RouterKeepingOurs):
+        current = router.routers   # cached list built from settings.DATABASE_ROUTERS
+        router.__class__ = _RouterKeepingOurs
+        router.routers = current
+    _add_ours(router.routers)
