@@ -32,6 +32,37 @@ def lb_outcome(test_id: str, lb_tests: dict) -> list:
     return ["missing", "not run through the load balancer"]
 
 
+# (cause, test) for each lost test: heuristics on the error, for aiming the work (issue 19).
+CAUSES = (
+    ("query counting/capture on 'default' (assertNumQueries, CaptureQueriesContext): the queries ran on "
+     "the load-balanced alias", lambda t, d: "queries executed" in d or d.startswith(("AssertionError: 0 != ",
+                                                                                   "[subtest] AssertionError: 0 != "))
+     or "IndexError: list index out of range" in d),
+    ("plain transaction.atomic(): load-balanced writes are not part of it (warning as error, no rollback, "
+     "a broken load-balanced transaction)", lambda t, d: "LoadBalancerTransactionWarning" in d
+     or "transaction.atomic() on 'default'" in d or "TransactionManagementError" in d),
+    ("using('other') / refresh_from_db(using=...): rows looked up on another alias",
+     lambda t, d: "using" in t and "DoesNotExist" in d),
+)
+
+
+def cause_of(test_id: str, detail: str) -> str:
+    for name, matches in CAUSES:
+        if matches(test_id, detail):
+            return name
+    return "other: " + detail.split(":", 1)[0]
+
+
+def print_causes(lost: list) -> None:
+    groups: dict = {}
+    for test_id, (_outcome, detail) in lost:
+        groups.setdefault(cause_of(test_id, detail), []).append((test_id, detail))
+    print("\nby cause (heuristic):")
+    for name, tests in sorted(groups.items(), key=lambda item: -len(item[1])):
+        example, detail = tests[0]
+        print(f"  {len(tests):>4}  {name}\n        e.g. {example}: {detail[:160]}")
+
+
 def main(argv: list) -> int:
     plain, lb = load(argv[1]), load(argv[2])
     apps = argv[3:] or sorted({app_of(t) for t in plain["tests"]})
@@ -51,6 +82,7 @@ def main(argv: list) -> int:
     for test_id, (outcome, detail) in lost:
         print(f"  {test_id}: {outcome}: {detail}")
     causes = Counter(detail.split(":", 1)[0] if outcome != "missing" else "missing" for _t, (outcome, detail) in lost)
+    print_causes(lost)
     print("\nby error class: " + ", ".join(f"{name} {count}" for name, count in causes.most_common()))
     verify = lb.get("verify")
     if verify is None:
