@@ -26,7 +26,8 @@ def main() -> int:
     django.setup()
     from django_lb_shm.testing import LoadBalancerTestRunner
 
-    return 1 if LoadBalancerTestRunner(verbosity=2).run_tests(["tests.runtimeapp.tests"]) else 0
+    # Not interactive: a test database left by an earlier killed run is replaced without asking.
+    return 1 if LoadBalancerTestRunner(verbosity=2, interactive=False).run_tests(["tests.runtimeapp.tests"]) else 0
 
 
 if __name__ == "__main__":
