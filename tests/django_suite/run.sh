@@ -6,7 +6,9 @@
 #
 #   tests/django_suite/run.sh [app ...]      (default: the 19 apps)
 #
-# Environment: DJSUITE_CACHE (sdist cache, default ~/.cache/django_lb_shm/django_suite),
+# Environment: DJSUITE_BACKEND (sqlite, the default, or postgres: three throw-away PostgreSQL
+# servers on 127.0.0.1, tests/support/pg_cluster.py), DJSUITE_CACHE (sdist cache, default
+# ~/.cache/django_lb_shm/django_suite),
 # DJSUITE_OUT (logs and results, default ./django_suite_out), DJSUITE_TIMEOUT (seconds per
 # run, default 2400), PYTHON (default python3).
 set -euo pipefail
@@ -21,6 +23,12 @@ APPS="${*:-basic lookup queries aggregation expressions update delete get_or_cre
 many_to_many one_to_one model_inheritance select_related prefetch_related ordering custom_managers transactions
 annotations}"
 APPS="$(echo $APPS)"
+
+if [ "${DJSUITE_BACKEND:-sqlite}" = postgres ] && [ -z "${DJSUITE_DATABASES:-}" ]; then
+    # Both runs on the same servers, stopped and removed afterwards.
+    exec env PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" "$HERE/with_postgres.py" \
+        "$((2 * TIMEOUT + 300))" "$0" "$@"
+fi
 
 VERSION="$(cd "$REPO" && PYTHONPATH="$REPO" "$PYTHON" -c 'import django; print(django.get_version())')"
 SRC="$CACHE/django-$VERSION"
