@@ -93,7 +93,7 @@ class LoadBalancedInsertMixin:
         """bulk_create(ignore_conflicts=True) with generated keys: one INSERT per row, RETURNING its
         key, so that the leader's answer says whether it inserted the row (and with which key) or
         skipped it on a conflict; the followers then insert exactly that row with that key, or
-        nothing. Run as_sql() returns these statements (execute_sql runs them one by one)."""
+        nothing. as_sql() then returns these statements (execute_sql runs them one by one)."""
         opts = self.query.get_meta()
         if not self.connection.features.can_return_columns_from_insert:
             raise NotSupportedError(
