@@ -61,9 +61,9 @@ class RecordingResult(unittest.TextTestResult):
 
     def addSubTest(self, test: Any, subtest: Any, err: Any) -> None:
         super().addSubTest(test, subtest, err)
-        if err is not None:
+        if err is not None:   # the first failing subtest names the test's failure
             failed = issubclass(err[0], test.failureException)
-            _OUTCOMES[test.id()] = ["fail" if failed else "error", f"[subtest] {_describe(err)}"]
+            self._keep(test, "fail" if failed else "error", f"[subtest] {_describe(err)}")
 
 
 def _write_results() -> None:
