@@ -34,6 +34,9 @@ def lb_outcome(test_id: str, lb_tests: dict) -> list:
 
 # (cause, test) for each lost test: heuristics on the error, for aiming the work (issue 19).
 CAUSES = (
+    ("a test's own routing to another alias (DATABASE_ROUTERS, using=, refresh_from_db(using=)): the "
+     "load-balanced model goes through the load balancer", lambda t, d: any(
+         word in t for word in ("routing", "using", "MultiDb", "multidb"))),
     ("query counting/capture on 'default' (assertNumQueries, CaptureQueriesContext): the queries ran on "
      "the load-balanced alias", lambda t, d: "queries executed" in d or d.startswith(("AssertionError: 0 != ",
                                                                                    "[subtest] AssertionError: 0 != "))
@@ -41,8 +44,6 @@ CAUSES = (
     ("plain transaction.atomic(): load-balanced writes are not part of it (warning as error, no rollback, "
      "a broken load-balanced transaction)", lambda t, d: "LoadBalancerTransactionWarning" in d
      or "transaction.atomic() on 'default'" in d or "TransactionManagementError" in d),
-    ("using('other') / refresh_from_db(using=...): rows looked up on another alias",
-     lambda t, d: "using" in t and "DoesNotExist" in d),
 )
 
 
