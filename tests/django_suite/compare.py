@@ -34,6 +34,9 @@ def lb_outcome(test_id: str, lb_tests: dict) -> list:
 
 # (cause, test) for each lost test: heuristics on the error, for aiming the work (issue 19).
 CAUSES = (
+    ("EXPLAIN of a SELECT ... FOR UPDATE refused as a write (PostgreSQL); the refusal ends the test class's "
+     "load-balanced transaction", lambda t, d: ".test_explain." in t and "TransactionError" in d
+     or ".test_explain." in t and "TransactionManagementError" in d),
     ("a test's own routing to another alias (DATABASE_ROUTERS, using=, refresh_from_db(using=)): the "
      "load-balanced model goes through the load balancer", lambda t, d: any(
          word in t for word in ("routing", "using", "MultiDb", "multidb"))),
