@@ -1,10 +1,13 @@
 """Per-app comparison of a plain and a load-balanced run of Django's test suite.
 
-Usage: python compare.py plain.json lb.json [apps...]; exit 1 if verify found differences.
+Usage: python compare.py plain.json lb.json [apps...]; exit 1 if verify found differences (or did
+not run), or if fewer than DJSUITE_MIN_RATIO percent (default 0) of the tests that pass plain pass
+through the load balancer.
 """
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections import Counter
 
@@ -88,6 +91,11 @@ def main(argv: list) -> int:
     causes = Counter(detail.split(":", 1)[0] if outcome != "missing" else "missing" for _t, (outcome, detail) in lost)
     print_causes(lost)
     print("\nby error class: " + ", ".join(f"{name} {count}" for name, count in causes.most_common()))
+    minimum = float(os.environ.get("DJSUITE_MIN_RATIO") or 0)
+    if total_plain and 100.0 * total_lb / total_plain < minimum:
+        print(f"\nthe bar is {minimum}%: {100.0 * total_lb / total_plain:.1f}% of the tests that pass plain pass "
+              "through the load balancer")
+        return 1
     verify = lb.get("verify")
     if verify is None:
         print("\nverify: did not run (the load-balanced run ended before its databases were torn down)")

@@ -10,7 +10,8 @@
 # servers on 127.0.0.1, tests/support/pg_cluster.py), DJSUITE_CACHE (sdist cache, default
 # ~/.cache/django_lb_shm/django_suite),
 # DJSUITE_OUT (logs and results, default ./django_suite_out), DJSUITE_TIMEOUT (seconds per
-# run, default 2400), PYTHON (default python3).
+# run, default 2400), DJSUITE_MIN_RATIO (fail below this percentage, e.g. 98; default 0),
+# PYTHON (default python3).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
