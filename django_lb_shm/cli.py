@@ -198,6 +198,8 @@ def dispatch(args: argparse.Namespace) -> int:
 def setup_django(settings_module: Optional[str], pythonpath: Optional[str]) -> None:
     import django
 
+    from .conf import apply_runtime_settings_from_environment
+
     path = os.path.abspath(pythonpath or os.getcwd())
     if path not in sys.path:
         sys.path.insert(0, path)
@@ -213,6 +215,7 @@ def setup_django(settings_module: Optional[str], pythonpath: Optional[str]) -> N
             raise SystemExit(EXIT_CONFIG_ERROR)
         os.environ["DJANGO_SETTINGS_MODULE"] = found
     try:
+        apply_runtime_settings_from_environment()
         django.setup()
     except ImportError as exc:
         sys.stderr.write(f"djangoloadbalancer: cannot import the settings {os.environ['DJANGO_SETTINGS_MODULE']!r} "

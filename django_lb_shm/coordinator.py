@@ -1046,8 +1046,10 @@ def main(settings_module: Optional[str], shm_name: str, supervisor_pid: int, sys
     if settings_module:
         os.environ["DJANGO_SETTINGS_MODULE"] = settings_module
     try:
+        from .conf import apply_runtime_settings_from_environment, get_config
+
+        apply_runtime_settings_from_environment()   # a coordinator of LoadBalancerTestRunner
         django.setup()
-        from .conf import get_config
 
         config = get_config()
     except (ConfigurationError, Exception) as exc:

@@ -42,6 +42,9 @@ class InsertKeys:
     markers: tuple
     pk_index: int = 0                 # column of the key in the rows the INSERT returns
     after: tuple = ()                 # statements run on followers afterwards (sequence resets)
+    # ON CONFLICT DO NOTHING, one row: the leader may insert nothing (no key returned), and
+    # then the followers run nothing either.
+    may_skip: bool = False
 
 
 @dataclass

@@ -27,16 +27,6 @@ def refuse_direct_write(model: type, using: str | None, method: str) -> None:
         )
 
 
-def refuse_ignore_conflicts(model: type) -> None:
-    """Before Django's own refusal (the backend's supports_ignore_conflicts), which names neither."""
-    raise NotSupportedError(
-        f"bulk_create(ignore_conflicts=True) is not supported by django_lb_shm ({model.__name__} is a "
-        "LoadBalancerModel): ON CONFLICT DO NOTHING returns no key for the rows it skips, so the coordinator "
-        "could not give every copy the same primary keys. Leave out the rows that exist before calling "
-        "bulk_create(), or use update_conflicts=True with unique_fields and update_fields."
-    )
-
-
 class LoadBalancerQuerySet(models.QuerySet):
     def __init__(self, model: Any = None, query: Any = None, using: str | None = None, hints: Any = None):
         super().__init__(model=model, query=query, using=using, hints=hints)
@@ -62,9 +52,7 @@ class LoadBalancerQuerySet(models.QuerySet):
     def bulk_create(self, objs: Any, batch_size: Any = None, ignore_conflicts: bool = False, *args: Any,
                     **kwargs: Any):
         self._check_write("bulk_create")
-        if ignore_conflicts:
-            refuse_ignore_conflicts(self.model)
-        return super().bulk_create(objs, batch_size, False, *args, **kwargs)
+        return super().bulk_create(objs, batch_size, ignore_conflicts, *args, **kwargs)
 
     def bulk_update(self, objs: Any, fields: Any, batch_size: Any = None):
         self._check_write("bulk_update")

@@ -622,6 +622,8 @@ def follower_form(statement: Statement, result: Result) -> list[Statement]:
 
 def explicit_key_statements(keys: InsertKeys, result: Result) -> list[Statement]:
     """The INSERT the followers run: the leader's generated keys put in place of the markers."""
+    if keys.may_skip and not result.rows:
+        return []   # the leader skipped the row (a conflict): so do the identical copies
     if result.rows:
         generated = [row[keys.pk_index] for row in result.rows]
     elif result.lastrowid is not None and len(keys.markers) == 1:

@@ -10,7 +10,8 @@ see ``CoordinatorClient.check_same_databases``.)  This runner
   not open), whichever aliases the tests declare;
 * starts a private coordinator (``djangoloadbalancer run``) on those test
   databases, on a free 127.0.0.1 port, with its journal in a temporary directory,
-  and points the load-balanced connection at it;
+  and with the settings this process made at run time (INSTALLED_APPS, MIDDLEWARE...
+  as Django's runtests.py sets them), and points the load-balanced connection at it;
 * lets every TestCase and TransactionTestCase query the load-balanced alias (adds
   it to ``databases``);
 * stops that coordinator when the test databases are destroyed; it also stops by
@@ -38,7 +39,7 @@ from django.test import TransactionTestCase
 from django.test.runner import DiscoverRunner
 from django.test.utils import iter_test_cases
 
-from .conf import OVERRIDES_ENV, SETTING_NAME, get_config
+from .conf import OVERRIDES_ENV, SETTING_NAME, get_config, runtime_settings
 from .protocol import STOP_WITH_PARENT_ENV
 
 logger = logging.getLogger("django_lb_shm.testing")
@@ -136,6 +137,9 @@ class LoadBalancerTestRunner(DiscoverRunner):
             # TestCase runs each test class inside one load-balanced transaction, idle between its
             # statements for as long as the tests take: this coordinator serves this process alone.
             SETTING_NAME: {**lb, "TRANSACTION_HOLD_TIMEOUT": TEST_HOLD_TIMEOUT},
+            # Settings made at run time (Django's runtests.py: INSTALLED_APPS of the chosen test apps,
+            # MIDDLEWARE, TEMPLATES...): the coordinator must know the same models and pass the same checks.
+            "SETTINGS": runtime_settings(settings),
         }
         # This process's import path (the project may not be the working directory).
         path = [p or os.getcwd() for p in sys.path] + [os.environ.get("PYTHONPATH", "")]

@@ -31,6 +31,7 @@ from django.db.models import (
 from django.db.models.functions import Coalesce, Rank
 from django.test.utils import CaptureQueriesContext
 
+import django_lb_shm
 from django_lb_shm import errors
 from django_lb_shm.backend.alias import lb_alias
 from django_lb_shm.client import get_client
@@ -765,16 +766,64 @@ def test_loaddata_to_one_database_is_refused(replicas, tmp_path):
     assert replicas.rows("testapp_author")["default"] == []
 
 
-def test_bulk_create_ignore_conflicts_is_refused_naming_the_package_and_the_reason(replicas):
-    Author.objects.create(name="Ann")
-    with pytest.raises(errors.NotSupportedError) as info:
-        Author.objects.bulk_create([Author(name="Ann"), Author(name="New")], ignore_conflicts=True)
-    assert isinstance(info.value, django.db.NotSupportedError)
-    message = str(info.value)
-    assert "bulk_create(ignore_conflicts=True)" in message and "django_lb_shm" in message
-    assert "Author is a LoadBalancerModel" in message and "same primary keys" in message
+def test_bulk_create_ignore_conflicts_with_generated_keys(replicas, library):
+    # The leader decides which rows are inserted (and their keys); the followers insert exactly those.
+    def write(source):
+        made = source(Author).bulk_create([Author(name="Ann"), Author(name="New"), Author(name="Zed", rating=4)],
+                                          ignore_conflicts=True)
+        return [(a.name, a.pk) for a in made]   # Django sets no keys with ignore_conflicts
+
+    got = assert_like_plain_django(replicas, lambda: write(plain), lambda: write(lambda m: m.objects),
+                                   ignore=("id", "created", "updated", "token"))
+    assert got == [("Ann", None), ("New", None), ("Zed", None)]
+    stored = {a.name: a.pk for a in copy_of(Author, "DB2")}
+    assert stored == {a.name: a.pk for a in copy_of(Author, "default")} and {"Ann", "New", "Zed"} <= set(stored)
+    # Keys generated afterwards agree too (PostgreSQL: the followers' sequences moved with the leader's keys).
+    later = Author.objects.create(name="Later")
     replicas.assert_identical()
-    assert list(copy_of(Author, "DB1").values_list("name", flat=True)) == ["Ann"]
+    assert copy_of(Author, "DB1").get(name="Later").pk == later.pk
+
+
+def test_bulk_create_ignore_conflicts_where_every_row_or_no_row_conflicts(replicas):
+    Author.objects.bulk_create([Author(name="Ann"), Author(name="Bo")])
+    assert Author.objects.bulk_create([Author(name="Ann"), Author(name="Bo")], ignore_conflicts=True)
+    replicas.assert_identical()
+    assert sorted(copy_of(Author, "DB2").values_list("name", flat=True)) == ["Ann", "Bo"]
+    Author.objects.bulk_create([Author(name="Cy"), Author(name="Di")], ignore_conflicts=True, batch_size=1)
+    replicas.assert_identical()
+    assert sorted(copy_of(Author, "DB1").values_list("name", flat=True)) == ["Ann", "Bo", "Cy", "Di"]
+
+
+def test_bulk_create_ignore_conflicts_with_explicit_keys(replicas):
+    ann = Author.objects.create(name="Ann")
+    Author.objects.bulk_create([Author(pk=ann.pk, name="Other"), Author(pk=ann.pk + 100, name="Fresh"),
+                                Author(pk=ann.pk + 101, name="Ann")], ignore_conflicts=True)
+    replicas.assert_identical()
+    assert list(copy_of(Author, "DB2").order_by("pk").values_list("pk", "name")) == [
+        (ann.pk, "Ann"), (ann.pk + 100, "Fresh")]
+
+
+def test_bulk_create_ignore_conflicts_in_a_transaction_commits_and_rolls_back_with_it(replicas):
+    Author.objects.create(name="Ann")
+    with django_lb_shm.atomic():
+        Author.objects.bulk_create([Author(name="Ann"), Author(name="In")], ignore_conflicts=True)
+        assert Author.objects.filter(name="In").exists()
+    with pytest.raises(Boom), django_lb_shm.atomic():
+        Author.objects.bulk_create([Author(name="In"), Author(name="Gone")], ignore_conflicts=True)
+        raise Boom()
+    replicas.assert_identical()
+    assert sorted(copy_of(Author, "DB1").values_list("name", flat=True)) == ["Ann", "In"]
+
+
+def test_bulk_create_update_conflicts_keeps_the_existing_rows_keys(replicas):
+    ann = Author.objects.create(name="Ann", rating=1)
+    made = Author.objects.bulk_create([Author(name="Ann", rating=8), Author(name="Bea", rating=3)],
+                                      update_conflicts=True, unique_fields=["name"], update_fields=["rating"])
+    replicas.assert_identical()
+    if django.VERSION >= (5, 0):
+        assert made[0].pk == ann.pk
+    assert list(copy_of(Author, "DB2").order_by("pk").values_list("pk", "name", "rating")) == [
+        (ann.pk, "Ann", 8), (made[1].pk or copy_of(Author, "DB2").get(name="Bea").pk, "Bea", 3)]
 
 
 # -- transactions ------------------------------------------------------------------------------------
@@ -905,3 +954,23 @@ def test_plain_atomic_targets_default_not_the_load_balancer(replicas):
             raise Boom
     replicas.assert_identical()
     assert all(names(alias) == ["Ann"] for alias in ALIASES)
+
+
+def test_the_routers_survive_a_rebuilt_router_list(replicas):
+    # override_settings(DATABASE_ROUTERS=...) makes Django rebuild its router list from the setting,
+    # and keep that list after the override ends: the package's routers must come back with it.
+    from django.db import router
+    from django.test import override_settings
+
+    class Elsewhere:
+        def db_for_write(self, model, **hints):
+            return "DB2"
+
+    with override_settings(DATABASE_ROUTERS=[Elsewhere()]):
+        assert router.db_for_write(Author) == lb_alias() and router.db_for_read(Author) == lb_alias()
+        Author.objects.create(name="During")
+    assert router.db_for_write(Author) == lb_alias()
+    assert not any(type(r).__name__ == "Elsewhere" for r in router.routers)
+    Author.objects.create(name="After")
+    replicas.assert_identical()
+    assert sorted(copy_of(Author, "DB2").values_list("name", flat=True)) == ["After", "During"]

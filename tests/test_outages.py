@@ -137,3 +137,28 @@ def test_database_down_across_a_coordinator_restart(coordinator, replicas, resto
     coordinator.wait_state("DB2", "RUNNING", timeout=20)
     replicas.assert_identical(["testapp_author"])
     assert len(names_on("DB2")) == 6
+
+
+def test_ignore_conflicts_through_a_catch_up_and_a_new_leader_keeps_the_leaders_rows_and_keys(
+        coordinator, replicas, restore_servers):
+    # bulk_create(ignore_conflicts=True): the leader says which rows it inserted and their keys;
+    # a copy that was down applies exactly those from the journal, and a new leader (whose
+    # sequence the followers' resets moved) goes on with keys that every copy takes.
+    Author.objects.bulk_create([Author(name="a"), Author(name="b")])
+    server("default").stop(mode="immediate")
+    coordinator.wait_state("default", "DOWN", timeout=10)
+    Author.objects.bulk_create([Author(name="a"), Author(name="c"), Author(name="d")], ignore_conflicts=True)
+    server("default").start()
+    coordinator.wait_state("default", "RUNNING", timeout=20)
+    replicas.assert_identical(["testapp_author"])
+
+    server("DB1").stop(mode="immediate")   # the leader
+    Author.objects.create(name="f")   # autocommit: moves to the next leader (a transaction would abort)
+    coordinator.wait_state("DB1", "DOWN", timeout=10)
+    Author.objects.bulk_create([Author(name="d"), Author(name="e")], ignore_conflicts=True)
+    Author.objects.create(name="g")
+    server("DB1").start()
+    coordinator.wait_state("DB1", "RUNNING", timeout=20)
+    connections["DB1"].close()   # this process's own connection died with the server
+    replicas.assert_identical(["testapp_author"])
+    assert names_on("DB1") == names_on("default") == {"a", "b", "c", "d", "e", "f", "g"}

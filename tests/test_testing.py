@@ -94,3 +94,27 @@ def test_the_test_coordinator_stops_when_the_test_process_is_killed(coordinator)
         proc.wait(30)
     gone, alive = psutil.wait_procs([supervisor] + coordinator_processes, timeout=30)
     assert not alive, f"still running after the test process was killed: {alive}"
+
+
+def test_the_test_coordinator_runs_with_the_settings_the_test_process_made_at_run_time(coordinator):
+    # As Django's runtests.py: INSTALLED_APPS (an app without migrations, the admin), TEMPLATES
+    # and MIDDLEWARE are set after the settings module is read. The coordinator, which imports
+    # that module itself, must know the app's table (its write guard) and pass the admin's checks.
+    result = subprocess.run([sys.executable, "-m", "tests.support.runtime_settings_tests"], env=coordinator.env(),
+                            cwd=str(REPO), capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "Ran 1 test" in result.stderr and "OK" in result.stderr, output
+    assert "Load balancer coordinator for the test databases at 127.0.0.1:" in result.stdout
+
+
+def test_runtime_settings_are_the_ones_that_differ_from_the_settings_module(coordinator):
+    from django.conf import settings
+    from django.test import override_settings
+
+    from django_lb_shm.conf import runtime_settings
+
+    with override_settings(MIDDLEWARE=["x.Middleware"], LANGUAGE_CODE="fr"):
+        changed = runtime_settings(settings)
+    assert changed["MIDDLEWARE"] == ["x.Middleware"] and changed["LANGUAGE_CODE"] == "fr"
+    assert "DATABASES" not in changed and "LOAD_BALANCER" not in changed and "SECRET_KEY" not in changed

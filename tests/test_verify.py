@@ -370,3 +370,17 @@ def test_a_failed_verify_says_whether_writes_may_still_be_pending():
     with override_settings(LOAD_BALANCER=nobody):
         note = _pending_writes_note()
     assert note.startswith("No coordinator answers: writes in its journal may not be applied to every copy yet")
+
+
+def test_a_table_on_no_copy_is_no_difference(coordinator):
+    # A load-balanced model never migrated anywhere (Django's own test suite declares models
+    # inside tests): every copy agrees it has no such table.
+    from dataclasses import replace
+
+    from django_lb_shm.verify import format_report, schema_differences, table_spec
+
+    spec = replace(table_spec(Author, "default"), table="testapp_never_created")
+    assert schema_differences(spec, ALIASES) == (None, {})
+    [report] = compare_tables(tables=[spec])
+    assert report.ok and not report.rows_compared
+    assert format_report(report) == [f"{'testapp_never_created':<32} {'no table':>10}       OK (on no copy)"]

@@ -61,10 +61,9 @@ class ProxyOperationsMixin:
 class ProxyFeaturesMixin:
     supports_transactions = True
     can_rollback_ddl = False
-    # ON CONFLICT DO NOTHING returns no key for skipped rows, so generated keys could
-    # not be given to every database; Django then checks for existing rows instead
-    # (many-to-many add()) or raises NotSupportedError (bulk_create(ignore_conflicts=True)).
-    supports_ignore_conflicts = False
+    # supports_ignore_conflicts stays the vendor's: with a generated key, the insert compiler runs
+    # ON CONFLICT DO NOTHING one row per statement, RETURNING its key (compiler.py), so the leader
+    # says which rows it inserted.
     # A db_default compiles inline in the INSERT, not as DEFAULT: the client then sees a
     # Now() (rewritten to one value) or a random function (refused) that each copy would
     # otherwise evaluate itself.

@@ -14,6 +14,7 @@ import functools
 from typing import Any, Optional
 
 from django.core.management.color import no_style
+from django.db.models.constants import OnConflict
 
 from ..descriptors import InsertKeys
 from ..errors import NotSupportedError
@@ -36,6 +37,10 @@ class LoadBalancedInsertMixin:
             cache[key] = super().pre_save_val(field, obj)
         return cache[key]
 
+    def as_sql(self):
+        rowwise = self.__dict__.get("_lb_rowwise_sql")
+        return rowwise if rowwise is not None else super().as_sql()
+
     def execute_sql(self, returning_fields: Optional[list] = None):
         self.connection.ensure_connection()
         session = self.connection.connection
@@ -45,6 +50,7 @@ class LoadBalancedInsertMixin:
             return super().execute_sql(returning_fields)
         finally:
             session.expected_inserts.clear()
+            self.__dict__.pop("_lb_rowwise_sql", None)
 
     def _generates_key(self) -> bool:
         pk = self.query.get_meta().pk
@@ -56,6 +62,8 @@ class LoadBalancedInsertMixin:
         opts = self.query.get_meta()
         objs = self.query.objs
         self.returning_fields = returning_fields
+        if getattr(self.query, "on_conflict", None) == OnConflict.IGNORE and not returning_fields:
+            return self._skippable_row_pairs()
         plain = self.as_sql()
         returns_rows = bool(returning_fields) and self.connection.features.can_return_columns_from_insert
         # Without RETURNING the only key is the cursor's lastrowid: one per statement, and
@@ -80,6 +88,38 @@ class LoadBalancedInsertMixin:
             markers = tuple(marker(i) for i in range(first, first + per_statement))
             pairs.append((sql, InsertKeys(f_sql, f_params, markers, pk_index, after)))
         return pairs
+
+    def _skippable_row_pairs(self) -> list[tuple[str, InsertKeys]]:
+        """bulk_create(ignore_conflicts=True) with generated keys: one INSERT per row, RETURNING its
+        key, so that the leader's answer says whether it inserted the row (and with which key) or
+        skipped it on a conflict; the followers then insert exactly that row with that key, or
+        nothing. as_sql() then returns these statements (execute_sql runs them one by one)."""
+        opts = self.query.get_meta()
+        if not self.connection.features.can_return_columns_from_insert:
+            raise NotSupportedError(
+                f"django_lb_shm cannot load-balance bulk_create(ignore_conflicts=True) of {opts.label} rows whose "
+                "primary key the database generates: this database cannot return the keys of the rows an INSERT "
+                "made (RETURNING; SQLite needs 3.35+), so the other databases could not get the same keys. Set "
+                "the primary keys explicitly."
+            )
+        after = tuple(self.connection.ops.sequence_reset_sql(no_style(), [self.query.model]))
+        plain, pairs = [], []
+        for obj in self.query.objs:
+            one = self._one_row_compiler(obj, [opts.pk])
+            (sql, params), = one.as_sql()
+            (f_sql, f_params), = one._explicit_key_statements([opts.pk])
+            plain.append((sql, params))
+            pairs.append((sql, InsertKeys(f_sql, f_params, (marker(0),), 0, after, may_skip=True)))
+        self.__dict__["_lb_rowwise_sql"] = plain
+        return pairs
+
+    def _one_row_compiler(self, obj: Any, returning_fields: list) -> "LoadBalancedInsertMixin":
+        query = copy.copy(self.query)
+        query.objs = [obj]
+        one = self.__class__(query, self.connection, self.using)
+        one.__dict__["_lb_pre_save"] = self.__dict__.setdefault("_lb_pre_save", {})
+        one.returning_fields = returning_fields
+        return one
 
     def _explicit_key_statements(self, returning_fields: Optional[list]) -> list:
         opts = self.query.get_meta()
