@@ -472,8 +472,8 @@ class PgDescription:
 
     Building it (one ``Column`` per column: name decoding, type lookup) costs a point
     read more than all of this module's bookkeeping, and the ORM never reads it for a
-    SELECT.  The thread's cursor runs the thread's next read on that copy, so a
-    description asked for after that is built from the kept result instead.
+    SELECT.  It is built from the kept result, not from the cursor, which runs this
+    thread's next read on that copy meanwhile.
     """
 
     __slots__ = ("cursor", "result")
@@ -483,11 +483,9 @@ class PgDescription:
         self.result = result
 
     def resolve(self) -> list:
-        cursor, result = self.cursor, self.result
-        if cursor.pgresult is result:
-            return cursor.description
         from psycopg import Column
 
+        cursor, result = self.cursor, self.result
         try:
             encoding = cursor._encoding
         except Exception:   # (its connection closed since)
@@ -497,7 +495,8 @@ class PgDescription:
 
 
 class _ResultView:
-    """What psycopg's ``Column`` reads of a cursor, for a result the cursor has moved past."""
+    """What psycopg's ``Column`` reads of a cursor (``Cursor.description`` builds its columns
+    the same way), for a result the cursor may have moved past."""
 
     __slots__ = ("pgresult", "_encoding", "adapters")
 

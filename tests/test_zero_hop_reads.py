@@ -368,25 +368,33 @@ def test_a_zero_hop_read_does_not_touch_the_apps_own_connection_to_a_copy(coordi
 
 def test_a_cursors_description_is_its_own_statements_after_later_reads(coordinator):
     """The description of a zero-hop read is built when asked (PostgreSQL): still that read's
-    columns after later reads ran on the same copy's connection, whatever the path."""
+    columns after later reads ran on the same copy's connection."""
     from django_lb_shm.backend.alias import lb_alias
 
     author = Author.objects.create(name="described")
     coordinator.wait_drained()
     lb = connections[lb_alias()]
+    before = counters(coordinator)
     first, later = lb.cursor(), lb.cursor()
-    first.execute('SELECT "id", "name" AS "who" FROM "testapp_author" WHERE "id" = %s', [author.pk])
+    sql = 'SELECT "id", "name" AS "who" FROM "testapp_author" WHERE "id" = %s'
+    with connections["default"].cursor() as direct:   # what Django's own cursor describes
+        direct.execute(sql, [author.pk])
+        expected = [(c.name, c.type_code) for c in direct.description] if lb.vendor == "postgresql" else None
+    first.execute(sql, [author.pk])
     for _ in range(2 * len(ALIASES)):   # every copy's connection runs another statement meanwhile
         later.execute('SELECT count(*) AS "n", max("id") AS "top", 1 AS "one" FROM "testapp_author"')
     assert [c[0] for c in later.description] == ["n", "top", "one"]
     assert [c[0] for c in first.description] == ["id", "who"]
-    assert first.description[0].name == "id" if lb.vendor == "postgresql" else True
+    if lb.vendor == "postgresql":   # psycopg's own Column objects, as Django's cursors give
+        assert [(c.name, c.type_code) for c in first.description] == expected
     assert first.fetchall() == [(author.pk, "described")]
     first.execute('SELECT "id" FROM "testapp_author" WHERE "id" = %s', [-1])
     assert [c[0] for c in first.description] == ["id"] and first.fetchall() == []
     first.close()
     later.close()
-    assert zero_hop_reader() is not None
+    after = counters(coordinator)
+    assert delta(before, after, 0) == {name: 0 for name in ALIASES}   # all of them zero-hop
+    assert sum(delta(before, after, 1).values()) == 2 + 2 * len(ALIASES)
 
 
 # -- processes that cannot attach ---------------------------------------------------------------
