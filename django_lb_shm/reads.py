@@ -490,8 +490,12 @@ class PgDescription:
             encoding = cursor._encoding
         except Exception:   # (its connection closed since)
             encoding = "utf-8"
-        view = _ResultView(result, encoding, cursor.adapters)
-        return [Column(view, i) for i in range(result.nfields)]
+        try:
+            view = _ResultView(result, encoding, cursor.adapters)
+            return [Column(view, i) for i in range(result.nfields)]
+        except Exception:   # a psycopg whose Column reads more of a cursor: the coordinator path's form
+            return [((result.fname(i) or b"").decode(encoding), result.ftype(i), None, None, None, None, None)
+                    for i in range(result.nfields)]
 
 
 class _ResultView:

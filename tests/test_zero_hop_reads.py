@@ -397,6 +397,34 @@ def test_a_cursors_description_is_its_own_statements_after_later_reads(coordinat
     assert sum(delta(before, after, 1).values()) == 2 + 2 * len(ALIASES)
 
 
+def test_a_deferred_description_falls_back_to_plain_tuples(coordinator, monkeypatch):
+    """Should psycopg's Column ever need more of a cursor than the kept result gives, the
+    description is the coordinator path's (name, type_code, None x 5), not an error."""
+    from django_lb_shm.backend.alias import lb_alias
+
+    lb = connections[lb_alias()]
+    if lb.vendor != "postgresql":
+        pytest.skip("the description is deferred on PostgreSQL only")
+    import psycopg
+
+    class Unbuildable:
+        def __init__(self, *args):
+            raise AttributeError("needs a real cursor")
+
+    author = Author.objects.create(name="plain")
+    coordinator.wait_drained()
+    with connections["default"].cursor() as direct:
+        direct.execute('SELECT "id", "name" FROM "testapp_author" WHERE "id" = %s', [author.pk])
+        expected = [(c.name, c.type_code, None, None, None, None, None) for c in direct.description]
+    monkeypatch.setattr(psycopg, "Column", Unbuildable)
+    before = counters(coordinator)
+    with lb.cursor() as cursor:
+        cursor.execute('SELECT "id", "name" FROM "testapp_author" WHERE "id" = %s', [author.pk])
+        assert list(cursor.description) == expected
+        assert cursor.fetchall() == [(author.pk, "plain")]
+    assert sum(delta(before, counters(coordinator), 1).values()) == 1   # zero-hop, not the coordinator's form
+
+
 # -- processes that cannot attach ---------------------------------------------------------------
 def test_a_layout_version_mismatch_means_the_coordinator_path(coordinator, monkeypatch, caplog):
     author = Author.objects.create(name="layout")
