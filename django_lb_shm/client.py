@@ -47,7 +47,7 @@ from .errors import (
 )
 from .outcomes import SETTLE_WAIT
 from .protocol import CoordinatorManager, private_directory, timed_client
-from .reads import zero_hop_reader
+from .reads import PgDescription, zero_hop_reader
 
 logger = logging.getLogger("django_lb_shm.client")
 
@@ -606,9 +606,16 @@ class ProxyCursor:
     def _reset(self) -> None:
         self._rows: list = []
         self._pos = 0
-        self.description = None
+        self._description = None
         self.rowcount = -1
         self.lastrowid = None
+
+    @property
+    def description(self) -> Optional[Any]:
+        description = self._description
+        if type(description) is PgDescription:   # a zero-hop read's: built on first use
+            description = self._description = description.resolve()
+        return description
 
     def execute(self, sql: str, params: Any = None) -> "ProxyCursor":
         session = self.session
@@ -619,7 +626,7 @@ class ProxyCursor:
             if reader is not None and classify(sql) == READ:
                 out = reader.run(sql, params)
                 if out is not None:
-                    self._rows, self.description, self.rowcount, _database = out
+                    self._rows, self._description, self.rowcount, _database = out
                     self._pos = 0
                     self.lastrowid = None
                     return self
@@ -634,7 +641,7 @@ class ProxyCursor:
     def _load(self, result: d.Result) -> None:
         self._rows = result.rows
         self._pos = 0
-        self.description = result.description
+        self._description = result.description
         self.rowcount = result.rowcount
         self.lastrowid = result.lastrowid
 

@@ -83,6 +83,12 @@ try:  # Django's PostgreSQL backend wraps some values in psycopg's typed numbers
 except ImportError:
     pass
 _RUNNING = float(DbState.RUNNING)
+try:
+    from psycopg.pq import ExecStatus as _ExecStatus
+
+    _PSYCOPG_TUPLES: Optional[int] = int(_ExecStatus.TUPLES_OK)
+except ImportError:
+    _PSYCOPG_TUPLES = None
 
 
 class _Cut(Exception):
@@ -98,6 +104,7 @@ class _Thread:
         self.lock_fd = lock_fd
         self.wrappers: dict[int, Any] = {}
         self.cursors: dict[int, Any] = {}
+        self.deferred: dict[int, bool] = {}   # db -> its cursor's description is built only when asked
         self.busy_since = 0.0      # monotonic start of the read in progress (0: none), for the watchdog
         self.busy_db = -1
         self.cut = False
@@ -188,7 +195,7 @@ class ZeroHopReader:
         if out is None:
             return None
         rows, description, rowcount, database = out
-        return Result(rows, description, rowcount, None, database)
+        return Result(rows, resolve_description(description), rowcount, None, database)
 
     def run(self, sql: str, params: Any) -> Optional[tuple]:
         """(rows, description, rowcount, database) of a read run here, or None: take the coordinator path."""
@@ -277,8 +284,11 @@ class ZeroHopReader:
                 cursor.execute(sql)
             else:
                 cursor.execute(sql, params)
-            description = cursor.description
-            rows = cursor.fetchall() if description is not None else []
+            if state.deferred[db]:
+                description, rows = _deferred_description(cursor)
+            else:
+                description = cursor.description
+                rows = cursor.fetchall() if description is not None else []
         except BaseException as exc:
             state.busy_since = 0.0
             cut = state.cut or is_statement_timeout(exc)
@@ -361,6 +371,7 @@ class ZeroHopReader:
             state.busy_since = 0.0
         state.wrappers[db] = wrapper
         state.cursors[db] = cursor
+        state.deferred[db] = _PSYCOPG_TUPLES is not None and hasattr(cursor, "pgresult")
         self._start_watchdog()
         return cursor
 
@@ -454,6 +465,61 @@ def _watch(reader_ref: Any, pid: int) -> None:
             logger.exception("cutting overdue reads failed")
         del reader
         time.sleep(tick)
+
+
+class PgDescription:
+    """A psycopg result's ``cursor.description``, built when first asked for.
+
+    Building it (one ``Column`` per column: name decoding, type lookup) costs a point
+    read more than all of this module's bookkeeping, and the ORM never reads it for a
+    SELECT.  It is built from the kept result, not from the cursor, which runs this
+    thread's next read on that copy meanwhile.
+    """
+
+    __slots__ = ("cursor", "result")
+
+    def __init__(self, cursor: Any, result: Any):
+        self.cursor = cursor
+        self.result = result
+
+    def resolve(self) -> list:
+        from psycopg import Column
+
+        cursor, result = self.cursor, self.result
+        try:
+            encoding = cursor._encoding
+        except Exception:   # (its connection closed since)
+            encoding = "utf-8"
+        try:
+            view = _ResultView(result, encoding, cursor.adapters)
+            return [Column(view, i) for i in range(result.nfields)]
+        except Exception:   # a psycopg whose Column reads more of a cursor: the coordinator path's form
+            return [((result.fname(i) or b"").decode(encoding), result.ftype(i), None, None, None, None, None)
+                    for i in range(result.nfields)]
+
+
+class _ResultView:
+    """What psycopg's ``Column`` reads of a cursor (``Cursor.description`` builds its columns
+    the same way), for a result the cursor may have moved past."""
+
+    __slots__ = ("pgresult", "_encoding", "adapters")
+
+    def __init__(self, pgresult: Any, encoding: str, adapters: Any):
+        self.pgresult, self._encoding, self.adapters = pgresult, encoding, adapters
+
+
+def _deferred_description(cursor: Any) -> tuple:
+    """(description, rows) of a psycopg cursor's result, the description deferred."""
+    result = cursor.pgresult
+    if result is not None and result.status == _PSYCOPG_TUPLES:
+        return PgDescription(cursor, result), cursor.fetchall()
+    description = cursor.description   # (no rows: a statement that returns none, or COPY)
+    return description, cursor.fetchall() if description is not None else []
+
+
+def resolve_description(description: Any) -> Any:
+    """A description as the DB-API has it (a deferred one built now)."""
+    return description.resolve() if type(description) is PgDescription else description
 
 
 def _from_driver(wrapper: Any, exc: BaseException) -> bool:

@@ -938,7 +938,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         driver.run_all()
         if args.breakdown:
             log("breakdown: timing a point read's parts in this process (1 client, sequential)")
-            driver.breakdown = breakdown.run(driver.seed, driver.env.aliases[0])
+            driver.breakdown = breakdown.run(driver.seed, driver.env.aliases[0], copies=driver.env.aliases)
             print(f"\n== point-read breakdown ({args.db}, 1 client, sequential)")
             print(breakdown.table(driver.breakdown), flush=True)
         consistency = driver.consistency()

@@ -366,6 +366,65 @@ def test_a_zero_hop_read_does_not_touch_the_apps_own_connection_to_a_copy(coordi
     assert zero_hop_reader()._local.state.wrappers[0] is not connections["default"]
 
 
+def test_a_cursors_description_is_its_own_statements_after_later_reads(coordinator):
+    """The description of a zero-hop read is built when asked (PostgreSQL): still that read's
+    columns after later reads ran on the same copy's connection."""
+    from django_lb_shm.backend.alias import lb_alias
+
+    author = Author.objects.create(name="described")
+    coordinator.wait_drained()
+    lb = connections[lb_alias()]
+    before = counters(coordinator)
+    first, later = lb.cursor(), lb.cursor()
+    sql = 'SELECT "id", "name" AS "who" FROM "testapp_author" WHERE "id" = %s'
+    with connections["default"].cursor() as direct:   # what Django's own cursor describes
+        direct.execute(sql, [author.pk])
+        expected = [(c.name, c.type_code) for c in direct.description] if lb.vendor == "postgresql" else None
+    first.execute(sql, [author.pk])
+    for _ in range(2 * len(ALIASES)):   # every copy's connection runs another statement meanwhile
+        later.execute('SELECT count(*) AS "n", max("id") AS "top", 1 AS "one" FROM "testapp_author"')
+    assert [c[0] for c in later.description] == ["n", "top", "one"]
+    assert [c[0] for c in first.description] == ["id", "who"]
+    if lb.vendor == "postgresql":   # psycopg's own Column objects, as Django's cursors give
+        assert [(c.name, c.type_code) for c in first.description] == expected
+    assert first.fetchall() == [(author.pk, "described")]
+    first.execute('SELECT "id" FROM "testapp_author" WHERE "id" = %s', [-1])
+    assert [c[0] for c in first.description] == ["id"] and first.fetchall() == []
+    first.close()
+    later.close()
+    after = counters(coordinator)
+    assert delta(before, after, 0) == {name: 0 for name in ALIASES}   # all of them zero-hop
+    assert sum(delta(before, after, 1).values()) == 2 + 2 * len(ALIASES)
+
+
+def test_a_deferred_description_falls_back_to_plain_tuples(coordinator, monkeypatch):
+    """Should psycopg's Column ever need more of a cursor than the kept result gives, the
+    description is the coordinator path's (name, type_code, None x 5), not an error."""
+    from django_lb_shm.backend.alias import lb_alias
+
+    lb = connections[lb_alias()]
+    if lb.vendor != "postgresql":
+        pytest.skip("the description is deferred on PostgreSQL only")
+    import psycopg
+
+    class Unbuildable:
+        def __init__(self, *args):
+            raise AttributeError("needs a real cursor")
+
+    author = Author.objects.create(name="plain")
+    coordinator.wait_drained()
+    with connections["default"].cursor() as direct:
+        direct.execute('SELECT "id", "name" FROM "testapp_author" WHERE "id" = %s', [author.pk])
+        expected = [(c.name, c.type_code, None, None, None, None, None) for c in direct.description]
+    monkeypatch.setattr(psycopg, "Column", Unbuildable)
+    before = counters(coordinator)
+    with lb.cursor() as cursor:
+        cursor.execute('SELECT "id", "name" FROM "testapp_author" WHERE "id" = %s', [author.pk])
+        assert list(cursor.description) == expected
+        assert cursor.fetchall() == [(author.pk, "plain")]
+    assert sum(delta(before, counters(coordinator), 1).values()) == 1   # zero-hop, not the coordinator's form
+
+
 # -- processes that cannot attach ---------------------------------------------------------------
 def test_a_layout_version_mismatch_means_the_coordinator_path(coordinator, monkeypatch, caplog):
     author = Author.objects.create(name="layout")
