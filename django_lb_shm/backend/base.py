@@ -7,12 +7,47 @@ only the DB-API connection is replaced by a coordinator session.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
 
-from django.db import DEFAULT_DB_ALIAS
+from django.conf import settings
+from django.db import DEFAULT_DB_ALIAS, connections
+from django.db.backends.utils import CursorDebugWrapper
 from django.db.utils import load_backend
 
-from ..client import ClientSession, get_client
+from ..client import SAVEPOINT, ClientSession, classify, get_client
+
+
+def default_is_counted() -> bool:
+    """'default' records its queries for CaptureQueriesContext / assertNumQueries (force_debug_cursor)."""
+    return DEFAULT_DB_ALIAS in connections.settings and connections[DEFAULT_DB_ALIAS].force_debug_cursor
+
+
+class CountedOnDefaultCursorWrapper(CursorDebugWrapper):
+    """Django's debug cursor, whose entries also go to 'default''s ``queries_log`` while that one is
+    counted: ``assertNumQueries(n)`` on 'default' then sees the load-balanced models' statements, one per
+    statement the ORM ran (not the coordinator's own).  SAVEPOINT statements are not copied: a plain
+    ``atomic()`` block's own savepoint on 'default' is counted already, its load-balanced twin's is not
+    a statement the user wrote."""
+
+    @contextmanager
+    def debug_sql(self, sql: Optional[str] = None, params: Any = None, use_last_executed_query: bool = False,
+                  many: bool = False) -> Iterator[None]:
+        try:
+            with super().debug_sql(sql, params, use_last_executed_query, many):
+                yield
+        finally:
+            self._share_entry(sql)
+
+    def _share_entry(self, sql: Optional[str]) -> None:
+        log = self.db.queries_log
+        if not log:
+            return
+        entry = log[-1]   # the one super().debug_sql() just appended (a connection is one thread's)
+        if not (self.db.force_debug_cursor or settings.DEBUG):
+            log.pop()     # logged only for 'default''s sake
+        if sql and default_is_counted() and classify(sql) != SAVEPOINT:
+            connections[DEFAULT_DB_ALIAS].queries_log.append(entry)
 
 
 class ProxyOperationsMixin:
@@ -83,6 +118,13 @@ class ProxyCreationMixin:
 
 class ProxyWrapperMixin:
     """DB-API connection replaced by a :class:`ClientSession`; everything else is the vendor's."""
+
+    @property
+    def queries_logged(self) -> bool:
+        return self.force_debug_cursor or settings.DEBUG or default_is_counted()
+
+    def make_debug_cursor(self, cursor: Any) -> CountedOnDefaultCursorWrapper:
+        return CountedOnDefaultCursorWrapper(cursor, self)
 
     def get_connection_params(self) -> dict:
         return {}
