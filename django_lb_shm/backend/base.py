@@ -10,7 +10,6 @@ import functools
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional
 
-from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, connections
 from django.db.backends.utils import CursorDebugWrapper
 from django.db.utils import load_backend
@@ -44,7 +43,7 @@ class CountedOnDefaultCursorWrapper(CursorDebugWrapper):
         if not log:
             return
         entry = log[-1]   # the one super().debug_sql() just appended (a connection is one thread's)
-        if not (self.db.force_debug_cursor or settings.DEBUG):
+        if not self.db.queries_logged:
             log.pop()     # logged only for 'default''s sake
         if sql and default_is_counted() and classify(sql) != SAVEPOINT:
             connections[DEFAULT_DB_ALIAS].queries_log.append(entry)
@@ -119,9 +118,11 @@ class ProxyCreationMixin:
 class ProxyWrapperMixin:
     """DB-API connection replaced by a :class:`ClientSession`; everything else is the vendor's."""
 
-    @property
-    def queries_logged(self) -> bool:
-        return self.force_debug_cursor or settings.DEBUG or default_is_counted()
+    # Not through queries_logged: debug_transaction() would then log this alias's own COMMITs too.
+    def make_cursor(self, cursor: Any) -> Any:
+        if default_is_counted():
+            return CountedOnDefaultCursorWrapper(cursor, self)
+        return super().make_cursor(cursor)
 
     def make_debug_cursor(self, cursor: Any) -> CountedOnDefaultCursorWrapper:
         return CountedOnDefaultCursorWrapper(cursor, self)
