@@ -286,6 +286,8 @@ def test_capture_queries_on_default_sees_the_load_balanced_statements(coordinato
     statements = [q["sql"].split()[0] for q in default_queries.captured_queries]
     control = ["BEGIN", "COMMIT"] if connection.vendor == "sqlite" else ["COMMIT"]
     assert statements == control[:-1] + ["INSERT", "SELECT", "SAVEPOINT", "UPDATE", "RELEASE"] + control[-1:], statements
+    marked = [q["sql"].split()[0] for q in default_queries.captured_queries if q.get("alias") == lb_alias()]
+    assert marked == ["INSERT", "SELECT", "UPDATE"]   # the copies, told apart from 'default''s own
     # Its own log keeps its twin savepoints and its COMMIT, as before.
     assert [q["sql"].split()[0] for q in lb_queries.captured_queries] == [
         "INSERT", "SELECT", "SAVEPOINT", "UPDATE", "RELEASE", "COMMIT"]

@@ -66,7 +66,7 @@ class Boom(Exception):
 
 # -- running a step twice ------------------------------------------------------------------------
 _ALIAS_USERS = ("django_lb_shm.query", "django_lb_shm.load_balancer_model", "django_lb_shm.routers",
-                "django_lb_shm.transactions")
+                "django_lb_shm.transactions", "django_lb_shm.plain_atomic")
 
 
 @contextlib.contextmanager
@@ -221,9 +221,11 @@ class Program:
         return ids[index % len(ids)]
 
     def through_lb(self, fn: Callable[[], Any]) -> tuple:
-        with CaptureQueriesContext(self.direct) as leaked:
+        with CaptureQueriesContext(self.direct) as captured:
             got = outcome(fn)
-        assert not leaked.captured_queries, f"a load-balanced query went straight to 'default': {leaked.captured_queries}"
+        # (the load-balanced alias's own statements are counted on 'default' too, marked with their "alias")
+        leaked = [q for q in captured.captured_queries if "alias" not in q]
+        assert not leaked, f"a load-balanced query went straight to 'default': {leaked}"
         return got
 
     def plain(self, fn: Callable[[], Any]) -> tuple:

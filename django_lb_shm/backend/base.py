@@ -46,7 +46,8 @@ class CountedOnDefaultCursorWrapper(CursorDebugWrapper):
         if not self.db.queries_logged:
             log.pop()     # logged only for 'default''s sake
         if sql and default_is_counted() and classify(sql) != SAVEPOINT:
-            connections[DEFAULT_DB_ALIAS].queries_log.append(entry)
+            # "alias" tells these apart from 'default''s own (Django's entries have "sql" and "time").
+            connections[DEFAULT_DB_ALIAS].queries_log.append({**entry, "alias": self.db.alias})
 
 
 class ProxyOperationsMixin:
