@@ -27,6 +27,9 @@ READ_PATHS = ("AUTO", "COORDINATOR")  # AUTO: zero-hop reads where the shared me
 # JOIN: load-balanced writes inside a plain transaction.atomic() on 'default' join it (plain_atomic.py);
 # AUTOCOMMIT: they are applied one by one at once, with a LoadBalancerTransactionWarning (before issue 19).
 PLAIN_ATOMIC_MODES = ("JOIN", "AUTOCOMMIT")
+# When 'default''s query count (CaptureQueriesContext, assertNumQueries) includes the load-balanced
+# alias's statements: TESTS: under LoadBalancerTestRunner (backend/base.py).
+COUNT_QUERIES_MODES = ("TESTS", "ALWAYS", "NEVER")
 DEFAULT_DB_ALIAS = "default"   # django.db's (not imported here: settings.py may import this module)
 SUPPORTED_VENDORS = ("sqlite", "postgresql")
 MIN_REMOTE_AUTHKEY_LENGTH = 32
@@ -36,7 +39,7 @@ KNOWN_KEYS = {
     "JOURNAL_DIR", "JOURNAL_FSYNC", "WRITE_ACK", "CLIENT_TIMEOUT", "CONNECT_TIMEOUT",
     "HEARTBEAT_TIMEOUT", "GRACEFUL_TIMEOUT", "MAX_RSS_MB", "MAX_REQUEST_BYTES",
     "STATEMENT_TIMEOUT", "READ_TIMEOUT", "READ_CONNECTIONS", "LOG_LEVEL", "READ_PATH",
-    "TRANSACTION_HOLD_TIMEOUT", "METRICS", "PLAIN_ATOMIC",
+    "TRANSACTION_HOLD_TIMEOUT", "METRICS", "PLAIN_ATOMIC", "COUNT_QUERIES_ON_DEFAULT",
 }
 METRICS_KEYS = {"HOST", "PORT"}
 DEFAULT_METRICS_HOST = "127.0.0.1"   # loopback: the metrics have no authentication
@@ -156,6 +159,7 @@ class LoadBalancerConfig:
     log_level: str = "INFO"
     read_path: str = "AUTO"
     plain_atomic: str = "JOIN"
+    count_queries_on_default: str = "TESTS"
     transaction_hold_timeout: float = 5.0
     metrics: Optional[MetricsConfig] = None   # None: no metrics served
 
@@ -510,7 +514,9 @@ def _hold_timeout(raw: Mapping[str, Any], client_timeout: float) -> float:
 def _check_plain_atomic(raw: Mapping[str, Any], django_dbs: Mapping[str, Any]) -> list[Problem]:
     problems = _check_choice(raw, "PLAIN_ATOMIC", PLAIN_ATOMIC_MODES, "django_lb_shm.E043",
                              "mode for load-balanced writes inside a plain transaction.atomic()")
-    if problems or raw.get("PLAIN_ATOMIC", "JOIN") != "JOIN" or raw.get("WRITE_ACK", "FIRST") == "FIRST":
+    problems += _check_choice(raw, "COUNT_QUERIES_ON_DEFAULT", COUNT_QUERIES_MODES, "django_lb_shm.E044",
+                              "mode for counting load-balanced queries on 'default'")
+    if raw.get("PLAIN_ATOMIC", "JOIN") != "JOIN" or raw.get("WRITE_ACK", "FIRST") not in ("QUORUM", "ALL"):
         return problems
     dbs = raw.get("DATABASES")
     entry = django_dbs.get(DEFAULT_DB_ALIAS) if isinstance(dbs, (list, tuple)) and DEFAULT_DB_ALIAS in dbs else None
@@ -518,7 +524,7 @@ def _check_plain_atomic(raw: Mapping[str, Any], django_dbs: Mapping[str, Any]) -
         return problems
     # The load-balanced part commits first: with WRITE_ACK waiting for the 'default' copy, whose
     # file the block's own direct writes lock until the 'default' commit that comes after it.
-    return [Problem(
+    return problems + [Problem(
         "django_lb_shm.W042",
         f"LOAD_BALANCER['WRITE_ACK'] is {raw.get('WRITE_ACK')!r} and the SQLite database 'default' is one of the "
         "load-balanced copies: a plain transaction.atomic() block that writes both load-balanced models and "
@@ -677,6 +683,7 @@ def build_config(raw: Any, django_dbs: Mapping[str, Any]) -> LoadBalancerConfig:
         log_level=str(raw.get("LOG_LEVEL", "INFO")).upper(),
         read_path=raw.get("READ_PATH", "AUTO"),
         plain_atomic=raw.get("PLAIN_ATOMIC", "JOIN"),
+        count_queries_on_default=raw.get("COUNT_QUERIES_ON_DEFAULT", "TESTS"),
         metrics=metrics_config(raw.get("METRICS")),
         **numbers,
     )

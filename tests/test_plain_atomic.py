@@ -271,10 +271,19 @@ def test_the_setting_is_checked():
     sqlite = connection.vendor == "sqlite"
     assert ("django_lb_shm.W042" in ids(WRITE_ACK="ALL")) == sqlite
     assert "django_lb_shm.W042" not in ids()
+    assert "django_lb_shm.E044" in ids(COUNT_QUERIES_ON_DEFAULT=True)
+    assert "django_lb_shm.E044" not in ids(COUNT_QUERIES_ON_DEFAULT="NEVER")
 
 
 # -- query counting ----------------------------------------------------------------------------------------
-def test_capture_queries_on_default_sees_the_load_balanced_statements(coordinator):
+@pytest.fixture
+def counted_on_default():
+    """COUNT_QUERIES_ON_DEFAULT 'ALWAYS': this pytest process is not under LoadBalancerTestRunner."""
+    with override_settings(LOAD_BALANCER={**settings.LOAD_BALANCER, "COUNT_QUERIES_ON_DEFAULT": "ALWAYS"}):
+        yield
+
+
+def test_capture_queries_on_default_sees_the_load_balanced_statements(coordinator, counted_on_default):
     with CaptureQueriesContext(connection) as default_queries:
         with CaptureQueriesContext(connections[lb_alias()]) as lb_queries:
             with transaction.atomic():
@@ -296,6 +305,13 @@ def test_capture_queries_on_default_sees_the_load_balanced_statements(coordinato
         Author.objects.count()
     assert len(only_default) == 1
     assert not connections[lb_alias()].queries_log   # no log of its own while only 'default' counts
+
+
+def test_outside_the_test_runner_default_counts_its_own_queries_only(coordinator):
+    with CaptureQueriesContext(connection) as default_queries:
+        Author.objects.create(name="not counted")
+        assert Author.objects.count() == 1
+    assert default_queries.captured_queries == []
 
 
 def test_a_django_testcase_counts_the_load_balanced_queries_under_the_runner(coordinator):

@@ -15,11 +15,23 @@ from django.db.backends.utils import CursorDebugWrapper
 from django.db.utils import load_backend
 
 from ..client import SAVEPOINT, ClientSession, classify, get_client
+from ..conf import get_config
+
+
+_under_test_runner = [False]   # set by LoadBalancerTestRunner for its test run
+
+
+def count_under_test_runner(on: bool) -> None:
+    _under_test_runner[0] = on
 
 
 def default_is_counted() -> bool:
-    """'default' records its queries for CaptureQueriesContext / assertNumQueries (force_debug_cursor)."""
-    return DEFAULT_DB_ALIAS in connections.settings and connections[DEFAULT_DB_ALIAS].force_debug_cursor
+    """'default' records its queries for CaptureQueriesContext / assertNumQueries (force_debug_cursor),
+    and LOAD_BALANCER['COUNT_QUERIES_ON_DEFAULT'] wants the load-balanced ones among them."""
+    if DEFAULT_DB_ALIAS not in connections.settings or not connections[DEFAULT_DB_ALIAS].force_debug_cursor:
+        return False
+    mode = get_config().count_queries_on_default
+    return mode == "ALWAYS" or mode == "TESTS" and _under_test_runner[0]
 
 
 class CountedOnDefaultCursorWrapper(CursorDebugWrapper):
