@@ -129,10 +129,8 @@ class PlainAtomicTransactionTestCase(TransactionTestCase):
     def test_commit(self):
         from django.db import transaction
 
-        from django.db import connection
-
-        # What Django counts for a model on 'default': its own BEGIN (SQLite) and COMMIT, and the two statements.
-        with self.assertNumQueries(4 if connection.vendor == "sqlite" else 3):
+        # What Django counts for a model on 'default': its own BEGIN and COMMIT, and the two statements.
+        with self.assertNumQueries(4):
             with transaction.atomic():
                 Author.objects.create(name="committed")
                 Author.objects.filter(name="committed").update(rating=1)
