@@ -156,6 +156,9 @@ def test_durable_blocks(replicas):
         with pytest.raises(RuntimeError, match="durable"):
             with transaction.atomic(durable=True):
                 pass
+        with pytest.raises(RuntimeError, match="durable"):
+            with django_lb_shm.atomic(durable=True):   # its writes would commit with the plain block
+                pass
     replicas.assert_identical()
     assert names() == ["durable", "outer lb"]
     assert not connections["default"].in_atomic_block and not connections[lb_alias()].in_atomic_block
@@ -195,6 +198,16 @@ def test_a_plain_model_and_a_load_balanced_write_roll_back_together(replicas):
         Note.objects.create(author=author, text="kept")
     replicas.assert_identical()
     assert all(names(alias) == ["kept"] for alias in ALIASES) and notes() == ["kept"]
+
+
+def test_select_for_update_inside_a_plain_block(replicas):
+    author = Author.objects.create(name="locked")
+    with transaction.atomic():   # before: TransactionManagementError on PostgreSQL (the alias was in autocommit)
+        locked = Author.objects.select_for_update().get(pk=author.pk)
+        locked.rating = 7
+        locked.save()
+    replicas.assert_identical()
+    assert Author.objects.get(pk=author.pk).rating == 7
 
 
 def test_a_read_only_block_opens_nothing_on_the_coordinator(coordinator):
