@@ -255,6 +255,22 @@ def test_a_broken_load_balanced_part_rolls_default_back_and_raises(lb_factory):
     assert names("DB1") == ["next"]
 
 
+def test_when_the_default_commit_fails_the_load_balanced_part_stays_committed(replicas):
+    """The documented order: load-balanced first.  A deferred foreign key on 'default' (Django makes
+    them DEFERRABLE INITIALLY DEFERRED on SQLite and PostgreSQL) fails only at 'default''s COMMIT."""
+    from django.contrib.auth.models import User
+
+    membership = User.groups.through
+    with pytest.raises(IntegrityError) as raised:
+        with transaction.atomic():
+            Author.objects.create(name="committed first")
+            membership.objects.create(user_id=987654, group_id=987654)   # no such user nor group
+    assert any("committed on every copy" in note for note in getattr(raised.value, "__notes__", [])), raised.value
+    assert not membership.objects.exists()
+    replicas.assert_identical()
+    assert all(names(alias) == ["committed first"] for alias in ALIASES)
+
+
 def test_autocommit_mode_gives_the_old_behaviour_with_its_warning(replicas):
     with override_settings(LOAD_BALANCER={**settings.LOAD_BALANCER, "PLAIN_ATOMIC": "AUTOCOMMIT"}):
         with pytest.raises(Boom):
