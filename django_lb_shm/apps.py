@@ -12,10 +12,11 @@ class DjangoLbShmConfig(AppConfig):
     default_auto_field = "django.db.models.AutoField"
 
     def ready(self) -> None:
-        # Checks only, plus the virtual connection alias (a settings entry; no I/O).
+        # Checks only, the virtual connection alias (a settings entry; no I/O) and the plain atomic() twin.
         from . import checks
         from .backend.alias import install_alias
         from .conf import apply_overrides_from_environment
+        from .plain_atomic import install as install_plain_atomic
         from .routers import install_router, watch_settings
 
         apply_overrides_from_environment()   # a coordinator started by LoadBalancerTestRunner
@@ -23,6 +24,7 @@ class DjangoLbShmConfig(AppConfig):
         if install_alias():
             install_router()
         watch_settings()
+        install_plain_atomic()   # a no-op per block while the settings are invalid or PLAIN_ATOMIC is AUTOCOMMIT
         post_migrate.connect(warn_one_copy_changed, dispatch_uid="django_lb_shm.warn_one_copy_changed")
 
 

@@ -24,6 +24,13 @@ BUILTIN_READ_ALGORITHMS = (
 )
 WRITE_ACK_POLICIES = ("FIRST", "QUORUM", "ALL")
 READ_PATHS = ("AUTO", "COORDINATOR")  # AUTO: zero-hop reads where the shared memory can be attached
+# JOIN: load-balanced writes inside a plain transaction.atomic() on 'default' join it (plain_atomic.py);
+# AUTOCOMMIT: they are applied one by one at once, with a LoadBalancerTransactionWarning (before issue 19).
+PLAIN_ATOMIC_MODES = ("JOIN", "AUTOCOMMIT")
+# When 'default''s query count (CaptureQueriesContext, assertNumQueries) includes the load-balanced
+# alias's statements: TESTS: under LoadBalancerTestRunner (backend/base.py).
+COUNT_QUERIES_MODES = ("TESTS", "ALWAYS", "NEVER")
+DEFAULT_DB_ALIAS = "default"   # django.db's (not imported here: settings.py may import this module)
 SUPPORTED_VENDORS = ("sqlite", "postgresql")
 MIN_REMOTE_AUTHKEY_LENGTH = 32
 
@@ -32,7 +39,7 @@ KNOWN_KEYS = {
     "JOURNAL_DIR", "JOURNAL_FSYNC", "WRITE_ACK", "CLIENT_TIMEOUT", "CONNECT_TIMEOUT",
     "HEARTBEAT_TIMEOUT", "GRACEFUL_TIMEOUT", "MAX_RSS_MB", "MAX_REQUEST_BYTES",
     "STATEMENT_TIMEOUT", "READ_TIMEOUT", "READ_CONNECTIONS", "LOG_LEVEL", "READ_PATH",
-    "TRANSACTION_HOLD_TIMEOUT", "METRICS", "MODELS",
+    "TRANSACTION_HOLD_TIMEOUT", "METRICS", "MODELS", "PLAIN_ATOMIC", "COUNT_QUERIES_ON_DEFAULT",
 }
 METRICS_KEYS = {"HOST", "PORT"}
 DEFAULT_METRICS_HOST = "127.0.0.1"   # loopback: the metrics have no authentication
@@ -151,6 +158,8 @@ class LoadBalancerConfig:
     read_connections: int = 4
     log_level: str = "INFO"
     read_path: str = "AUTO"
+    plain_atomic: str = "JOIN"
+    count_queries_on_default: str = "TESTS"
     transaction_hold_timeout: float = 5.0
     metrics: Optional[MetricsConfig] = None   # None: no metrics served
     models: tuple[str, ...] = ()   # LOAD_BALANCER['MODELS']: app labels and 'app_label.ModelName'
@@ -527,6 +536,31 @@ def _hold_timeout(raw: Mapping[str, Any], client_timeout: float) -> float:
     return min(NUMERIC_DEFAULTS["TRANSACTION_HOLD_TIMEOUT"][0], client_timeout / 2)
 
 
+def _check_plain_atomic(raw: Mapping[str, Any], django_dbs: Mapping[str, Any]) -> list[Problem]:
+    problems = _check_choice(raw, "PLAIN_ATOMIC", PLAIN_ATOMIC_MODES, "django_lb_shm.E043",
+                             "mode for load-balanced writes inside a plain transaction.atomic()")
+    problems += _check_choice(raw, "COUNT_QUERIES_ON_DEFAULT", COUNT_QUERIES_MODES, "django_lb_shm.E044",
+                              "mode for counting load-balanced queries on 'default'")
+    if raw.get("PLAIN_ATOMIC", "JOIN") != "JOIN" or raw.get("WRITE_ACK", "FIRST") not in ("QUORUM", "ALL"):
+        return problems
+    dbs = raw.get("DATABASES")
+    entry = django_dbs.get(DEFAULT_DB_ALIAS) if isinstance(dbs, (list, tuple)) and DEFAULT_DB_ALIAS in dbs else None
+    if not isinstance(entry, Mapping) or vendor_of(entry.get("ENGINE", "")) != "sqlite":
+        return problems
+    # The load-balanced part commits first: with WRITE_ACK waiting for the 'default' copy, whose
+    # file the block's own direct writes lock until the 'default' commit that comes after it.
+    return problems + [Problem(
+        "django_lb_shm.W042",
+        f"LOAD_BALANCER['WRITE_ACK'] is {raw.get('WRITE_ACK')!r} and the SQLite database 'default' is one of the "
+        "load-balanced copies: a plain transaction.atomic() block that writes both load-balanced models and "
+        "other models on 'default' waits up to CLIENT_TIMEOUT at its commit (the copy 'default' cannot apply the "
+        "load-balanced commit while the block holds its file's write lock).",
+        "Use WRITE_ACK 'FIRST', keep plain models off the load-balanced 'default' in such blocks, or set "
+        "PLAIN_ATOMIC 'AUTOCOMMIT'.",
+        level="warning",
+    )]
+
+
 def _check_log_level(raw: Mapping[str, Any]) -> list[Problem]:
     import logging
 
@@ -589,6 +623,7 @@ def find_problems(raw: Any, django_dbs: Mapping[str, Any]) -> list[Problem]:
         + _check_alias(raw, django_dbs)
         + _check_metrics(raw)
         + _check_models(raw)
+        + _check_plain_atomic(raw, django_dbs)
     )
     unknown = sorted(set(raw) - KNOWN_KEYS)
     if unknown:
@@ -673,6 +708,8 @@ def build_config(raw: Any, django_dbs: Mapping[str, Any]) -> LoadBalancerConfig:
         write_ack=raw.get("WRITE_ACK", "FIRST"),
         log_level=str(raw.get("LOG_LEVEL", "INFO")).upper(),
         read_path=raw.get("READ_PATH", "AUTO"),
+        plain_atomic=raw.get("PLAIN_ATOMIC", "JOIN"),
+        count_queries_on_default=raw.get("COUNT_QUERIES_ON_DEFAULT", "TESTS"),
         metrics=metrics_config(raw.get("METRICS")),
         models=models_setting(raw),
         **numbers,

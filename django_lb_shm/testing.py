@@ -13,7 +13,8 @@ see ``CoordinatorClient.check_same_databases``.)  This runner
   and with the settings this process made at run time (INSTALLED_APPS, MIDDLEWARE...
   as Django's runtests.py sets them), and points the load-balanced connection at it;
 * lets every TestCase and TransactionTestCase query the load-balanced alias (adds
-  it to ``databases``);
+  it to ``databases``), and counts its statements in 'default''s ``assertNumQueries`` /
+  ``CaptureQueriesContext`` (LOAD_BALANCER['COUNT_QUERIES_ON_DEFAULT'] 'TESTS');
 * stops that coordinator when the test databases are destroyed; it also stops by
   itself if the test process dies first.
 
@@ -87,6 +88,18 @@ class LoadBalancerTestRunner(DiscoverRunner):
         return suite
 
     # -- set-up and tear-down ---------------------------------------------------------------------
+    def setup_test_environment(self, **kwargs: Any) -> None:
+        from .backend.base import count_under_test_runner
+
+        super().setup_test_environment(**kwargs)
+        count_under_test_runner(True)   # COUNT_QUERIES_ON_DEFAULT 'TESTS'
+
+    def teardown_test_environment(self, **kwargs: Any) -> None:
+        from .backend.base import count_under_test_runner
+
+        count_under_test_runner(False)
+        super().teardown_test_environment(**kwargs)
+
     def setup_databases(self, **kwargs: Any):
         from . import apps
 

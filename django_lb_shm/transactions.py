@@ -8,16 +8,19 @@ reads before the first write are balanced as usual; the first write (or a
 then serves the block's reads (so they see its writes) and holds the global
 write order until the block ends.  Nested blocks are savepoints, as in Django.
 
-A plain ``transaction.atomic()`` targets settings.DATABASES['default'], not the
-load-balanced alias: LoadBalancerModel writes inside it are applied at once,
-and are not undone if that block rolls back.  The client warns when it sees this.
+A plain ``transaction.atomic()`` targets settings.DATABASES['default']; its
+load-balanced writes join it through a twin block on the load-balanced alias
+(``plain_atomic.py``) unless ``LOAD_BALANCER['PLAIN_ATOMIC']`` is ``'AUTOCOMMIT'``.
+Load-balanced writes inside an atomic block of any other alias (or of 'default'
+with ``'AUTOCOMMIT'``) are applied at once and are not undone if that block rolls
+back: the client warns when it sees this.
 """
 from __future__ import annotations
 
 import warnings
 from typing import Any
 
-from django.db import connections, transaction
+from django.db import DEFAULT_DB_ALIAS, connections, transaction
 
 from .backend.alias import lb_alias
 
@@ -38,9 +41,11 @@ def warn_if_in_foreign_atomic(alias: str) -> None:
     for connection in connections.all(initialized_only=True):
         if connection.alias != alias and connection.in_atomic_block:
             warnings.warn(
-                f"a LoadBalancerModel write inside transaction.atomic() on {connection.alias!r} is applied "
+                f"a load-balanced write inside transaction.atomic() on {connection.alias!r} is applied "
                 "through the load balancer at once and is not rolled back with that block; use "
-                "django_lb_shm.atomic() (transaction.atomic(using=<load-balanced alias>)) instead.",
+                "django_lb_shm.atomic() (transaction.atomic(using=<load-balanced alias>)) instead"
+                + (" (or LOAD_BALANCER['PLAIN_ATOMIC'] = 'JOIN', the default, for blocks on 'default')."
+                   if connection.alias == DEFAULT_DB_ALIAS else "."),
                 LoadBalancerTransactionWarning,
                 stacklevel=8,
             )

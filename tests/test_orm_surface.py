@@ -936,21 +936,32 @@ def test_on_commit_runs_after_commit_only(replicas):
 
 
 def test_plain_atomic_targets_default_not_the_load_balancer(replicas):
-    """``transaction.atomic()`` without ``using`` is a transaction on 'default' (Django's
-    DEFAULT_DB_ALIAS, one real database), not on the load-balanced alias.  LoadBalancerModel
-    writes inside it still go through the coordinator, in autocommit mode: each is applied
-    on every database as soon as it runs, and an exception leaving the block does NOT undo
-    them (the client warns).  Use ``transaction.atomic(using=lb_alias())`` (or
-    ``django_lb_shm.atomic()``) to make them one transaction.
+    """With ``LOAD_BALANCER['PLAIN_ATOMIC'] = 'AUTOCOMMIT'``, ``transaction.atomic()`` without
+    ``using`` is a transaction on 'default' only (Django's DEFAULT_DB_ALIAS, one real database).
+    LoadBalancerModel writes inside it go through the coordinator in autocommit mode: each is
+    applied on every database as soon as it runs, and an exception leaving the block does NOT
+    undo them (the client warns).  With 'JOIN' (the default: tests/test_plain_atomic.py) the
+    block gets a load-balanced twin and they are rolled back with it.
     """
+    from django.conf import settings
+    from django.test import override_settings
+
     from django_lb_shm.transactions import LoadBalancerTransactionWarning
 
+    with override_settings(LOAD_BALANCER={**settings.LOAD_BALANCER, "PLAIN_ATOMIC": "AUTOCOMMIT"}):
+        with pytest.raises(Boom):
+            with transaction.atomic():
+                with pytest.warns(LoadBalancerTransactionWarning, match="'default'"):
+                    Author.objects.create(name="Ann")
+                assert not connections[lb_alias()].in_atomic_block
+                assert connections["default"].in_atomic_block
+                raise Boom
+    replicas.assert_identical()
+    assert all(names(alias) == ["Ann"] for alias in ALIASES)
     with pytest.raises(Boom):
         with transaction.atomic():
-            with pytest.warns(LoadBalancerTransactionWarning, match="'default'"):
-                Author.objects.create(name="Ann")
-            assert not connections[lb_alias()].in_atomic_block
-            assert connections["default"].in_atomic_block
+            Author.objects.create(name="Bob")
+            assert connections[lb_alias()].in_atomic_block
             raise Boom
     replicas.assert_identical()
     assert all(names(alias) == ["Ann"] for alias in ALIASES)

@@ -66,7 +66,7 @@ class Boom(Exception):
 
 # -- running a step twice ------------------------------------------------------------------------
 _ALIAS_USERS = ("django_lb_shm.query", "django_lb_shm.load_balancer_model", "django_lb_shm.routers",
-                "django_lb_shm.transactions")
+                "django_lb_shm.transactions", "django_lb_shm.plain_atomic")
 
 
 @contextlib.contextmanager

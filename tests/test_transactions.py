@@ -6,7 +6,9 @@ import os
 import warnings
 
 import pytest
+from django.conf import settings
 from django.db import IntegrityError, transaction
+from django.test import override_settings
 
 import django_lb_shm
 from django_lb_shm.backend.alias import lb_alias
@@ -96,11 +98,21 @@ def test_blocks_racing_with_other_writers_leave_replicas_identical(replicas):
     assert not [r for r in rows if r[1].endswith("-rolled-back")]
 
 
-def test_plain_atomic_on_default_warns_that_it_cannot_include_the_write(replicas):
+def test_plain_atomic_on_default_includes_the_write_without_a_warning(replicas):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with transaction.atomic():  # 'default', not the load-balanced alias
-            Author.objects.create(name="outside")
+        with transaction.atomic():  # 'default': its load-balanced twin carries the write (PLAIN_ATOMIC 'JOIN')
+            Author.objects.create(name="inside")
+    assert not [w for w in caught if issubclass(w.category, LoadBalancerTransactionWarning)]
+    replicas.assert_identical()
+
+
+def test_plain_atomic_in_autocommit_mode_warns_that_it_cannot_include_the_write(replicas):
+    with override_settings(LOAD_BALANCER={**settings.LOAD_BALANCER, "PLAIN_ATOMIC": "AUTOCOMMIT"}):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with transaction.atomic():  # 'default', not the load-balanced alias
+                Author.objects.create(name="outside")
     assert any(issubclass(w.category, LoadBalancerTransactionWarning) for w in caught)
     replicas.assert_identical()
 

@@ -7,12 +7,59 @@ only the DB-API connection is replaced by a coordinator session.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
 
-from django.db import DEFAULT_DB_ALIAS
+from django.db import DEFAULT_DB_ALIAS, connections
+from django.db.backends.utils import CursorDebugWrapper
 from django.db.utils import load_backend
 
-from ..client import ClientSession, get_client
+from ..client import SAVEPOINT, ClientSession, classify, get_client
+from ..conf import get_config
+
+
+_under_test_runner = [False]   # set by LoadBalancerTestRunner for its test run
+
+
+def count_under_test_runner(on: bool) -> None:
+    _under_test_runner[0] = on
+
+
+def default_is_counted() -> bool:
+    """'default' records its queries for CaptureQueriesContext / assertNumQueries (force_debug_cursor),
+    and LOAD_BALANCER['COUNT_QUERIES_ON_DEFAULT'] wants the load-balanced ones among them."""
+    if DEFAULT_DB_ALIAS not in connections.settings or not connections[DEFAULT_DB_ALIAS].force_debug_cursor:
+        return False
+    mode = get_config().count_queries_on_default
+    return mode == "ALWAYS" or mode == "TESTS" and _under_test_runner[0]
+
+
+class CountedOnDefaultCursorWrapper(CursorDebugWrapper):
+    """Django's debug cursor, whose entries also go to 'default''s ``queries_log`` while that one is
+    counted: ``assertNumQueries(n)`` on 'default' then sees the load-balanced models' statements, one per
+    statement the ORM ran (not the coordinator's own).  SAVEPOINT statements are not copied: a plain
+    ``atomic()`` block's own savepoint on 'default' is counted already, its load-balanced twin's is not
+    a statement the user wrote."""
+
+    @contextmanager
+    def debug_sql(self, sql: Optional[str] = None, params: Any = None, use_last_executed_query: bool = False,
+                  many: bool = False) -> Iterator[None]:
+        try:
+            with super().debug_sql(sql, params, use_last_executed_query, many):
+                yield
+        finally:
+            self._share_entry(sql)
+
+    def _share_entry(self, sql: Optional[str]) -> None:
+        log = self.db.queries_log
+        if not log:
+            return
+        entry = log[-1]   # the one super().debug_sql() just appended (a connection is one thread's)
+        if not self.db.queries_logged:
+            log.pop()     # logged only for 'default''s sake
+        if sql and default_is_counted() and classify(sql) != SAVEPOINT:
+            # "alias" tells these apart from 'default''s own (Django's entries have "sql" and "time").
+            connections[DEFAULT_DB_ALIAS].queries_log.append({**entry, "alias": self.db.alias})
 
 
 class ProxyOperationsMixin:
@@ -82,6 +129,15 @@ class ProxyCreationMixin:
 
 class ProxyWrapperMixin:
     """DB-API connection replaced by a :class:`ClientSession`; everything else is the vendor's."""
+
+    # Not through queries_logged: debug_transaction() would then log this alias's own COMMITs too.
+    def make_cursor(self, cursor: Any) -> Any:
+        if default_is_counted():
+            return CountedOnDefaultCursorWrapper(cursor, self)
+        return super().make_cursor(cursor)
+
+    def make_debug_cursor(self, cursor: Any) -> CountedOnDefaultCursorWrapper:
+        return CountedOnDefaultCursorWrapper(cursor, self)
 
     def get_connection_params(self) -> dict:
         return {}

@@ -83,3 +83,64 @@ def _names(alias):
     with connections[alias].cursor() as cursor:
         cursor.execute("SELECT name FROM testapp_author")
         return [row[0] for row in cursor.fetchall()]
+
+
+class PlainAtomicTestCase(TestCase):
+    """Run by tests/test_plain_atomic.py: 'default''s query count sees the load-balanced statements, and
+    plain transaction.atomic() blocks work inside the runner's per-test load-balanced transaction."""
+
+    def test_assert_num_queries_on_default(self):
+        from django_lb_shm.backend.alias import lb_alias
+
+        # The runner's transaction on the load-balanced alias (class and test), and no twin of 'default''s.
+        blocks = connections[lb_alias()].atomic_blocks
+        self.assertEqual([block._from_testcase for block in blocks], [True, True])
+        with self.assertNumQueries(2):
+            Author.objects.create(name="counted")
+            self.assertEqual(Author.objects.count(), 1)
+
+    def test_capture_queries_context_on_default(self):
+        from django.db import connection
+        from django.test.utils import CaptureQueriesContext
+
+        with CaptureQueriesContext(connection) as queries:
+            list(Author.objects.filter(name="x"))
+        self.assertEqual(len(queries), 1)
+        self.assertIn("testapp_author", queries[0]["sql"])
+
+    def test_plain_atomic_blocks_inside_a_test_case(self):
+        from django.db import transaction
+
+        with self.assertNumQueries(3):   # SAVEPOINT, INSERT, RELEASE SAVEPOINT, as for a model on 'default'
+            with transaction.atomic():
+                Author.objects.create(name="kept")
+        try:
+            with transaction.atomic():
+                Author.objects.create(name="gone")
+                raise ValueError
+        except ValueError:
+            pass
+        with transaction.atomic(durable=True):   # the test case's own blocks do not count as nesting
+            Author.objects.create(name="durable")
+        self.assertEqual(sorted(Author.objects.values_list("name", flat=True)), ["durable", "kept"])
+
+
+class PlainAtomicTransactionTestCase(TransactionTestCase):
+    def test_commit(self):
+        from django.db import transaction
+
+        # What Django counts for a model on 'default': its own BEGIN and COMMIT, and the two statements.
+        with self.assertNumQueries(4):
+            with transaction.atomic():
+                Author.objects.create(name="committed")
+                Author.objects.filter(name="committed").update(rating=1)
+        self.assertEqual(list(Author.objects.values_list("rating", flat=True)), [1])
+
+    def test_rollback(self):
+        from django.db import transaction
+
+        with self.assertRaises(ValueError):
+            with transaction.atomic():
+                Author.objects.create(name="rolled back")
+                raise ValueError
+        self.assertEqual(Author.objects.count(), 0)

@@ -1,0 +1,119 @@
+"""Plain ``transaction.atomic()`` on 'default' with load-balanced writes inside (issue 19).
+
+With ``LOAD_BALANCER['PLAIN_ATOMIC'] = 'JOIN'`` (the default) every atomic block on
+'default' -- ``with transaction.atomic():``, ``@transaction.atomic``,
+``atomic(using='default')``, ``ATOMIC_REQUESTS`` -- gets a *twin*: an atomic block on the
+load-balanced alias with the same ``savepoint`` and ``durable``, entered right after the
+'default' block and left right before it.  The outermost twin is a load-balanced
+transaction, which costs nothing until its first write (``ClientSession`` only records the
+savepoints); nested twins are its savepoints, so a nested plain block that rolls back
+undoes its load-balanced writes too.  Either side needing a rollback
+(``set_rollback(True)`` on either alias, an error in a ``savepoint=False`` block) rolls
+both back.  ``on_commit`` callbacks stay where they were registered: on 'default' they run
+after both commits, on the load-balanced alias after its commit; each runs once.
+
+Commit order: the load-balanced part first, then 'default'.  The load-balanced commit is
+the one that can fail for reasons of its own (a broken or timed-out transaction,
+``WriteNotApplied``, the coordinator gone); committing it first means such a failure rolls
+'default' back as well, and the block is applied nowhere.  If then the 'default' commit
+fails, the load-balanced writes stay committed on every copy while 'default''s are rolled
+back (Django has no atomicity across databases either); the exception carries a note saying so.
+
+Why a wrapper around ``transaction.Atomic.__enter__``/``__exit__`` (installed in
+AppConfig.ready): every form above builds a ``transaction.Atomic`` and goes through these
+two methods (Django's TestCase calls ``__enter__`` itself), whose signatures are the same in
+Django 4.2 and 5.2, and they see what a connection-level hook would not: ``durable``,
+``_from_testcase`` and the exception leaving the block.  A connection-level hook would also
+have to patch the vendor's DatabaseWrapper class of 'default', which is not the package's.
+
+Django's TestCase blocks (``_from_testcase``) get no twin: under LoadBalancerTestRunner the
+test case already holds its own atomic block on the load-balanced alias.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+from django.db import DEFAULT_DB_ALIAS, connections, transaction
+
+from .backend.alias import lb_alias
+from .conf import get_config
+from .errors import ConfigurationError
+
+_TWINS = "_lb_plain_atomic_twins"   # on connections['default'] (thread-local): one entry per open block
+_COMMITTED_FIRST = ("django_lb_shm: the load-balanced writes of this transaction.atomic() block were committed on "
+                    "every copy before this 'default' commit failed; the 'default' writes were rolled back.")
+
+
+def install() -> None:
+    """Wrap ``transaction.Atomic`` once (idempotent)."""
+    atomic = transaction.Atomic
+    if getattr(atomic, "_lb_plain_atomic", False):
+        return
+    atomic.__enter__ = _entering(atomic.__enter__, atomic.__exit__)
+    atomic.__exit__ = _leaving(atomic.__exit__)
+    atomic._lb_plain_atomic = True
+
+
+def _on_default(block: Any) -> bool:
+    return block.using is None or block.using == DEFAULT_DB_ALIAS
+
+
+def _twins() -> list:
+    return connections[DEFAULT_DB_ALIAS].__dict__.setdefault(_TWINS, [])
+
+
+def twin_for(block: Any) -> Optional[Any]:
+    """The load-balanced block to open with ``block`` (on 'default'), or None."""
+    if block._from_testcase:
+        return None
+    try:
+        if get_config().plain_atomic != "JOIN":
+            return None
+        alias = lb_alias()
+    except ConfigurationError:
+        return None   # invalid settings: the system checks say so; 'default' works as in Django
+    if alias == DEFAULT_DB_ALIAS:   # (only where a test makes 'default' stand in for the alias)
+        return None
+    return transaction.Atomic(alias, block.savepoint, block.durable)
+
+
+def _entering(enter: Callable, leave: Callable) -> Callable:
+    def __enter__(self: Any) -> None:
+        if not _on_default(self):
+            return enter(self)
+        enter(self)
+        twin = twin_for(self)
+        if twin is not None:
+            try:
+                enter(twin)
+            except BaseException as exc:   # e.g. durable=True inside django_lb_shm.atomic()
+                leave(self, type(exc), exc, exc.__traceback__)
+                raise
+        _twins().append(twin)
+
+    return __enter__
+
+
+def _leaving(leave: Callable) -> Callable:
+    def __exit__(self: Any, exc_type: Any, exc_value: Any, traceback: Any) -> Any:
+        twins = _twins() if _on_default(self) else None
+        twin = twins.pop() if twins else None
+        if twin is None:
+            return leave(self, exc_type, exc_value, traceback)
+        default, lb = connections[DEFAULT_DB_ALIAS], connections[twin.using]
+        if exc_type is None and (default.needs_rollback or lb.needs_rollback):
+            default.needs_rollback = lb.needs_rollback = True
+        committing = exc_type is None and not default.needs_rollback
+        try:
+            leave(twin, exc_type, exc_value, traceback)
+        except BaseException as exc:   # the load-balanced part failed: 'default' rolls back with it
+            leave(self, type(exc), exc, exc.__traceback__)
+            raise
+        try:
+            return leave(self, exc_type, exc_value, traceback)
+        except BaseException as exc:
+            if committing and not lb.in_atomic_block and hasattr(exc, "add_note"):
+                exc.add_note(_COMMITTED_FIRST)
+            raise
+
+    return __exit__
