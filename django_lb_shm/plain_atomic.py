@@ -39,6 +39,8 @@ from .backend.alias import lb_alias
 from .conf import get_config
 from .errors import ConfigurationError
 
+PARTNER = "_lb_plain_atomic_partner"   # on the load-balanced connection while paired: 'default'
+
 _TWINS = "_lb_plain_atomic_twins"   # on connections['default'] (thread-local): one entry per open block
 _COMMITTED_FIRST = ("django_lb_shm: the load-balanced writes of this transaction.atomic() block were committed on "
                     "every copy before this 'default' commit failed; the 'default' writes were rolled back.")
@@ -89,6 +91,7 @@ def _entering(enter: Callable, leave: Callable) -> Callable:
             except BaseException as exc:   # e.g. durable=True inside django_lb_shm.atomic()
                 leave(self, type(exc), exc, exc.__traceback__)
                 raise
+            _pair(connections[twin.using], connections[DEFAULT_DB_ALIAS])
         _twins().append(twin)
 
     return __enter__
@@ -101,19 +104,63 @@ def _leaving(leave: Callable) -> Callable:
         if twin is None:
             return leave(self, exc_type, exc_value, traceback)
         default, lb = connections[DEFAULT_DB_ALIAS], connections[twin.using]
-        if exc_type is None and (default.needs_rollback or lb.needs_rollback):
-            default.needs_rollback = lb.needs_rollback = True
-        committing = exc_type is None and not default.needs_rollback
         try:
-            leave(twin, exc_type, exc_value, traceback)
-        except BaseException as exc:   # the load-balanced part failed: 'default' rolls back with it
-            leave(self, type(exc), exc, exc.__traceback__)
-            raise
-        try:
-            return leave(self, exc_type, exc_value, traceback)
-        except BaseException as exc:
-            if committing and not lb.in_atomic_block and hasattr(exc, "add_note"):
-                exc.add_note(_COMMITTED_FIRST)
-            raise
+            return _leave_both(leave, self, twin, default, lb, exc_type, exc_value, traceback)
+        finally:
+            _unpair(lb, default)
 
     return __exit__
+
+
+def _leave_both(leave: Callable, block: Any, twin: Any, default: Any, lb: Any,
+                exc_type: Any, exc_value: Any, traceback: Any) -> Any:
+    """Leave the twin, then ``block``; both read the one rollback flag they share (see ``_pair``)."""
+    # Leaving a block rewrites the flag (cleared after a savepoint rollback): 'default' must
+    # decide on what the flag was when the block ended, not on what the twin left in it.
+    needs_rollback = default.needs_rollback
+    committing = exc_type is None and not needs_rollback
+    try:
+        leave(twin, exc_type, exc_value, traceback)
+    except BaseException as exc:   # the load-balanced part failed: 'default' rolls back with it
+        default.needs_rollback = needs_rollback
+        leave(block, type(exc), exc, exc.__traceback__)
+        raise
+    twin_left_broken = default.needs_rollback   # its savepoint could not be rolled back, or it had none
+    default.needs_rollback = needs_rollback
+    try:
+        return leave(block, exc_type, exc_value, traceback)
+    except BaseException as exc:
+        if committing and not lb.in_atomic_block and hasattr(exc, "add_note"):
+            exc.add_note(_COMMITTED_FIRST)
+        raise
+    finally:
+        if twin_left_broken and default.in_atomic_block:
+            default.needs_rollback = True
+
+
+# -- one rollback flag for the pair ----------------------------------------------------------------------
+_PAIRS = "_lb_plain_atomic_pairs"   # on the load-balanced connection: open twins of 'default' blocks
+
+
+def _pair(lb: Any, default: Any) -> None:
+    """From the outermost twin on, the load-balanced connection's ``needs_rollback`` is 'default''s.
+
+    So ``get_rollback()``/``set_rollback()``/``mark_for_rollback_on_error()`` on either alias, and
+    the check that refuses queries in a broken transaction on either, see one flag, as on one
+    connection: an IntegrityError of a load-balanced save marks 'default''s block, and a
+    ``set_rollback(False)`` on 'default' lets the next load-balanced query run.
+    """
+    pairs = lb.__dict__.get(_PAIRS, 0)
+    if not pairs:
+        own = lb.needs_rollback
+        lb.__dict__[PARTNER] = default
+        default.needs_rollback = default.needs_rollback or own
+    lb.__dict__[_PAIRS] = pairs + 1
+
+
+def _unpair(lb: Any, default: Any) -> None:
+    pairs = lb.__dict__.get(_PAIRS, 0) - 1
+    lb.__dict__[_PAIRS] = max(pairs, 0)
+    if pairs <= 0 and lb.__dict__.pop(PARTNER, None) is not None:
+        # Still inside a block of its own (a TestCase's): that block ends as 'default''s would.
+        lb.needs_rollback = default.needs_rollback if lb.in_atomic_block else False
