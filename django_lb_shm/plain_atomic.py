@@ -54,6 +54,9 @@ def install() -> None:
     atomic.__enter__ = _entering(atomic.__enter__, atomic.__exit__)
     atomic.__exit__ = _leaving(atomic.__exit__)
     atomic._lb_plain_atomic = True
+    transaction.savepoint = _savepoint(transaction.savepoint)
+    transaction.savepoint_rollback = _savepoint_end(transaction.savepoint_rollback, "savepoint_rollback", False)
+    transaction.savepoint_commit = _savepoint_end(transaction.savepoint_commit, "savepoint_commit", True)
 
 
 def _on_default(block: Any) -> bool:
@@ -108,6 +111,8 @@ def _leaving(leave: Callable) -> Callable:
             return _leave_both(leave, self, twin, default, lb, exc_type, exc_value, traceback)
         finally:
             _unpair(lb, default)
+            if not any(twins):
+                default.__dict__.pop(_SIDS, None)
 
     return __exit__
 
@@ -164,3 +169,40 @@ def _unpair(lb: Any, default: Any) -> None:
     if pairs <= 0 and lb.__dict__.pop(PARTNER, None) is not None:
         # Still inside a block of its own (a TestCase's): that block ends as 'default''s would.
         lb.needs_rollback = default.needs_rollback if lb.in_atomic_block else False
+
+
+# -- transaction.savepoint() inside a plain block ---------------------------------------------------------
+_SIDS = "_lb_plain_atomic_sids"   # on connections['default']: {its savepoint id: the twin's savepoint id}
+
+
+def _open_twin(using: Optional[str]) -> Optional[Any]:
+    if using not in (None, DEFAULT_DB_ALIAS):
+        return None
+    return next((twin for twin in reversed(_twins()) if twin is not None), None)
+
+
+def _savepoint(original: Callable) -> Callable:
+    """``transaction.savepoint()`` on 'default' inside a block with a twin sets one on the twin too,
+    so ``savepoint_rollback(sid)`` also undoes the load-balanced writes made since."""
+    def savepoint(using: Optional[str] = None) -> Optional[str]:
+        sid = original(using)
+        twin = _open_twin(using)
+        if sid is not None and twin is not None:
+            connections[DEFAULT_DB_ALIAS].__dict__.setdefault(_SIDS, {})[sid] = connections[twin.using].savepoint()
+        return sid
+
+    return savepoint
+
+
+def _savepoint_end(original: Callable, method: str, forget: bool) -> Callable:
+    def end(sid: str, using: Optional[str] = None) -> None:
+        original(sid, using)   # 'default' first: an unknown sid fails there, before the twin is touched
+        twin = _open_twin(using)
+        sids = connections[DEFAULT_DB_ALIAS].__dict__.get(_SIDS, {})
+        twin_sid = sids.pop(sid, None) if forget else sids.get(sid)
+        if twin is not None and twin_sid is not None:
+            getattr(connections[twin.using], method)(twin_sid)
+
+    end.__name__ = end.__qualname__ = original.__name__
+    end.__doc__ = original.__doc__
+    return end

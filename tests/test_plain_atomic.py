@@ -395,6 +395,21 @@ def test_merged_blocks_share_the_flag_and_the_rollback(replicas):
     assert not connections[lb_alias()].needs_rollback and not connection.needs_rollback
 
 
+def test_transaction_savepoints_on_default_include_the_load_balanced_writes(replicas):
+    with transaction.atomic():
+        Author.objects.create(name="kept")
+        sid = transaction.savepoint()
+        Author.objects.create(name="gone")
+        Note.objects.create(author_id=1, text="gone")
+        transaction.savepoint_rollback(sid)
+        assert Author.objects.count() == 1
+        sid = transaction.savepoint()
+        Author.objects.create(name="kept too")
+        transaction.savepoint_commit(sid)
+    replicas.assert_identical()
+    assert all(names(alias) == ["kept", "kept too"] for alias in ALIASES) and notes() == []
+
+
 # -- query counting ----------------------------------------------------------------------------------------
 @pytest.fixture
 def counted_on_default():
