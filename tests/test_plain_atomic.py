@@ -388,6 +388,9 @@ def test_merged_blocks_share_the_flag_and_the_rollback(replicas):
             transaction.set_rollback(False, using=lb_alias())
             assert transaction.get_rollback() is False
             assert Author.objects.count() == 3   # read inside the load-balanced transaction
+            assert not transaction.get_autocommit() and not transaction.get_autocommit(using=lb_alias())
+            with pytest.raises(transaction.TransactionManagementError, match="forbidden"):
+                transaction.set_autocommit(True, using=lb_alias())
             transaction.set_rollback(True)
         assert Author.objects.count() == 1       # the savepoint of the middle block rolled back
     replicas.assert_identical()
