@@ -7,9 +7,11 @@ load-balanced alias with the same ``savepoint`` and ``durable``, entered right a
 'default' block and left right before it.  The outermost twin is a load-balanced
 transaction, which costs nothing until its first write (``ClientSession`` only records the
 savepoints); nested twins are its savepoints, so a nested plain block that rolls back
-undoes its load-balanced writes too.  Either side needing a rollback
-(``set_rollback(True)`` on either alias, an error in a ``savepoint=False`` block) rolls
-both back.  ``on_commit`` callbacks stay where they were registered: on 'default' they run
+undoes its load-balanced writes too.  While a twin is open, the two
+connections share one rollback flag ('default''s ``needs_rollback``, see ``_pair``), so
+``get_rollback``/``set_rollback``/``mark_for_rollback_on_error`` and the refusal of queries in
+a broken transaction behave as on one connection, and ``transaction.savepoint()`` and its
+``savepoint_rollback``/``savepoint_commit`` on 'default' cover the twin too.  ``on_commit`` callbacks stay where they were registered: on 'default' they run
 after both commits, on the load-balanced alias after its commit; each runs once.
 
 Commit order: the load-balanced part first, then 'default'.  The load-balanced commit is
