@@ -304,6 +304,115 @@ def test_the_setting_is_checked():
     assert "django_lb_shm.E044" not in ids(COUNT_QUERIES_ON_DEFAULT="NEVER")
 
 
+# -- one rollback flag for the pair (Django's transactions tests) ----------------------------------------
+def test_an_error_in_the_twin_marks_default_and_set_rollback_false_on_default_fixes_both(replicas):
+    Author.objects.create(name="Ann")
+    with transaction.atomic():
+        with pytest.raises(IntegrityError):
+            Author.objects.create(name="Ann")   # in the twin, inside no savepoint
+        assert transaction.get_rollback() is True and connection.needs_rollback is True
+        if connections[lb_alias()].features.atomic_transactions:   # PostgreSQL: the transaction is lost
+            with pytest.raises(transaction.TransactionManagementError):
+                Note.objects.create(author_id=1, text="refused")   # 'default' refuses as well
+            return
+        transaction.set_rollback(False)
+        assert connections[lb_alias()].get_rollback() is False
+        Author.objects.filter(name="Ann").update(rating=7)
+        Note.objects.create(author_id=1, text="kept")
+    replicas.assert_identical()
+    assert Author.objects.get(name="Ann").rating == 7 and notes() == ["kept"]
+
+
+def test_a_broken_default_transaction_refuses_load_balanced_queries(replicas):
+    from django.db import DatabaseError
+
+    with transaction.atomic():
+        Author.objects.create(name="gone")
+        with pytest.raises(DatabaseError):
+            with transaction.atomic(savepoint=False):
+                with connection.cursor() as cursor:
+                    cursor.execute("SELECT no_such_column FROM testapp_note")
+        assert connections[lb_alias()].get_rollback() is True
+        with pytest.raises(transaction.TransactionManagementError, match="until the end of the 'atomic' block"):
+            Author.objects.count()
+        with pytest.raises(transaction.TransactionManagementError):
+            Author.objects.create(name="refused")
+    Author.objects.create(name="after")   # the flag is reset with the block
+    replicas.assert_identical()
+    assert names() == ["after"]
+
+
+def test_a_failed_savepoint_release_on_default_refuses_load_balanced_queries(replicas):
+    from django.db import DatabaseError
+
+    if not connection.features.can_release_savepoints:
+        pytest.skip("the database does not release savepoints")
+    with transaction.atomic():
+        with pytest.raises(DatabaseError):
+            with transaction.atomic():
+                Author.objects.create(name="gone")
+                connection.savepoint_ids.append("12")   # Django's test: a bad savepoint id on 'default'
+        with pytest.raises(transaction.TransactionManagementError):
+            len(Author.objects.all())
+        assert connection.needs_rollback is True
+        connection.savepoint_ids.pop()
+    replicas.assert_identical()
+    assert names() == []
+
+
+def test_mark_for_rollback_on_error_on_default_marks_the_twin(replicas):
+    with transaction.atomic(savepoint=False):
+        with pytest.raises(Boom):
+            with transaction.mark_for_rollback_on_error():
+                assert connections[lb_alias()].get_rollback() is False
+                raise Boom
+        assert connections[lb_alias()].get_rollback() is True
+        with pytest.raises(transaction.TransactionManagementError):
+            Author.objects.create(name="refused")
+    Author.objects.create(name="after")
+    replicas.assert_identical()
+    assert names() == ["after"]
+
+
+def test_merged_blocks_share_the_flag_and_the_rollback(replicas):
+    with transaction.atomic():
+        Author.objects.create(name="one")
+        with transaction.atomic():
+            Author.objects.create(name="two")
+            with pytest.raises(Boom):
+                with transaction.atomic(savepoint=False):
+                    Author.objects.create(name="three")
+                    raise Boom
+            assert transaction.get_rollback() is True
+            assert transaction.get_rollback(using=lb_alias()) is True
+            transaction.set_rollback(False, using=lb_alias())
+            assert transaction.get_rollback() is False
+            assert Author.objects.count() == 3   # read inside the load-balanced transaction
+            assert not transaction.get_autocommit() and not transaction.get_autocommit(using=lb_alias())
+            with pytest.raises(transaction.TransactionManagementError, match="forbidden"):
+                transaction.set_autocommit(True, using=lb_alias())
+            transaction.set_rollback(True)
+        assert Author.objects.count() == 1       # the savepoint of the middle block rolled back
+    replicas.assert_identical()
+    assert all(names(alias) == ["one"] for alias in ALIASES)
+    assert not connections[lb_alias()].needs_rollback and not connection.needs_rollback
+
+
+def test_transaction_savepoints_on_default_include_the_load_balanced_writes(replicas):
+    with transaction.atomic():
+        Author.objects.create(name="kept")
+        sid = transaction.savepoint()
+        Author.objects.create(name="gone")
+        Note.objects.create(author_id=1, text="gone")
+        transaction.savepoint_rollback(sid)
+        assert Author.objects.count() == 1
+        sid = transaction.savepoint()
+        Author.objects.create(name="kept too")
+        transaction.savepoint_commit(sid)
+    replicas.assert_identical()
+    assert all(names(alias) == ["kept", "kept too"] for alias in ALIASES) and notes() == []
+
+
 # -- query counting ----------------------------------------------------------------------------------------
 @pytest.fixture
 def counted_on_default():

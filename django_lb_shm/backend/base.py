@@ -16,6 +16,7 @@ from django.db.utils import load_backend
 
 from ..client import SAVEPOINT, ClientSession, classify, get_client
 from ..conf import get_config
+from ..plain_atomic import PARTNER
 
 
 _under_test_runner = [False]   # set by LoadBalancerTestRunner for its test run
@@ -141,6 +142,22 @@ class ProxyWrapperMixin:
 
     def get_connection_params(self) -> dict:
         return {}
+
+    # While a plain transaction.atomic() on 'default' has this connection's twin block open, the
+    # pair has one rollback flag, 'default''s (plain_atomic._pair): what breaks or fixes one fixes
+    # or breaks the other, as on one connection.
+    @property
+    def needs_rollback(self) -> bool:
+        partner = self.__dict__.get(PARTNER)
+        return partner.needs_rollback if partner is not None else self.__dict__.get("_lb_needs_rollback", False)
+
+    @needs_rollback.setter
+    def needs_rollback(self, value: bool) -> None:
+        partner = self.__dict__.get(PARTNER)
+        if partner is not None:
+            partner.needs_rollback = value
+        else:
+            self.__dict__["_lb_needs_rollback"] = value
 
     def get_new_connection(self, conn_params: dict) -> ClientSession:
         return ClientSession(self.alias, self.vendor)
