@@ -76,10 +76,29 @@ def classify(sql: str) -> str:
     return kind
 
 
+_EXPLAINED = re.compile(r"\b(?:SELECT|INSERT|UPDATE|DELETE|MERGE|WITH|VALUES|TABLE|EXECUTE|DECLARE|CREATE)\b",
+                        re.IGNORECASE)
+_ANALYZE = re.compile(r"\bANALY[SZ]E\b(\s+(?:FALSE|OFF|0)\b)?", re.IGNORECASE)
+
+
+def _classify_explain(sql: str) -> str:
+    """EXPLAIN only plans (READ), but PostgreSQL's EXPLAIN ANALYZE runs the statement: then it
+    is what the explained statement is (an INSERT under it would change one copy only)."""
+    inner = _EXPLAINED.search(sql)
+    if inner is None:
+        return READ
+    analyze = _ANALYZE.search(sql, 0, inner.start())
+    if analyze is None or analyze.group(1):
+        return READ
+    return _classify(sql[inner.start():])
+
+
 def _classify(sql: str) -> str:
     words = sql.lstrip(" \t\r\n(").split(None, 2)
     head = words[0].upper() if words else ""
-    if head in ("SELECT", "VALUES", "EXPLAIN", "SHOW", "WITH", "TABLE"):
+    if head == "EXPLAIN":
+        return _classify_explain(sql)
+    if head in ("SELECT", "VALUES", "SHOW", "WITH", "TABLE"):
         # Substring tests first: the regexes scan the whole statement (~5 µs each per read).
         upper = sql.upper()
         if head == "WITH" and _WRITING_CTE.search(sql) or "SETVAL" in upper and _SEQUENCE_RESET.search(sql):

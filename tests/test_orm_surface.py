@@ -35,7 +35,7 @@ import django_lb_shm
 from django_lb_shm import errors
 from django_lb_shm.backend.alias import lb_alias
 from django_lb_shm.client import get_client
-from tests.support.lb import ALIASES, clear_tables, default_coordinator, table_rows
+from tests.support.lb import ALIASES, BACKEND, clear_tables, default_coordinator, table_rows
 from tests.testapp.models import Author, Book, Review, Tag, Token
 
 D = datetime.date
@@ -985,3 +985,35 @@ def test_the_routers_survive_a_rebuilt_router_list(replicas):
     Author.objects.create(name="After")
     replicas.assert_identical()
     assert sorted(copy_of(Author, "DB2").values_list("name", flat=True)) == ["After", "During"]
+
+
+# -- EXPLAIN: plans anywhere; EXPLAIN ANALYZE of a write would run it on one copy ----------------------
+def test_explain_plans_reads_and_locking_reads(coordinator, replicas):
+    """Django's QuerySet.explain(), also of select_for_update() inside a transaction (found by
+    Django's own queries.test_explain through the load balancer: it was refused as a write)."""
+    Author.objects.create(name="Ann", rating=1)
+    assert Author.objects.filter(rating=1).explain()
+    with django_lb_shm.atomic():
+        assert Author.objects.select_for_update().filter(rating=1).explain()
+        Author.objects.create(name="Bob", rating=2)
+    if BACKEND == "postgres":
+        assert "actual time" in Author.objects.filter(rating=1).explain(analyze=True)
+    replicas.assert_identical()
+
+
+@pytest.mark.postgres_only
+def test_explain_analyze_of_a_write_is_refused_never_run_on_one_copy(coordinator, replicas):
+    """EXPLAIN ANALYZE runs its statement: classified as a plan-only read, an INSERT under it
+    went to one copy and forked them."""
+    from django_lb_shm.errors import RequestRejected
+
+    table = Author._meta.db_table
+    with connections[lb_alias()].cursor() as cursor:
+        with pytest.raises(RequestRejected):
+            cursor.execute(f"EXPLAIN ANALYZE INSERT INTO {table} (name, rating, token, created, updated) "
+                           "VALUES ('forked', 1, '00000000-0000-0000-0000-000000000001', '2026-01-01', '2026-01-01')")
+        cursor.execute(f"EXPLAIN (ANALYZE false) INSERT INTO {table} (name, rating, token, created, updated) "
+                       "VALUES ('planned', 1, '00000000-0000-0000-0000-000000000002', '2026-01-01', '2026-01-01')")
+        assert cursor.fetchall()   # the plan; nothing inserted
+    assert not Author.objects.filter(name__in=["forked", "planned"]).exists()
+    replicas.assert_identical()
