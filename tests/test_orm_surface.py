@@ -1017,3 +1017,18 @@ def test_explain_analyze_of_a_write_is_refused_never_run_on_one_copy(coordinator
         assert cursor.fetchall()   # the plan; nothing inserted
     assert not Author.objects.filter(name__in=["forked", "planned"]).exists()
     replicas.assert_identical()
+
+
+def test_logged_sql_shows_parameters_as_the_vendor_does(coordinator):
+    """connection.queries / CaptureQueriesContext text of the load-balanced alias (Django's own
+    lookup tests read it): numbers bare even when the driver wraps them (psycopg's Int4)."""
+    class Int4(int):   # what psycopg wraps a Value(2) in
+        def __repr__(self) -> str:
+            return f"Int4({int(self)})"
+
+    ops = connections[lb_alias()].ops
+    assert ops.last_executed_query(None, "SELECT %s, %s, %s, %s, %s", (Int4(2), "it's", None, True, 1.5)) == \
+        "SELECT 2, 'it''s', NULL, TRUE, 1.5"
+    with CaptureQueriesContext(connections[lb_alias()]) as captured:
+        list(Author.objects.filter(rating__gt=Int4(1)))
+    assert "> 1" in captured[-1]["sql"], captured[-1]["sql"]
