@@ -384,6 +384,40 @@ def test_auth_and_contenttypes_listed_are_load_balanced_end_to_end(auth_load_bal
     assert [[row[4] for row in table_rows(alias, "auth_user")] for alias in ALIASES] == [["root"]] * 3
 
 
+# -- django.contrib.sessions, listed -------------------------------------------------------------------------
+def test_sessions_listed_are_load_balanced_end_to_end(lb_factory):
+    """The database session backend (its router-chosen alias, its atomic() create) on every copy."""
+    from django.contrib.sessions.backends.db import SessionStore
+    from django.contrib.sessions.models import Session
+
+    from django_lb_shm.verify import compare_tables
+
+    handle = lb_factory("sessions", MODELS=["plainlbapp", "sessions"])
+    try:
+        assert router.db_for_write(Session) == lb_alias()
+        store = SessionStore()
+        store["cart"] = [1, 2]
+        store.create()                                  # a new key, inserted on every copy
+        again = SessionStore(session_key=store.session_key)
+        assert again["cart"] == [1, 2]
+        again["cart"] = [3]
+        again.save()
+        other = SessionStore()
+        other["x"] = 1
+        other.save()
+        other.delete()
+        handle.wait_drained()
+        reports = compare_tables(tables=["django_session"], recheck_delay=None)
+        assert [r.ok for r in reports] == [True] and reports[0].counts == {a: 1 for a in ALIASES}, reports
+        assert SessionStore(session_key=store.session_key)["cart"] == [3]
+    finally:
+        handle.wait_drained()
+        for alias in ALIASES:
+            with connections[alias].cursor() as cursor:
+                cursor.execute("DELETE FROM django_session")
+            connections[alias].close()
+
+
 # -- resync copies the listed tables --------------------------------------------------------------------
 @pytest.fixture
 def resync_handle(lb_factory, tmp_path):
