@@ -84,6 +84,8 @@ def _classify(sql: str) -> str:
         upper = sql.upper()
         if head == "WITH" and _WRITING_CTE.search(sql) or "SETVAL" in upper and _SEQUENCE_RESET.search(sql):
             return WRITE
+        if head == "EXPLAIN" and "ANALYZE" not in upper:
+            return READ   # a plan only: the statement, locking or writing, does not run
         return LOCK if "FOR" in upper and _LOCKING.search(sql) else READ
     if head == "PRAGMA":
         return WRITE if "=" in sql else READ

@@ -844,6 +844,17 @@ def test_many_to_many_add_is_one_insert_with_the_same_rows_and_keys_everywhere(r
     assert later.pk in [r[0] for r in replicas.rows("testapp_book_tags")["DB1"]]
 
 
+def test_explain_of_a_locking_query_is_a_plan_read_from_a_copy(replicas):
+    Author.objects.create(name="Ann")
+    locking = Author.objects.select_for_update().filter(name="Ann")
+    with django_lb_shm.atomic():
+        plan = locking.explain()                 # PostgreSQL: the plan of a SELECT ... FOR UPDATE
+        assert plan and ("LockRows" in plan or connections["default"].vendor != "postgresql")
+        Author.objects.filter(name="Ann").update(rating=2)
+    replicas.assert_identical()
+    assert copy_of(Author, "DB1").get().rating == 2
+
+
 def test_bulk_create_update_conflicts_keeps_the_existing_rows_keys(replicas):
     ann = Author.objects.create(name="Ann", rating=1)
     made = Author.objects.bulk_create([Author(name="Ann", rating=8), Author(name="Bea", rating=3)],
