@@ -855,6 +855,15 @@ def test_explain_of_a_locking_query_is_a_plan_read_from_a_copy(replicas):
     assert copy_of(Author, "DB1").get().rating == 2
 
 
+@pytest.mark.postgres_only
+def test_explain_analyze_of_a_write_is_a_write_never_run_on_one_copy(replicas):
+    Author.objects.create(name="Ann", rating=1)
+    with pytest.raises(errors.RequestRejected, match="EXPLAIN"), connections[lb_alias()].cursor() as cursor:
+        cursor.execute("EXPLAIN ANALYZE UPDATE testapp_author SET rating = 5")   # it would run the UPDATE
+    replicas.assert_identical()
+    assert [a.rating for a in copy_of(Author, "DB1")] == [1]
+
+
 def test_bulk_create_update_conflicts_keeps_the_existing_rows_keys(replicas):
     ann = Author.objects.create(name="Ann", rating=1)
     made = Author.objects.bulk_create([Author(name="Ann", rating=8), Author(name="Bea", rating=3)],
