@@ -864,6 +864,15 @@ def test_explain_analyze_of_a_write_is_a_write_never_run_on_one_copy(replicas):
     assert [a.rating for a in copy_of(Author, "DB1")] == [1]
 
 
+def test_captured_sql_shows_the_parameters_as_sql_literals(replicas):
+    from django.db.models.lookups import GreaterThan
+
+    Author.objects.create(name="Ann")
+    with CaptureQueriesContext(connections[lb_alias()]) as ctx:
+        assert Author.objects.filter(GreaterThan(2, 1)).exists()
+    assert "2 > 1" in ctx.captured_queries[0]["sql"], ctx.captured_queries   # PostgreSQL: not Int4(2) > Int4(1)
+
+
 def test_bulk_create_update_conflicts_keeps_the_existing_rows_keys(replicas):
     ann = Author.objects.create(name="Ann", rating=1)
     made = Author.objects.bulk_create([Author(name="Ann", rating=8), Author(name="Bea", rating=3)],
