@@ -62,14 +62,6 @@ class CountedOnDefaultCursorWrapper(CursorDebugWrapper):
             connections[DEFAULT_DB_ALIAS].queries_log.append({**entry, "alias": self.db.alias})
 
 
-def _shown(value: Any) -> str:
-    """A parameter as SQL shows it: psycopg's Int4(2), a subclass of int, as 2."""
-    for base in (bool, int, float):
-        if isinstance(value, base) and type(value) is not base:
-            return repr(base(value))
-    return repr(value)
-
-
 class ProxyOperationsMixin:
     _compilers: dict = {}   # (operations class, compiler name) -> compiler class; asked on every query
 
@@ -87,8 +79,8 @@ class ProxyOperationsMixin:
         if not params:
             return sql
         try:
-            return sql % tuple(_shown(p) for p in params) if not isinstance(params, dict) else sql % {
-                k: _shown(v) for k, v in params.items()
+            return sql % tuple(repr(p) for p in params) if not isinstance(params, dict) else sql % {
+                k: repr(v) for k, v in params.items()
             }
         except (TypeError, ValueError):
             return f"{sql} -- params: {params!r}"
