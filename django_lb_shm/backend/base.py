@@ -79,8 +79,8 @@ class ProxyOperationsMixin:
         if not params:
             return sql
         try:
-            return sql % tuple(repr(p) for p in params) if not isinstance(params, dict) else sql % {
-                k: repr(v) for k, v in params.items()
+            return sql % tuple(_literal(p) for p in params) if not isinstance(params, dict) else sql % {
+                k: _literal(v) for k, v in params.items()
             }
         except (TypeError, ValueError):
             return f"{sql} -- params: {params!r}"
@@ -204,3 +204,19 @@ def wrapper_class(target_engine: str) -> type:
 
 def DatabaseWrapper(settings_dict: dict, alias: str = DEFAULT_DB_ALIAS):  # noqa: N802 (Django's name)
     return wrapper_class(settings_dict["LB_TARGET_ENGINE"])(settings_dict, alias)
+
+
+def _literal(value: Any) -> str:
+    """A parameter as SQL text, close to what the vendor's own last_executed_query shows (numbers
+    bare even when the driver wraps them, as psycopg's Int4; strings quoted)."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):
+        return "TRUE" if value else "FALSE"
+    if isinstance(value, int):
+        return int.__repr__(value)
+    if isinstance(value, float):
+        return float.__repr__(value)
+    if isinstance(value, str):
+        return "'" + value.replace("'", "''") + "'"
+    return repr(value)
