@@ -45,6 +45,10 @@ class InsertKeys:
     # ON CONFLICT DO NOTHING, one row: the leader may insert nothing (no key returned), and
     # then the followers run nothing either.
     may_skip: bool = False
+    # ON CONFLICT DO NOTHING, several rows of a many-to-many table: the leader returns (key, *identity)
+    # for the rows it inserted; each follower inserts those rows only, from (identity, sql, params)
+    # entries whose params hold markers[0] where the key goes.
+    rows: tuple = ()
 
 
 @dataclass

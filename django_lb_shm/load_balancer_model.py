@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.core import checks
-from django.db import models
+from django.db import models, router
 from django.db.models.signals import pre_save
 
 from .backend.alias import lb_alias
@@ -37,8 +37,11 @@ class LoadBalancerModel(models.Model):
     delete.alters_data = True
 
     def _load_balanced_using(self, using: str | None, method: str) -> str:
+        """The load-balanced alias, or a database that is no copy when given (or read from)."""
         refuse_direct_write(type(self), using, method)
-        return lb_alias()
+        if using is None:
+            return router.db_for_write(type(self), instance=self) or lb_alias()
+        return using
 
 
 def _refuse_direct_save(sender: type, instance: Any, using: str | None = None, **kwargs: Any) -> None:

@@ -2,8 +2,10 @@
 
 Chaining stays Django's own; the only change is *where* queries run: on the
 virtual load-balanced alias, i.e. through the coordinator.  Pointing a query at
-one real database with ``using()`` is allowed for reads (a direct look at one
-copy) and refused for writes, which must reach every database.
+one copy with ``using()`` is allowed for reads (a direct look at one copy) and
+refused for writes, which must reach every copy.  A database that is no copy
+(not in LOAD_BALANCER['DATABASES']) is the app's own business: reads and writes
+with ``using()`` go there, as in Django.
 """
 from __future__ import annotations
 
@@ -15,13 +17,21 @@ from .backend.alias import lb_alias
 from .errors import NotSupportedError
 
 
+def is_copy(alias: str | None) -> bool:
+    """Whether ``alias`` is one of the load-balanced copies (LOAD_BALANCER['DATABASES'])."""
+    from .conf import get_config
+
+    return alias is not None and alias in get_config().databases
+
+
 def refuse_direct_write(model: type, using: str | None, method: str) -> None:
-    """Writes to a single real database would make the copies differ."""
-    if using is not None and using != lb_alias():
+    """A write to one copy alone would make the copies differ.  Other real databases are
+    not copies: writing there changes no copy (Django's multi-db use of ``using()``)."""
+    if is_copy(using):
         raise NotSupportedError(
-            f"{model.__name__}.{method}() with using={using!r} would write to one database only; "
-            "the writes of load-balanced models (LoadBalancerModel, LOAD_BALANCER['MODELS']) go through the "
-            "load balancer to every database. "
+            f"{model.__name__}.{method}() with using={using!r} would write to one copy only "
+            "(an alias of LOAD_BALANCER['DATABASES']); the writes of load-balanced models (LoadBalancerModel, "
+            "LOAD_BALANCER['MODELS']) go through the load balancer to every copy. "
             "Remove using= (or use the load-balanced alias; for fixtures: "
             f"`manage.py loaddata <fixture> --database {lb_alias()}`)."
         )
@@ -34,10 +44,11 @@ class LoadBalancerQuerySet(models.QuerySet):
     @property
     def db(self) -> str:
         if self._db is None:
-            if not self._for_write and self._hints:   # a related manager of an instance read with using()
-                from .routers import chosen_alias
+            if self._hints:   # a related manager of an instance read (or saved) with using()
+                from .routers import chosen_alias, write_alias
 
-                return chosen_alias(self._hints) or lb_alias()
+                chosen = write_alias(self._hints) if self._for_write else chosen_alias(self._hints)
+                return chosen or lb_alias()
             return lb_alias()
         return self._db
 

@@ -90,6 +90,16 @@ def chosen_alias(hints: dict) -> Optional[str]:
     return db if db is not None and db != lb_alias() else None
 
 
+def write_alias(hints: dict) -> Optional[str]:
+    """The real alias a load-balanced instance's writes stay on: the database it was read from or
+    saved to with ``using()`` when that is no copy (Django's multi-db).  None for the copies:
+    writes to them go through the load balancer, whichever copy the instance was read from."""
+    from .query import is_copy
+
+    chosen = chosen_alias(hints)
+    return None if chosen is None or is_copy(chosen) else chosen
+
+
 class LoadBalancerRouter:
     def db_for_read(self, model: Any, **hints: Any):
         if not is_load_balanced(model):
@@ -97,7 +107,9 @@ class LoadBalancerRouter:
         return chosen_alias(hints) or lb_alias()
 
     def db_for_write(self, model: Any, **hints: Any):
-        return lb_alias() if is_load_balanced(model) else None
+        if not is_load_balanced(model):
+            return None
+        return write_alias(hints) or lb_alias()
 
     def allow_relation(self, obj1: Any, obj2: Any, **hints: Any):
         # Load-balanced rows are reached through the virtual alias whichever database the other

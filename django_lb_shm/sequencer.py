@@ -624,6 +624,8 @@ def explicit_key_statements(keys: InsertKeys, result: Result) -> list[Statement]
     """The INSERT the followers run: the leader's generated keys put in place of the markers."""
     if keys.may_skip and not result.rows:
         return []   # the leader skipped the row (a conflict): so do the identical copies
+    if keys.rows:
+        return _inserted_rows(keys, result)
     if result.rows:
         generated = [row[keys.pk_index] for row in result.rows]
     elif result.lastrowid is not None and len(keys.markers) == 1:
@@ -638,6 +640,22 @@ def explicit_key_statements(keys: InsertKeys, result: Result) -> list[Statement]
     mapping = dict(zip(keys.markers, generated))
     params = _substitute(keys.follower_params, mapping)
     return [Statement(keys.follower_sql, params)] + [Statement(sql) for sql in keys.after]
+
+
+def _inserted_rows(keys: InsertKeys, result: Result) -> list[Statement]:
+    """The rows of a multi-row INSERT ... ON CONFLICT DO NOTHING that the leader inserted (it
+    returned their keys and identities), each inserted with that key; the others skipped there."""
+    by_identity = {identity: (sql, params) for identity, sql, params in keys.rows}
+    statements = []
+    for row in result.rows or ():
+        found = by_identity.get(tuple(row[1:]))
+        if found is None:
+            raise NotSupportedError(
+                f"the first database returned a row {tuple(row)!r} that matches none of the rows inserted; "
+                "cannot give every database the same rows")
+        sql, params = found
+        statements.append(Statement(sql, _substitute(params, {keys.markers[0]: row[0]})))
+    return statements + [Statement(sql) for sql in keys.after] if statements else []
 
 
 def _substitute(params: Any, mapping: dict) -> Any:

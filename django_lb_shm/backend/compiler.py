@@ -63,7 +63,8 @@ class LoadBalancedInsertMixin:
         objs = self.query.objs
         self.returning_fields = returning_fields
         if getattr(self.query, "on_conflict", None) == OnConflict.IGNORE and not returning_fields:
-            return self._skippable_row_pairs()
+            identity = self._through_identity()
+            return self._skippable_batch_pairs(identity) if identity else self._skippable_row_pairs()
         plain = self.as_sql()
         returns_rows = bool(returning_fields) and self.connection.features.can_return_columns_from_insert
         # Without RETURNING the only key is the cursor's lastrowid: one per statement, and
@@ -112,6 +113,38 @@ class LoadBalancedInsertMixin:
             pairs.append((sql, InsertKeys(f_sql, f_params, (marker(0),), 0, after, may_skip=True)))
         self.__dict__["_lb_rowwise_sql"] = plain
         return pairs
+
+    def _through_identity(self) -> list:
+        """The two foreign keys of an auto-created many-to-many table (``add()``: Django needs no
+        keys back) when every row's values are integers, which the leader returns as they were
+        sent; [] otherwise (one INSERT per row then)."""
+        opts = self.query.get_meta()
+        if not (opts.auto_created and self.connection.features.can_return_rows_from_bulk_insert):
+            return []
+        identity = [f for f in opts.fields if f.is_relation and f.concrete]
+        if len(identity) != 2 or any(f not in (self.query.fields or []) for f in identity):
+            return []
+        if not all(type(getattr(obj, f.attname)) is int for obj in self.query.objs for f in identity):
+            return []
+        return identity
+
+    def _skippable_batch_pairs(self, identity: list) -> list[tuple[str, InsertKeys]]:
+        """Many-to-many ``add()`` with ignore_conflicts: one INSERT ... ON CONFLICT DO NOTHING for
+        all rows, RETURNING each inserted row's key and foreign keys, so that the leader says which
+        rows it inserted and with which keys; the followers insert exactly those (one statement per
+        row, on their side only)."""
+        opts = self.query.get_meta()
+        after = tuple(self.connection.ops.sequence_reset_sql(no_style(), [self.query.model]))
+        everything = self._one_row_compiler(None, [opts.pk] + identity)
+        everything.query.objs = self.query.objs
+        plain = everything.as_sql()
+        rows = []
+        for obj in self.query.objs:
+            (f_sql, f_params), = self._one_row_compiler(obj, [opts.pk])._explicit_key_statements([opts.pk])
+            rows.append((tuple(getattr(obj, f.attname) for f in identity), f_sql, f_params))
+        self.__dict__["_lb_rowwise_sql"] = plain
+        (sql, _), = plain
+        return [(sql, InsertKeys(rows[0][1], (), (marker(0),), 0, after, rows=tuple(rows)))]
 
     def _one_row_compiler(self, obj: Any, returning_fields: list) -> "LoadBalancedInsertMixin":
         query = copy.copy(self.query)
