@@ -56,9 +56,6 @@ _LOCKING = re.compile(r"\bFOR\s+(?:NO\s+KEY\s+)?(?:UPDATE|SHARE|KEY\s+SHARE)\b",
 _WRITING_CTE = re.compile(r"\b(?:INSERT|UPDATE|DELETE|MERGE)\b", re.IGNORECASE)
 # PostgreSQL's sequence reset (loaddata, sqlsequencereset) is a SELECT that changes a sequence.
 _SEQUENCE_RESET = re.compile(r"\bsetval\s*\(", re.IGNORECASE)
-# The statement an EXPLAIN explains: after its options ("EXPLAIN (ANALYZE, FORMAT JSON) UPDATE ...").
-_EXPLAINED = re.compile(r"\b(?:SELECT|WITH|VALUES|TABLE|INSERT|UPDATE|DELETE|MERGE|CREATE|EXECUTE|DECLARE)\b",
-                        re.IGNORECASE)
 _CONNECTION_LOST = (EOFError, ConnectionError, BrokenPipeError, OSError)
 _UNREADABLE = (pickle.UnpicklingError, EOFError, AttributeError, ImportError)
 SETTLE_MARGIN = 3.0   # on top of the coordinator's SETTLE_WAIT: its answer's way back
@@ -79,6 +76,7 @@ def classify(sql: str) -> str:
     return kind
 
 
+# The statement an EXPLAIN explains: after its options ("EXPLAIN (ANALYZE, FORMAT JSON) UPDATE ...").
 _EXPLAINED = re.compile(r"\b(?:SELECT|INSERT|UPDATE|DELETE|MERGE|WITH|VALUES|TABLE|EXECUTE|DECLARE|CREATE)\b",
                         re.IGNORECASE)
 _ANALYZE = re.compile(r"\bANALY[SZ]E\b(\s+(?:FALSE|OFF|0)\b)?", re.IGNORECASE)
@@ -106,11 +104,6 @@ def _classify(sql: str) -> str:
         upper = sql.upper()
         if head == "WITH" and _WRITING_CTE.search(sql) or "SETVAL" in upper and _SEQUENCE_RESET.search(sql):
             return WRITE
-        if head == "EXPLAIN":
-            if "ANALYZE" not in upper:
-                return READ   # a plan only: the statement, locking or writing, does not run
-            explained = _EXPLAINED.search(sql)   # ANALYZE runs it: what it is, the EXPLAIN is
-            return _classify(sql[explained.start():]) if explained else WRITE
         return LOCK if "FOR" in upper and _LOCKING.search(sql) else READ
     if head == "PRAGMA":
         return WRITE if "=" in sql else READ
