@@ -73,7 +73,9 @@ def _write_results() -> None:
             json.dump({"tests": _OUTCOMES, **_EXTRA}, f, indent=0, sort_keys=True)
 
 
-class RecordingRunner(DiscoverRunner):
+class Recording:
+    """Mixed into a runner: every test's outcome, written to DJSUITE_RESULTS after the run."""
+
     def get_resultclass(self) -> Any:
         return RecordingResult
 
@@ -84,17 +86,12 @@ class RecordingRunner(DiscoverRunner):
             _write_results()
 
 
-class VerifyingLoadBalancerRunner(LoadBalancerTestRunner):
+class RecordingRunner(Recording, DiscoverRunner):
+    pass
+
+
+class VerifyingLoadBalancerRunner(Recording, LoadBalancerTestRunner):
     """The package's runner, recording outcomes, with `verify` on the copies at the end."""
-
-    def get_resultclass(self) -> Any:
-        return RecordingResult
-
-    def run_suite(self, suite: Any, **kwargs: Any) -> Any:
-        try:
-            return super().run_suite(suite, **kwargs)
-        finally:
-            _write_results()
 
     def teardown_databases(self, old_config: Any, **kwargs: Any) -> None:
         from django_lb_shm.verify import verify
