@@ -863,18 +863,24 @@ def test_captured_sql_shows_the_parameters_as_sql_literals(replicas):
     Author.objects.create(name="Ann")
     with CaptureQueriesContext(connections[lb_alias()]) as ctx:
         assert Author.objects.filter(GreaterThan(2, 1)).exists()
-    assert "2 > 1" in ctx.captured_queries[0]["sql"], ctx.captured_queries   # PostgreSQL: not Int4(2) > Int4(1)
+    sql = ctx.captured_queries[0]["sql"]   # PostgreSQL: not Int4(2) > Int4(1); Django 4.2: 2 > (1)
+    assert "2 > 1" in sql or "2 > (1)" in sql, ctx.captured_queries
     assert connections[lb_alias()].ops.last_executed_query(None, "SELECT %s, %s, %s, %s", ("it's", None, True, 1.5)) \
         == "SELECT 'it''s', NULL, TRUE, 1.5"
 
 
 def test_bulk_create_update_conflicts_keeps_the_existing_rows_keys(replicas):
     ann = Author.objects.create(name="Ann", rating=1)
-    made = Author.objects.bulk_create([Author(name="Ann", rating=8), Author(name="Bea", rating=3)],
-                                      update_conflicts=True, unique_fields=["name"], update_fields=["rating"])
+    rows = [Author(name="Ann", rating=8), Author(name="Bea", rating=3)]
+    if django.VERSION < (5, 0):   # Django 4.2 asks no keys back for update_conflicts: refused, nothing written
+        with pytest.raises(errors.NotSupportedError, match="without the keys coming back"):
+            Author.objects.bulk_create(rows, update_conflicts=True, unique_fields=["name"], update_fields=["rating"])
+        replicas.assert_identical()
+        assert list(copy_of(Author, "DB2").values_list("name", "rating")) == [("Ann", 1)]
+        return
+    made = Author.objects.bulk_create(rows, update_conflicts=True, unique_fields=["name"], update_fields=["rating"])
     replicas.assert_identical()
-    if django.VERSION >= (5, 0):
-        assert made[0].pk == ann.pk
+    assert made[0].pk == ann.pk
     assert list(copy_of(Author, "DB2").order_by("pk").values_list("pk", "name", "rating")) == [
         (ann.pk, "Ann", 8), (made[1].pk or copy_of(Author, "DB2").get(name="Bea").pk, "Bea", 3)]
 

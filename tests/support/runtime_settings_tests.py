@@ -11,8 +11,8 @@ from django.conf import settings
 
 
 def main() -> int:
-    settings.INSTALLED_APPS = [*settings.INSTALLED_APPS, "django.contrib.admin", "django.contrib.sessions",
-                               "django.contrib.messages", "tests.runtimeapp"]
+    added = ["django.contrib.admin", "django.contrib.sessions", "django.contrib.messages", "tests.runtimeapp"]
+    settings.INSTALLED_APPS = [*settings.INSTALLED_APPS, *(app for app in added if app not in settings.INSTALLED_APPS)]
     settings.TEMPLATES = [{
         "BACKEND": "django.template.backends.django.DjangoTemplates",
         "APP_DIRS": True,
