@@ -219,6 +219,7 @@ class ZeroHopReader:
         if state.values is not values:
             state.bind(self.shared)
         tried: list[int] = []
+        reopened: list[int] = []   # copies whose kept connection failed once: tried again on a new one
         waited_until = 0.0
         while True:
             quarantine = self.quarantine
@@ -242,7 +243,9 @@ class ZeroHopReader:
                 now = time.monotonic()
                 continue
             algorithm = self.algorithm
-            db = algorithm.choose(algorithm.eligible(candidates))
+            db = reopened[-1] if reopened and reopened[-1] in candidates else \
+                algorithm.choose(algorithm.eligible(candidates))
+            kept = db in state.cursors
             try:
                 return self._run(state, db, sql, params)
             except _Cut:
@@ -257,6 +260,11 @@ class ZeroHopReader:
                         "raise READ_TIMEOUT or make the query faster"
                     ) from None
             except Exception as exc:
+                if is_connection_error(exc) and kept and db not in reopened:
+                    # A kept connection the server closed meanwhile (it restarted, or ended idle
+                    # sessions): the copy may well be up; one new connection decides.
+                    reopened.append(db)
+                    continue
                 if is_connection_error(exc):
                     logger.info("database %r failed a read on this process's connection (%s: %s); retrying "
                                 "elsewhere", self.names[db], type(exc).__name__, exc)

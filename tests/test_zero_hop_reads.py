@@ -244,7 +244,11 @@ def test_a_stopped_copy_gets_no_reads_and_the_coordinator_learns_of_it(lb_factor
 
 
 @pytest.mark.postgres_only
-def test_a_failed_connection_is_retried_elsewhere_and_the_copy_is_probed(lb_factory):
+def test_a_kept_connection_the_server_closed_is_reopened_once_and_the_copy_keeps_its_reads(lb_factory):
+    """A server restart or an idle-session timeout ends this process's kept connection to a copy that
+    is up: the read is tried once more on a new connection there (before: the copy was left out of
+    this process's reads for a second, and Django's own tests after a restart saw it get none).
+    A copy that does not answer the new connection either is counted and probed (the test above)."""
     handle = lb_factory("failed-conn")
     author = Author.objects.create(name="conn")
     handle.wait_drained()
@@ -255,14 +259,12 @@ def test_a_failed_connection_is_retried_elsewhere_and_the_copy_is_probed(lb_fact
         cursor.execute("SELECT pg_terminate_backend(%s)", [victim])
     before = counters(handle)
     failures_before = handle_failures("DB1")
-    do_reads(30, author.pk)                         # no error reaches the app
-    assert sum(delta(before, counters(handle), 2).values()) == 30
-    assert handle_failures("DB1") == failures_before + 1
-    deadline = time.monotonic() + 10
-    while "answered a probe after an app process's read failed there" not in handle.log():
-        assert time.monotonic() < deadline, handle.log()
-        time.sleep(0.1)
-    assert handle.status()["databases"][ALIASES.index("DB1")]["state"] == "RUNNING"   # it was our connection
+    do_reads(6, author.pk)                          # no error reaches the app
+    reads_done = delta(before, counters(handle), 2)
+    assert reads_done == {alias: 2 for alias in ALIASES}, reads_done   # DB1 still in the rotation
+    assert handle_failures("DB1") == failures_before
+    assert state.wrappers[ALIASES.index("DB1")].connection.info.backend_pid != victim
+    assert handle.status()["databases"][ALIASES.index("DB1")]["state"] == "RUNNING"
 
 
 def handle_failures(alias: str) -> float:
