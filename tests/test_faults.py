@@ -25,14 +25,14 @@ import time
 from pathlib import Path
 
 import pytest
-from django.db import IntegrityError, connections
+from django.db import IntegrityError, connections, transaction
 
 import django_lb_shm
 from django_lb_shm.verify import EXIT_DIFFERENT, EXIT_IDENTICAL, verify
 from tests.support.fault_proxy import FaultProxy
 from tests.support.history import History, Write
 from tests.support.lb import ALIASES, BACKEND, REPO, clear_tables
-from tests.testapp.models import Author, Book, Review, Tag
+from tests.testapp.models import Author, Book, Note, Review, Tag
 
 # The first database other than 'default' takes the writes (Sequencer.leader_preference).
 LEADER = [a for a in ALIASES if a != "default"][0]
@@ -361,6 +361,68 @@ def test_lost_commit_answer_of_an_atomic_block_is_success_everywhere(faults):
     check_everything(handle, faults.history)
 
 
+# -- b2. the same inside a plain transaction.atomic() (its load-balanced twin commits first) ------
+def plain_block_with_note(author: str, tag: str, note: str, rating: int = 0) -> dict:
+    """Load-balanced writes and a plain model's write on 'default', in one plain block."""
+    with transaction.atomic():
+        a = Author.objects.create(name=author, rating=rating)
+        t = Tag.objects.create(label=tag)
+        Note.objects.create(author_id=a.pk, text=note)
+    return {author: a.pk, tag: t.pk}
+
+
+@pytest.fixture
+def no_notes():
+    Note.objects.all().delete()   # on 'default' only: not a load-balanced table
+    yield
+    close_connections()
+    Note.objects.all().delete()
+
+
+@postgres_only
+def test_lost_commit_answer_of_a_plain_atomic_block_is_success_everywhere(faults, no_notes):
+    proxy = faults.proxy_for(LEADER)
+    handle = faults.coordinator(databases={LEADER: {"PORT": proxy.port}})
+    rec = faults.history.recorder("main")
+    assert create_author(rec, "p-before")[0] == "ok"
+    settle(handle)
+
+    proxy.cut_after_commit(1)
+    outcome, told = rec.run("plain", [Write("author", "create", "p-author", 5), Write("tag", "create", "p-tag")],
+                            lambda: plain_block_with_note("p-author", "p-tag", "p-note", 5))
+    assert proxy.cuts == 1, f"no COMMIT was cut (armed {proxy.armed}): the twin's commit did not reach {LEADER}?"
+    # The journal holds the commit: the truth is "committed", and 'default' committed after it.
+    assert outcome == "ok", f"the app was told {type(told).__name__}: {told}"
+    assert list(Note.objects.values_list("text", flat=True)) == ["p-note"]
+    assert create_author(rec, "p-after", 3)[0] == "ok"
+    check_everything(handle, faults.history)
+
+
+def test_coordinator_killed_inside_a_plain_block_is_told_and_applied_nowhere(faults, no_notes):
+    """kill -9 between two load-balanced writes of a plain block: the block's next statement
+    says the transaction was lost and nothing applied; 'default' rolls back with it."""
+    from django_lb_shm.errors import TransactionError
+
+    handle = faults.coordinator()
+    rec = faults.history.recorder("main")
+    assert create_author(rec, "k-before")[0] == "ok"
+
+    def block():
+        with transaction.atomic():
+            Author.objects.create(name="k-author", rating=1)
+            Note.objects.create(text="k-note")
+            wait_restarted(handle, kill9_coordinator(handle))
+            Tag.objects.create(label="k-tag")
+        return {}
+
+    outcome, told = rec.run("plain", [Write("author", "create", "k-author", 1), Write("tag", "create", "k-tag")],
+                            block)
+    assert isinstance(told, TransactionError) and outcome == "fail", f"the app was told {told!r}"
+    assert not Note.objects.filter(text="k-note").exists(), "'default' committed a block told as rolled back"
+    assert create_author(rec, "k-after", 2)[0] == "ok"
+    check_everything(handle, faults.history)
+
+
 # -- c. issue case 2: a refused duplicate, then a lost COMMIT answer -----------------------------
 @postgres_only
 def test_lost_commit_after_a_refused_duplicate_keeps_the_told_key(faults):
@@ -571,12 +633,15 @@ def test_new_journal_with_the_most_advanced_copies_away_holds_every_copy_until_a
 LOAD_SECONDS = 6.0
 FAULT_KINDS_PG = ("kill9_coordinator", "kill9_leader_postmaster", "cut_leader_commit", "kill9_worker")
 FAULT_KINDS_SQLITE = ("kill9_coordinator", "kill9_worker")
+PLAIN_SHARE = 0.25   # of the workers' operations: plain transaction.atomic() blocks (fault_workers.plain_op)
 
 
-def start_worker(faults, handle, name: str, seed: int, ops: int, seconds: float) -> subprocess.Popen:
+def start_worker(faults, handle, name: str, seed: int, ops: int, seconds: float,
+                 plain: float = 0.0) -> subprocess.Popen:
+    """An app process running ``fault_workers``; ``plain``: the share of plain atomic blocks."""
     args = {"settings_json": os.environ["LB_TEST_CONFIG"], "lb": handle.lb,
             "history": faults.history.path_for(name), "process": name, "seed": seed, "ops": ops,
-            "seconds": seconds, "pause": 0.02}
+            "seconds": seconds, "pause": 0.02, "plain": plain}
     args_path = faults.tmp / f"{name}.args.json"
     args_path.write_text(json.dumps(args))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
@@ -599,7 +664,8 @@ def test_randomized_fault_schedules(faults):
     kinds = FAULT_KINDS_PG if BACKEND == "postgres" else FAULT_KINDS_SQLITE
     ran, log = 0, []
     for n in range(schedules):
-        workers = [start_worker(faults, handle, f"s{n}w{w}", rng.randrange(10**9), ops=2000, seconds=LOAD_SECONDS)
+        workers = [start_worker(faults, handle, f"s{n}w{w}", rng.randrange(10**9), ops=2000, seconds=LOAD_SECONDS,
+                                plain=PLAIN_SHARE)
                    for w in range(rng.choice((2, 3)))]
         plan = sorted((rng.uniform(0.5, LOAD_SECONDS - 1.0), rng.choice(kinds)) for _ in range(rng.randint(1, 3)))
         log.append(f"schedule {n}: {len(workers)} workers, faults {[(round(t, 2), k) for t, k in plan]}")
@@ -645,6 +711,43 @@ def test_randomized_fault_schedules(faults):
     print(f"fault schedules run: {ran} (seed {seed})")
     assert ran == schedules
     assert faults.history.summary().get("ok", 0) > 0
+
+
+def wait_workers(workers: list, timeout: float = 60) -> None:
+    for proc in workers:
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+            raise AssertionError(f"worker {proc.pid} still running {timeout}s after its deadline") from None
+
+
+def test_kill9_coordinator_while_processes_run_plain_atomic_blocks(faults):
+    """Three app processes run only plain transaction.atomic() blocks (flat, nested with a
+    savepoint rolled back, raising); the coordinator is killed -9 twice by pid and restarted by
+    its supervisor.  Nothing acknowledged is lost, nothing told as rolled back is on a copy, the
+    copies are identical, and no worker died of an error it was not told about."""
+    handle = faults.coordinator()
+    seconds = 7.0
+    workers = [start_worker(faults, handle, f"pw{w}", 1000 + w, ops=600, seconds=seconds, plain=1.0)
+               for w in range(3)]
+    started, killed = time.monotonic(), []
+    for at in (1.5, 4.0):
+        time.sleep(max(0.0, started + at - time.monotonic()))
+        old = kill9_coordinator(handle)
+        killed.append(old)
+        wait_restarted(handle, old)
+    wait_workers(workers, timeout=seconds + 60)
+    logs = {p.pid: (faults.tmp / f"pw{w}.log").read_text()[-2000:] for w, p in enumerate(workers)}
+    assert all(p.returncode == 0 for p in workers), f"a worker failed: {logs}"
+    ops = faults.history.ops()
+    kinds = {op.kind for op in ops if op.outcome == "ok"}
+    assert {"plain", "plain_nested"} <= kinds, f"no plain block was acknowledged: {faults.history.summary()}"
+    assert any(op.kind == "plain_raise" and op.error == "BlockAborted" for op in ops), "no block was aborted"
+    told_lost = [op for op in ops if op.outcome != "ok" and op.error != "BlockAborted"]
+    assert told_lost, f"no operation met the kill -9 of {killed}: the fault tested nothing"
+    check_everything(handle, faults.history)
 
 
 # -- the harness itself ---------------------------------------------------------------------------
