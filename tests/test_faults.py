@@ -409,9 +409,10 @@ def test_coordinator_killed_inside_a_plain_block_is_told_and_applied_nowhere(fau
 
     def block():
         with transaction.atomic():
-            Author.objects.create(name="k-author", rating=1)
-            Note.objects.create(text="k-note")
+            author = Author.objects.create(name="k-author", rating=1)
             wait_restarted(handle, kill9_coordinator(handle))
+            # (after the restart: on SQLite this write locks 'default', a copy the coordinator opens)
+            Note.objects.create(author_id=author.pk, text="k-note")
             Tag.objects.create(label="k-tag")
         return {}
 
@@ -732,11 +733,11 @@ def test_kill9_coordinator_while_processes_run_plain_atomic_blocks(faults):
     seconds = 7.0
     workers = [start_worker(faults, handle, f"pw{w}", 1000 + w, ops=600, seconds=seconds, plain=1.0)
                for w in range(3)]
-    started, killed = time.monotonic(), []
+    started, kills = time.monotonic(), []
     for at in (1.5, 4.0):
         time.sleep(max(0.0, started + at - time.monotonic()))
         old = kill9_coordinator(handle)
-        killed.append(old)
+        kills.append(time.time())
         wait_restarted(handle, old)
     wait_workers(workers, timeout=seconds + 60)
     logs = {p.pid: (faults.tmp / f"pw{w}.log").read_text()[-2000:] for w, p in enumerate(workers)}
@@ -745,8 +746,12 @@ def test_kill9_coordinator_while_processes_run_plain_atomic_blocks(faults):
     kinds = {op.kind for op in ops if op.outcome == "ok"}
     assert {"plain", "plain_nested"} <= kinds, f"no plain block was acknowledged: {faults.history.summary()}"
     assert any(op.kind == "plain_raise" and op.error == "BlockAborted" for op in ops), "no block was aborted"
-    told_lost = [op for op in ops if op.outcome != "ok" and op.error != "BlockAborted"]
-    assert told_lost, f"no operation met the kill -9 of {killed}: the fault tested nothing"
+    # Most blocks in flight then are still told "committed" (an opening write is sent again, a
+    # commit settled from the journal); the check below decides whether that was the truth.
+    hit = [op for op in ops if any(op.started < at < (op.finished or float("inf")) for at in kills)]
+    assert hit, f"no operation was in flight at a kill -9 ({faults.history.summary()}): the fault tested nothing"
+    print(f"\nplain blocks: {faults.history.summary()}; in flight at a kill -9: "
+          f"{[(op.kind, op.outcome, op.error) for op in hit]}")
     check_everything(handle, faults.history)
 
 
