@@ -137,6 +137,20 @@ def do_op(rec, rng: random.Random, live: list, prefix: str, plain: float = 0.0) 
         return outcome
 
 
+def left_open() -> str:
+    """What a finished operation left of a transaction on the load-balanced connection ('' if nothing):
+    an app whose next plain block joins it would be told "committed" for a block nobody commits."""
+    from django.db import connections
+
+    from django_lb_shm.backend.alias import lb_alias
+
+    conn = connections[lb_alias()]
+    session = conn.connection
+    state = {"in_atomic_block": conn.in_atomic_block, "autocommit_off": not conn.autocommit,
+             "transaction_open": bool(session is not None and session.transaction_open)}
+    return ", ".join(name for name, bad in state.items() if bad)
+
+
 def main(path: str) -> int:
     args = json.loads(open(path).read())
     from tests.support.workers import setup_child
@@ -156,7 +170,11 @@ def main(path: str) -> int:
         if time.monotonic() > deadline:
             break
         # pause a little after an error (a restart in progress) so the count is not burnt at once
-        if do_op(rec, rng, live, args["process"], args.get("plain", 0.0)) != "ok":
+        outcome = do_op(rec, rng, live, args["process"], args.get("plain", 0.0))
+        leak = left_open()
+        if leak:
+            print(f"LEFT OPEN after op {rec.process}:{rec.count}: {leak}", flush=True)
+        if outcome != "ok":
             failures += 1
             time.sleep(min(0.5, 0.05 * failures))
         time.sleep(args.get("pause", 0.0))
