@@ -146,7 +146,7 @@ def left_open() -> str:
 
     conn = connections[lb_alias()]
     session = conn.connection
-    state = {"in_atomic_block": conn.in_atomic_block, "autocommit_off": not conn.autocommit,
+    state = {"in_atomic_block": conn.in_atomic_block, "autocommit_off": session is not None and not conn.autocommit,
              "transaction_open": bool(session is not None and session.transaction_open)}
     return ", ".join(name for name, bad in state.items() if bad)
 
