@@ -730,12 +730,13 @@ def test_kill9_coordinator_while_processes_run_plain_atomic_blocks(faults):
     its supervisor.  Nothing acknowledged is lost, nothing told as rolled back is on a copy, the
     copies are identical, and no worker died of an error it was not told about."""
     handle = faults.coordinator()
-    seconds = 7.0
-    workers = [start_worker(faults, handle, f"pw{w}", 1000 + w, ops=600, seconds=seconds, plain=1.0)
+    kills = int(os.environ.get("LB_PLAIN_KILLS", "2"))   # more to hunt a rare interleaving
+    seconds = 3.0 + 2.5 * kills
+    workers = [start_worker(faults, handle, f"pw{w}", 1000 + w, ops=300 * (kills + 1), seconds=seconds, plain=1.0)
                for w in range(3)]
     started = time.monotonic()
-    for at in (1.5, 4.0):
-        time.sleep(max(0.0, started + at - time.monotonic()))
+    for n in range(kills):
+        time.sleep(max(0.0, started + 1.5 + 2.5 * n - time.monotonic()))
         wait_restarted(handle, kill9_coordinator(handle))
     wait_workers(workers, timeout=seconds + 60)
     logs = {p.pid: (faults.tmp / f"pw{w}.log").read_text()[-2000:] for w, p in enumerate(workers)}
