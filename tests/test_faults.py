@@ -424,6 +424,41 @@ def test_coordinator_killed_inside_a_plain_block_is_told_and_applied_nowhere(fau
     check_everything(handle, faults.history)
 
 
+class _Undo(Exception):
+    pass
+
+
+@pytest.mark.parametrize("kind", ["plain", "explicit"])
+def test_savepoint_rollback_lost_with_the_coordinator_is_not_a_silent_commit(faults, kind):
+    """The app catches an exception outside an inner atomic block (Django's documented pattern); the
+    coordinator died just before, so the inner savepoint cannot be rolled back. Django then rolls the
+    outer block back when it ends -- without an exception: the app must be told, not left to believe
+    its block committed (the kill -9 test caught this as an acknowledged block on no copy)."""
+    from django_lb_shm.errors import TransactionError
+
+    handle = faults.coordinator()
+    rec = faults.history.recorder("main")
+    outer = transaction.atomic if kind == "plain" else django_lb_shm.atomic
+
+    def block():
+        with outer():
+            author = Author.objects.create(name=f"s-{kind}", rating=1)
+            try:
+                with outer():
+                    Tag.objects.create(label=f"s-{kind}-dropped")
+                    wait_restarted(handle, kill9_coordinator(handle))
+                    raise _Undo
+            except _Undo:
+                pass
+        return {f"s-{kind}": author.pk}
+
+    outcome, told = rec.run(kind, [Write("author", "create", f"s-{kind}", 1)], block)
+    assert isinstance(told, TransactionError) and outcome == "fail", f"the app was told {told!r}"
+    assert "none of its writes were applied" in str(told), told
+    assert create_author(rec, f"s-{kind}-after", 2)[0] == "ok"
+    check_everything(handle, faults.history)
+
+
 # -- c. issue case 2: a refused duplicate, then a lost COMMIT answer -----------------------------
 @postgres_only
 def test_lost_commit_after_a_refused_duplicate_keeps_the_told_key(faults):
