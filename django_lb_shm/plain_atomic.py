@@ -39,7 +39,7 @@ from django.db import DEFAULT_DB_ALIAS, connections, transaction
 
 from .backend.alias import lb_alias
 from .conf import get_config
-from .errors import ConfigurationError
+from .errors import ConfigurationError, TransactionError
 
 PARTNER = "_lb_plain_atomic_partner"   # on the load-balanced connection while paired: 'default'
 
@@ -107,7 +107,11 @@ def _leaving(leave: Callable) -> Callable:
         twins = _twins() if _on_default(self) else None
         twin = twins.pop() if twins else None
         if twin is None:
-            return leave(self, exc_type, exc_value, traceback)
+            own = connections[self.using or DEFAULT_DB_ALIAS]
+            lost = lost_transaction(own)
+            result = leave(self, exc_type, exc_value, traceback)
+            _raise_if_lost(lost, own, exc_type)
+            return result
         default, lb = connections[DEFAULT_DB_ALIAS], connections[twin.using]
         try:
             return _leave_both(leave, self, twin, default, lb, exc_type, exc_value, traceback)
@@ -126,6 +130,7 @@ def _leave_both(leave: Callable, block: Any, twin: Any, default: Any, lb: Any,
     # decide on what the flag was when the block ended, not on what the twin left in it.
     needs_rollback = default.needs_rollback
     committing = exc_type is None and not needs_rollback
+    lost = lost_transaction(lb)
     try:
         leave(twin, exc_type, exc_value, traceback)
     except BaseException as exc:   # the load-balanced part failed: 'default' rolls back with it
@@ -135,7 +140,7 @@ def _leave_both(leave: Callable, block: Any, twin: Any, default: Any, lb: Any,
     twin_left_broken = default.needs_rollback   # its savepoint could not be rolled back, or it had none
     default.needs_rollback = needs_rollback
     try:
-        return leave(block, exc_type, exc_value, traceback)
+        result = leave(block, exc_type, exc_value, traceback)
     except BaseException as exc:
         if committing and not lb.in_atomic_block and hasattr(exc, "add_note"):
             exc.add_note(_COMMITTED_FIRST)
@@ -143,6 +148,28 @@ def _leave_both(leave: Callable, block: Any, twin: Any, default: Any, lb: Any,
     finally:
         if twin_left_broken and default.in_atomic_block:
             default.needs_rollback = True
+    _raise_if_lost(lost, lb, exc_type)
+    return result
+
+
+def lost_transaction(connection: Any) -> str:
+    """Why the load-balanced transaction of ``connection`` was lost (its coordinator connection
+    dropped mid-call), or '' (not lost, or not a load-balanced connection)."""
+    from .client import ClientSession
+
+    session = connection.connection
+    return session.broken if isinstance(session, ClientSession) else ""
+
+
+def _raise_if_lost(lost: str, lb: Any, exc_type: Any) -> None:
+    """An outermost block that ends without an exception after its transaction was lost says so.
+
+    Django ends such a block with a rollback and no exception when a savepoint rollback failed
+    inside it -- the coordinator gone while the app caught an exception outside an inner block,
+    as Django's docs advise -- so the app would take its block for committed.
+    """
+    if lost and exc_type is None and not lb.in_atomic_block:
+        raise TransactionError(f"the atomic block was rolled back, not committed: {lost}")
 
 
 # -- one rollback flag for the pair ----------------------------------------------------------------------

@@ -25,14 +25,14 @@ import time
 from pathlib import Path
 
 import pytest
-from django.db import IntegrityError, connections
+from django.db import IntegrityError, connections, transaction
 
 import django_lb_shm
 from django_lb_shm.verify import EXIT_DIFFERENT, EXIT_IDENTICAL, verify
 from tests.support.fault_proxy import FaultProxy
 from tests.support.history import History, Write
 from tests.support.lb import ALIASES, BACKEND, REPO, clear_tables
-from tests.testapp.models import Author, Book, Review, Tag
+from tests.testapp.models import Author, Book, Note, Review, Tag
 
 # The first database other than 'default' takes the writes (Sequencer.leader_preference).
 LEADER = [a for a in ALIASES if a != "default"][0]
@@ -361,6 +361,104 @@ def test_lost_commit_answer_of_an_atomic_block_is_success_everywhere(faults):
     check_everything(handle, faults.history)
 
 
+# -- b2. the same inside a plain transaction.atomic() (its load-balanced twin commits first) ------
+def plain_block_with_note(author: str, tag: str, note: str, rating: int = 0) -> dict:
+    """Load-balanced writes and a plain model's write on 'default', in one plain block."""
+    with transaction.atomic():
+        a = Author.objects.create(name=author, rating=rating)
+        t = Tag.objects.create(label=tag)
+        Note.objects.create(author_id=a.pk, text=note)
+    return {author: a.pk, tag: t.pk}
+
+
+@pytest.fixture
+def no_notes():
+    Note.objects.all().delete()   # on 'default' only: not a load-balanced table
+    yield
+    close_connections()
+    Note.objects.all().delete()
+
+
+@postgres_only
+def test_lost_commit_answer_of_a_plain_atomic_block_is_success_everywhere(faults, no_notes):
+    proxy = faults.proxy_for(LEADER)
+    handle = faults.coordinator(databases={LEADER: {"PORT": proxy.port}})
+    rec = faults.history.recorder("main")
+    assert create_author(rec, "p-before")[0] == "ok"
+    settle(handle)
+
+    proxy.cut_after_commit(1)
+    outcome, told = rec.run("plain", [Write("author", "create", "p-author", 5), Write("tag", "create", "p-tag")],
+                            lambda: plain_block_with_note("p-author", "p-tag", "p-note", 5))
+    assert proxy.cuts == 1, f"no COMMIT was cut (armed {proxy.armed}): the twin's commit did not reach {LEADER}?"
+    # The journal holds the commit: the truth is "committed", and 'default' committed after it.
+    assert outcome == "ok", f"the app was told {type(told).__name__}: {told}"
+    assert list(Note.objects.values_list("text", flat=True)) == ["p-note"]
+    assert create_author(rec, "p-after", 3)[0] == "ok"
+    check_everything(handle, faults.history)
+
+
+def test_coordinator_killed_inside_a_plain_block_is_told_and_applied_nowhere(faults, no_notes):
+    """kill -9 between two load-balanced writes of a plain block: the block's next statement
+    says the transaction was lost and nothing applied; 'default' rolls back with it."""
+    from django_lb_shm.errors import TransactionError
+
+    handle = faults.coordinator()
+    rec = faults.history.recorder("main")
+    assert create_author(rec, "k-before")[0] == "ok"
+
+    def block():
+        with transaction.atomic():
+            author = Author.objects.create(name="k-author", rating=1)
+            wait_restarted(handle, kill9_coordinator(handle))
+            # (after the restart: on SQLite this write locks 'default', a copy the coordinator opens)
+            Note.objects.create(author_id=author.pk, text="k-note")
+            Tag.objects.create(label="k-tag")
+        return {}
+
+    outcome, told = rec.run("plain", [Write("author", "create", "k-author", 1), Write("tag", "create", "k-tag")],
+                            block)
+    assert isinstance(told, TransactionError) and outcome == "fail", f"the app was told {told!r}"
+    assert not Note.objects.filter(text="k-note").exists(), "'default' committed a block told as rolled back"
+    assert create_author(rec, "k-after", 2)[0] == "ok"
+    check_everything(handle, faults.history)
+
+
+class _Undo(Exception):
+    pass
+
+
+@pytest.mark.parametrize("kind", ["plain", "explicit"])
+def test_savepoint_rollback_lost_with_the_coordinator_is_not_a_silent_commit(faults, kind):
+    """The app catches an exception outside an inner atomic block (Django's documented pattern); the
+    coordinator died just before, so the inner savepoint cannot be rolled back. Django then rolls the
+    outer block back when it ends -- without an exception: the app must be told, not left to believe
+    its block committed (the kill -9 test caught this as an acknowledged block on no copy)."""
+    from django_lb_shm.errors import TransactionError
+
+    handle = faults.coordinator()
+    rec = faults.history.recorder("main")
+    outer = transaction.atomic if kind == "plain" else django_lb_shm.atomic
+
+    def block():
+        with outer():
+            author = Author.objects.create(name=f"s-{kind}", rating=1)
+            try:
+                with outer():
+                    Tag.objects.create(label=f"s-{kind}-dropped")
+                    wait_restarted(handle, kill9_coordinator(handle))
+                    raise _Undo
+            except _Undo:
+                pass
+        return {f"s-{kind}": author.pk}
+
+    outcome, told = rec.run(kind, [Write("author", "create", f"s-{kind}", 1)], block)
+    assert isinstance(told, TransactionError) and outcome == "fail", f"the app was told {told!r}"
+    assert "none of its writes were applied" in str(told), told
+    assert create_author(rec, f"s-{kind}-after", 2)[0] == "ok"
+    check_everything(handle, faults.history)
+
+
 # -- c. issue case 2: a refused duplicate, then a lost COMMIT answer -----------------------------
 @postgres_only
 def test_lost_commit_after_a_refused_duplicate_keeps_the_told_key(faults):
@@ -571,12 +669,15 @@ def test_new_journal_with_the_most_advanced_copies_away_holds_every_copy_until_a
 LOAD_SECONDS = 6.0
 FAULT_KINDS_PG = ("kill9_coordinator", "kill9_leader_postmaster", "cut_leader_commit", "kill9_worker")
 FAULT_KINDS_SQLITE = ("kill9_coordinator", "kill9_worker")
+PLAIN_SHARE = 0.25   # of the workers' operations: plain transaction.atomic() blocks (fault_workers.plain_op)
 
 
-def start_worker(faults, handle, name: str, seed: int, ops: int, seconds: float) -> subprocess.Popen:
+def start_worker(faults, handle, name: str, seed: int, ops: int, seconds: float,
+                 plain: float = 0.0) -> subprocess.Popen:
+    """An app process running ``fault_workers``; ``plain``: the share of plain atomic blocks."""
     args = {"settings_json": os.environ["LB_TEST_CONFIG"], "lb": handle.lb,
             "history": faults.history.path_for(name), "process": name, "seed": seed, "ops": ops,
-            "seconds": seconds, "pause": 0.02}
+            "seconds": seconds, "pause": 0.02, "plain": plain}
     args_path = faults.tmp / f"{name}.args.json"
     args_path.write_text(json.dumps(args))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
@@ -599,7 +700,8 @@ def test_randomized_fault_schedules(faults):
     kinds = FAULT_KINDS_PG if BACKEND == "postgres" else FAULT_KINDS_SQLITE
     ran, log = 0, []
     for n in range(schedules):
-        workers = [start_worker(faults, handle, f"s{n}w{w}", rng.randrange(10**9), ops=2000, seconds=LOAD_SECONDS)
+        workers = [start_worker(faults, handle, f"s{n}w{w}", rng.randrange(10**9), ops=2000, seconds=LOAD_SECONDS,
+                                plain=PLAIN_SHARE)
                    for w in range(rng.choice((2, 3)))]
         plan = sorted((rng.uniform(0.5, LOAD_SECONDS - 1.0), rng.choice(kinds)) for _ in range(rng.randint(1, 3)))
         log.append(f"schedule {n}: {len(workers)} workers, faults {[(round(t, 2), k) for t, k in plan]}")
@@ -645,6 +747,49 @@ def test_randomized_fault_schedules(faults):
     print(f"fault schedules run: {ran} (seed {seed})")
     assert ran == schedules
     assert faults.history.summary().get("ok", 0) > 0
+
+
+def wait_workers(workers: list, timeout: float = 60) -> None:
+    for proc in workers:
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+            raise AssertionError(f"worker {proc.pid} still running {timeout}s after its deadline") from None
+
+
+def test_kill9_coordinator_while_processes_run_plain_atomic_blocks(faults):
+    """Three app processes run only plain transaction.atomic() blocks (flat, nested with a
+    savepoint rolled back, raising); the coordinator is killed -9 twice by pid and restarted by
+    its supervisor.  Nothing acknowledged is lost, nothing told as rolled back is on a copy, the
+    copies are identical, and no worker died of an error it was not told about."""
+    handle = faults.coordinator()
+    kills = int(os.environ.get("LB_PLAIN_KILLS", "2"))   # more to hunt a rare interleaving
+    seconds = 3.0 + 2.5 * kills
+    workers = [start_worker(faults, handle, f"pw{w}", 1000 + w, ops=300 * (kills + 1), seconds=seconds, plain=1.0)
+               for w in range(3)]
+    started = time.monotonic()
+    for n in range(kills):
+        time.sleep(max(0.0, started + 1.5 + 2.5 * n - time.monotonic()))
+        wait_restarted(handle, kill9_coordinator(handle))
+    wait_workers(workers, timeout=seconds + 60)
+    logs = {p.pid: (faults.tmp / f"pw{w}.log").read_text()[-2000:] for w, p in enumerate(workers)}
+    assert all(p.returncode == 0 for p in workers), f"a worker failed: {logs}"
+    leaks = [line for log in logs.values() for line in log.splitlines() if line.startswith("LEFT OPEN")]
+    assert not leaks, "a block left the load-balanced connection in a transaction:\n" + "\n".join(leaks)
+    ops = faults.history.ops()
+    kinds = {op.kind for op in ops if op.outcome == "ok"}
+    assert {"plain", "plain_nested"} <= kinds, f"no plain block was acknowledged: {faults.history.summary()}"
+    assert any(op.kind == "plain_raise" and op.error == "BlockAborted" for op in ops), "no block was aborted"
+    # Most blocks in flight then are still told "committed" (an opening write is sent again, a
+    # commit settled from the journal); the check below decides whether that was the truth.
+    hit = [op for op in ops if not op.finished or op.finished - op.started > 1.0
+           or op.outcome != "ok" and op.error != "BlockAborted"]
+    assert hit, f"no operation was in flight at a kill -9 ({faults.history.summary()}): the fault tested nothing"
+    print(f"\nplain blocks: {faults.history.summary()}; in flight at a kill -9: "
+          f"{[(op.kind, op.outcome, op.error) for op in hit]}")
+    check_everything(handle, faults.history)
 
 
 # -- the harness itself ---------------------------------------------------------------------------

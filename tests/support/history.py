@@ -40,7 +40,8 @@ TABLES = {
 # Error classes that say the write was applied nowhere.
 DEFINITE_ERRORS = {"IntegrityError", "WriteNotApplied", "NoDatabaseAvailable", "DataError",
                    "ProgrammingError", "RequestRejected", "NotSupportedError", "SerializationError",
-                   "ValueError", "TypeError", "DataValueError", "DataOverflowError", "ParameterTypeError"}
+                   "ValueError", "TypeError", "DataValueError", "DataOverflowError", "ParameterTypeError",
+                   "BlockAborted"}   # the app's own exception out of a plain atomic block: rolled back
 # Messages that say so whatever the class (TransactionError "... none of its writes were applied").
 DEFINITE_PHRASES = ("none of its writes were applied", "nothing was applied", "was not applied",
                     "journal_dir")
@@ -75,7 +76,7 @@ class Op:
     id: str
     process: str
     index: int
-    kind: str                       # create | update | delete | atomic | bulk_create
+    kind: str                       # create | update | delete | atomic | bulk_create | plain...
     writes: list[Write]
     outcome: str = "unknown"        # ok | fail | unknown
     pks: dict = field(default_factory=dict)   # token -> pk the app was told (creates)
