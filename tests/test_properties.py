@@ -75,6 +75,7 @@ def plain_django_on_default():
     with contextlib.ExitStack() as stack:
         for module in _ALIAS_USERS:
             stack.enter_context(mock.patch(f"{module}.lb_alias", lambda: "default"))
+        stack.enter_context(mock.patch("django_lb_shm.query.is_copy", lambda alias: False))   # 'default' is "every copy"
         yield
 
 
