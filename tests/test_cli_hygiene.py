@@ -161,7 +161,8 @@ def test_watch_without_a_terminal_prints_each_refresh_and_stops_after_count(coor
 
 def test_watch_on_a_terminal_redraws_in_place_and_ctrl_c_exits_0(coordinator):
     main, child = pty.openpty()
-    process = subprocess.Popen(STATUS + ["--watch", "0.2"], env=coordinator.env(), cwd=str(REPO),
+    env = {**coordinator.env(), "PYTHONFAULTHANDLER": "1"}   # a hang shows its stack (SIGABRT below)
+    process = subprocess.Popen(STATUS + ["--watch", "0.2"], env=env, cwd=str(REPO),
                                stdin=child, stdout=child, stderr=child, start_new_session=True)
     os.close(child)
     seen = b""
@@ -178,6 +179,15 @@ def test_watch_on_a_terminal_redraws_in_place_and_ctrl_c_exits_0(coordinator):
                     seen += os.read(main, 65536)
                 except OSError:   # the child side is closed: it has exited
                     break
+        if process.poll() is None:   # still running 15 s after Ctrl-C: where it hangs, then fail
+            process.send_signal(signal.SIGABRT)
+            time.sleep(1.0)
+            while select.select([main], [], [], 0.2)[0]:
+                try:
+                    seen += os.read(main, 65536)
+                except OSError:
+                    break
+            raise AssertionError(f"status --watch did not exit after Ctrl-C:\n{seen[-6000:].decode(errors='replace')}")
         assert process.wait(5) == 0
     finally:
         if process.poll() is None:
