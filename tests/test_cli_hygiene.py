@@ -162,8 +162,11 @@ def test_watch_without_a_terminal_prints_each_refresh_and_stops_after_count(coor
 def test_watch_on_a_terminal_redraws_in_place_and_ctrl_c_exits_0(coordinator):
     main, child = pty.openpty()
     env = {**coordinator.env(), "PYTHONFAULTHANDLER": "1"}   # a hang shows its stack (SIGABRT below)
+    # As from a terminal: SIGINT not ignored (a shell's background job, as CI may run the suite,
+    # ignores it, and a child that inherits SIG_IGN never sees the Ctrl-C below).
     process = subprocess.Popen(STATUS + ["--watch", "0.2"], env=env, cwd=str(REPO),
-                               stdin=child, stdout=child, stderr=child, start_new_session=True)
+                               stdin=child, stdout=child, stderr=child, start_new_session=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     os.close(child)
     seen = b""
     try:
