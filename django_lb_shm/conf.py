@@ -162,7 +162,6 @@ class LoadBalancerConfig:
     count_queries_on_default: str = "TESTS"
     transaction_hold_timeout: float = 5.0
     metrics: Optional[MetricsConfig] = None   # None: no metrics served
-    models: tuple[str, ...] = ()   # LOAD_BALANCER['MODELS']: app labels and 'app_label.ModelName'
 
     @property
     def database_answer_timeout(self) -> float:
@@ -711,7 +710,6 @@ def build_config(raw: Any, django_dbs: Mapping[str, Any]) -> LoadBalancerConfig:
         plain_atomic=raw.get("PLAIN_ATOMIC", "JOIN"),
         count_queries_on_default=raw.get("COUNT_QUERIES_ON_DEFAULT", "TESTS"),
         metrics=metrics_config(raw.get("METRICS")),
-        models=models_setting(raw),
         **numbers,
     )
 

@@ -29,10 +29,10 @@ def count_under_test_runner(on: bool) -> None:
 def default_is_counted() -> bool:
     """'default' records its queries for CaptureQueriesContext / assertNumQueries (force_debug_cursor),
     and LOAD_BALANCER['COUNT_QUERIES_ON_DEFAULT'] wants the load-balanced ones among them."""
-    if DEFAULT_DB_ALIAS not in connections.settings or not connections[DEFAULT_DB_ALIAS].force_debug_cursor:
+    mode = get_config().count_queries_on_default   # first: it settles it outside tests (asked per cursor)
+    if not (mode == "ALWAYS" or mode == "TESTS" and _under_test_runner[0]):
         return False
-    mode = get_config().count_queries_on_default
-    return mode == "ALWAYS" or mode == "TESTS" and _under_test_runner[0]
+    return DEFAULT_DB_ALIAS in connections.settings and connections[DEFAULT_DB_ALIAS].force_debug_cursor
 
 
 class CountedOnDefaultCursorWrapper(CursorDebugWrapper):
