@@ -34,6 +34,7 @@ for _p in (str(STRESS_DIR), str(REPO)):
         sys.path.insert(0, _p)
 
 import breakdown  # noqa: E402
+import cpu_caps  # noqa: E402
 import harness  # noqa: E402
 import report  # noqa: E402
 import workload  # noqa: E402
@@ -136,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "summarize with profile_summary.py --categories)")
     p.add_argument("--breakdown", action="store_true", help="also time a point read's parts (ping, raw cursor, ORM) "
                    "in the driver process, 1 client, sequential")
+    p.add_argument("--cap-db-cpu", type=float, metavar="PCT",
+                   help="separate small database hosts on one machine (issue 15's scale-out): each PostgreSQL "
+                   "server in a cgroup of its own capped at PCT %% of one core (cgroup v1 cpu controller, root; "
+                   "undone at exit); needs --db postgres")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (databases, logs, settings)")
     p.add_argument("--smoke", action="store_true", help="~15 s minimal run (sqlite, 2 clients, 1 s phases) that "
                    "checks the JSON has every promised field; exit 1 otherwise")
@@ -162,6 +167,14 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     if bad:
         parser.error(f"--phases: unknown {', '.join(bad)}; known: {', '.join(workload.WORKLOADS)}")
     args.workloads = phases
+    if args.cap_db_cpu is not None:
+        if args.db != "postgres":
+            parser.error("--cap-db-cpu caps PostgreSQL servers: add --db postgres")
+        if not 0 < args.cap_db_cpu <= 100:
+            parser.error(f"--cap-db-cpu wants a percentage of one core in (0, 100], got {args.cap_db_cpu}")
+        reason = cpu_caps.unavailable_reason()
+        if reason:
+            parser.error(f"--cap-db-cpu: {reason}")
     if args.soak is not None and args.soak <= 0:
         parser.error("--soak wants a positive number of minutes")
     return args
@@ -279,6 +292,7 @@ class Driver:
         self.started = time.time()
         self.port = 0
         self.databases: dict = {}
+        self.caps: Optional[cpu_caps.CpuCaps] = None
 
     # -- set-up -------------------------------------------------------------------------------
     def pool_size(self) -> int:
@@ -323,6 +337,24 @@ class Driver:
         if args.workloads or args.scale or args.soak:
             self.pool = ClientPool(pool_size, self.env.config_path)
             self.pool.start(timeout=60 + 3 * pool_size)
+        if args.cap_db_cpu:
+            self.cap_servers(args.cap_db_cpu)
+
+    def cap_servers(self, percent: float) -> None:
+        """Each server, with the backends it already forked and every one it forks later, capped."""
+        import psutil
+
+        self.caps = cpu_caps.CpuCaps(percent)
+        for alias, server in zip(self.env.aliases, self.env.cluster):
+            postmaster = psutil.Process(server.postmaster_pid())
+            pids = [postmaster.pid] + [c.pid for c in postmaster.children(recursive=True)]
+            group = self.caps.cap(alias, pids)
+            log(f"capped {alias} (port {server.port}, {len(pids)} processes) at {percent:g}% of one core: {group}")
+
+    def release_caps(self) -> None:
+        if self.caps is not None:
+            self.caps.release()
+            self.caps = None
 
     def check_pgpool(self) -> None:
         if self.args.compare != "pgpool":
@@ -788,6 +820,17 @@ class Driver:
                     entry["pgpool_ops_per_s"] = p.get("ops_per_s")
                     entry["lb_over_pgpool"] = report.ratio(lb.get("ops_per_s"), p.get("ops_per_s"))
                 out[f"throughput[{work},{v.label}]"] = entry
+        if self.args.cap_db_cpu:
+            d = find("read_pk", "direct")
+            for v in self.variants:
+                lb = find("read_pk", "lb", v.label)
+                if lb and d:
+                    r = report.ratio(lb.get("ops_per_s"), d.get("ops_per_s"))
+                    out[f"scale_out[read_pk,{v.label}]"] = {
+                        "db_cpu_cap_pct": self.args.cap_db_cpu, "copies": self.args.dbs,
+                        "lb_ops_per_s": lb.get("ops_per_s"), "direct_one_copy_ops_per_s": d.get("ops_per_s"),
+                        "ratio": r, "target": ">= 2.7 (3 capped copies vs one; issue 15)",
+                        "met": (r is not None and r >= 2.7) if self.args.dbs == 3 and self.args.clients >= 8 else None}
         if self.scale:
             top = max(p["clients"] for p in self.scale)
             for p in self.scale:
@@ -820,6 +863,7 @@ class Driver:
             "db": self.args.db, "dbs": self.args.dbs, "clients": self.args.clients,
             "duration_s": self.args.duration, "runs": self.args.runs, "mix": list(self.args.mix),
             "rows": self.args.rows, "journal_fsync": self.args.journal_fsync,
+            "db_cpu_cap_pct": self.args.cap_db_cpu,
             "read_algorithms": self.args.read_algorithm, "write_acks": self.args.write_ack,
             "argv": sys.argv[1:],
         }
@@ -1009,7 +1053,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             if driver.pool is not None:
                 driver.pool.close()
         finally:
-            driver.env.close()
+            try:
+                driver.release_caps()
+            finally:
+                driver.env.close()
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
     return code
