@@ -250,9 +250,12 @@ class CoordinatorClient:
         coordinator unreachable, AnswerTimeout, or whatever interrupted the wait.
         """
         deadline = time.monotonic() + self.config.connect_timeout
+        resent = False
         while True:
             try:
-                ok, value = decode_answer(self.call("execute", payload, timeout=timeout, deadline=deadline))
+                args = (payload, True) if resent else (payload,)
+                resent = True
+                ok, value = decode_answer(self.call("execute", *args, timeout=timeout, deadline=deadline))
                 if ok or value.get("error_type") != "CoordinatorUnavailable":
                     return ok, value
                 raise from_dict(value)   # it is stopping: the request was not run

@@ -155,7 +155,7 @@ class Coordinator:
             snapshot["supervisor"].update(process_vitals(supervisor_pid))
         return snapshot
 
-    def execute(self, payload: bytes) -> bytes:
+    def execute(self, payload: bytes, resent: bool = False) -> bytes:
         try:
             self._enter()
         except CoordinatorStopping as exc:
@@ -167,6 +167,7 @@ class Coordinator:
                     f"({self.config.max_request_bytes})"
                 )
             request = self._decode(payload)
+            request.resent = bool(resent)
             result = self.dispatch(request)
             return pickle.dumps((True, result), protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:
@@ -262,7 +263,8 @@ class Coordinator:
         if op == d.OP_WRITE:
             if not request.in_transaction:
                 return self.outcomes.run(request.request_id,
-                                         lambda: self.sequencer.write(request.statement, request.request_id))
+                                         lambda: self.sequencer.write(request.statement, request.request_id,
+                                                                             request.resent))
             if txn is None:
                 txn = self._local.txn = self.sequencer.begin(request.prelude, request.request_id,
                                                              self._client_label(request.request_id))

@@ -71,6 +71,9 @@ class Request:
     prelude: tuple = ()               # savepoint statements issued before the transaction reached the coordinator
     request_id: str = ""
     version: int = PROTOCOL_VERSION
+    # Set by the coordinator, not sent inside the request: the client sent these bytes before (on a
+    # connection that died); only then can its write id already be decided, and the journal is asked.
+    resent: bool = False
 
     def __reduce__(self) -> tuple:
         return Request, (self.op, self.statement, self.in_transaction, self.opens, self.prelude,

@@ -30,6 +30,7 @@ class PendingWrite:
     error: Optional[BaseException] = None
     seq: int = 0
     done: bool = False
+    resent: bool = True              # False: a first send, which no journal record can answer
 
     def succeed(self, result: Result, seq: int) -> None:
         self.result, self.seq, self.done = result, seq, True
@@ -130,6 +131,6 @@ def order_held() -> WriteNotApplied:
                            "or a write that could not be decided); nothing was applied")
 
 
-def pending_write(statement: Statement, request_id: str, timeout: float) -> PendingWrite:
-    return PendingWrite(statement, request_id, time.monotonic() + timeout)
+def pending_write(statement: Statement, request_id: str, timeout: float, resent: bool = True) -> PendingWrite:
+    return PendingWrite(statement, request_id, time.monotonic() + timeout, resent=resent)
 

@@ -266,8 +266,9 @@ class Sequencer:
                 self.applied.wait(min(remaining, 0.1))
 
     # -- autocommit writes, decided in groups -------------------------------------------------
-    def write(self, statement: Statement, request_id: str) -> Result:
-        pending = pending_write(statement, request_id, self.config.client_timeout)
+    def write(self, statement: Statement, request_id: str, resent: bool = True) -> Result:
+        """``resent``: the client may have sent this write id before (the journal may know it)."""
+        pending = pending_write(statement, request_id, self.config.client_timeout, resent)
         result = self.writes.submit(pending)
         self._wait_for_acks(pending.seq)
         return result
@@ -287,7 +288,7 @@ class Sequencer:
         for pending in group:
             if pending.request_id in first_of:   # sent again while the first send still waited
                 repeats.append((pending, first_of[pending.request_id]))
-            elif not self._answered_from_journal(pending):
+            elif not (pending.resent and self._answered_from_journal(pending)):
                 fresh.append(pending)
                 if pending.request_id:
                     first_of[pending.request_id] = pending

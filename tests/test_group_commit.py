@@ -59,3 +59,34 @@ def test_a_lone_write_is_a_group_of_one(coordinator, replicas):
     assert (after["groups"] - before["groups"], after["writes"] - before["writes"]) == (1, 1)
     replicas.assert_identical(["testapp_author"])
     assert Author.objects.get(pk=author.pk).name == "alone"
+
+
+def test_a_write_whose_answer_is_lost_is_sent_again_and_answered_from_the_journal(coordinator, replicas, monkeypatch):
+    """The client re-sends a write on a new connection when the answer did not come; the
+    coordinator answers the repeated id from the journal (it looks only when told the bytes
+    were sent before), so a non-idempotent UPDATE is applied once."""
+    from django.db.models import F, Value
+    from django.db.models.functions import Concat
+
+    from django_lb_shm.client import CoordinatorClient
+    from django_lb_shm.errors import CoordinatorUnavailable
+
+    author = Author.objects.create(name="a")
+    real_call = CoordinatorClient.call
+    sends: list = []
+
+    def answer_lost_once(self, method, *args, **kwargs):
+        answer = real_call(self, method, *args, **kwargs)
+        if method == "execute":
+            sends.append(args[1:])
+            if len(sends) == 1:
+                raise CoordinatorUnavailable("the answer was lost (test)")
+        return answer
+
+    monkeypatch.setattr(CoordinatorClient, "call", answer_lost_once)
+    assert Author.objects.filter(pk=author.pk).update(name=Concat(F("name"), Value("y"))) == 1
+    monkeypatch.undo()
+    assert sends == [(), (True,)]   # the first send, then the same bytes marked as sent before
+    replicas.assert_identical(["testapp_author"])
+    for alias in ALIASES:
+        assert {row[1]: row[0] for row in replicas.rows("testapp_author")[alias]}.get("ay") == author.pk, alias

@@ -38,6 +38,7 @@ class LoadBalancedInsertMixin:
         return cache[key]
 
     def as_sql(self):
+        # Statements compiled once already for this execute_sql() (see _insert_key_pairs).
         rowwise = self.__dict__.get("_lb_rowwise_sql")
         return rowwise if rowwise is not None else super().as_sql()
 
@@ -78,6 +79,7 @@ class LoadBalancedInsertMixin:
                 "primary keys explicitly."
             )
         explicit = self._explicit_key_statements(returning_fields)
+        self.__dict__["_lb_rowwise_sql"] = plain   # Django's execute_sql() runs these, not a third compile
         if len(explicit) != len(plain):
             raise NotSupportedError(f"cannot pair the INSERT statements for {opts.label} across databases")
         pk_index = returning_fields.index(opts.pk) if returns_rows and opts.pk in returning_fields else 0
