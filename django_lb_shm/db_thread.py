@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import queue
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -412,6 +413,7 @@ class DbConnection:
         """
         if not self.is_open:
             self.open()
+        statements = without_superseded_resets(statements)
         if self.batched:
             self._apply_block_at_once(statements, seq, tag)
             return
@@ -447,6 +449,31 @@ class DbConnection:
         finally:
             self._end_statement()
             cursor.close()
+
+
+# Django's PostgreSQL sequence reset, which followers run after each INSERT of generated keys.
+_SEQUENCE_RESET = re.compile(r"\s*SELECT\s+setval\s*\(\s*pg_get_serial_sequence\s*\(", re.IGNORECASE)
+
+
+def without_superseded_resets(statements: list) -> list:
+    """``statements`` less each sequence reset that an identical one repeats later in the block with
+    only keyed INSERTs (and other resets) between them.
+
+    A reset sets the sequence from the table's max(id), so the later one leaves it exactly as both
+    would, and nothing between them reads the sequence.  A group of inserts then costs each
+    follower one reset per table instead of one per row (each is a planned max() and a setval).
+    """
+    keep = [True] * len(statements)
+    pending: dict[str, int] = {}   # reset text -> index of its last occurrence still droppable
+    for i, statement in enumerate(statements):
+        if statement.params is None and not statement.many and _SEQUENCE_RESET.match(statement.sql):
+            earlier = pending.get(statement.sql)
+            if earlier is not None:
+                keep[earlier] = False
+            pending[statement.sql] = i
+        elif not statement.keyed:
+            pending.clear()   # it may read a sequence: every reset before it stays
+    return [s for s, k in zip(statements, keep) if k] if not all(keep) else statements
 
 
 # Statements joined into one simple query: the newline ends a trailing "--" comment

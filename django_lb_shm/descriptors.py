@@ -57,9 +57,14 @@ class Statement:
     params: Any = None
     many: bool = False                # executemany: params is a list of parameter sets
     insert_keys: Optional[InsertKeys] = None
+    # A follower's INSERT carrying the leader's keys: it reads no sequence (see db_thread's
+    # without_superseded_resets).
+    keyed: bool = False
 
     def __reduce__(self) -> tuple:  # a constructor call pickles and loads twice as fast as a __dict__
-        return Statement, (self.sql, self.params, self.many, self.insert_keys)
+        # Four arguments unless keyed: the form journals of earlier versions hold.
+        args = (self.sql, self.params, self.many, self.insert_keys)
+        return Statement, (args + (True,) if self.keyed else args)
 
 
 @dataclass

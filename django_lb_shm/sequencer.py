@@ -640,7 +640,7 @@ def explicit_key_statements(keys: InsertKeys, result: Result) -> list[Statement]
         )
     mapping = dict(zip(keys.markers, generated))
     params = _substitute(keys.follower_params, mapping)
-    return [Statement(keys.follower_sql, params)] + [Statement(sql) for sql in keys.after]
+    return [Statement(keys.follower_sql, params, keyed=True)] + [Statement(sql) for sql in keys.after]
 
 
 def _inserted_rows(keys: InsertKeys, result: Result) -> list[Statement]:
@@ -655,7 +655,7 @@ def _inserted_rows(keys: InsertKeys, result: Result) -> list[Statement]:
                 f"the first database returned a row {tuple(row)!r} that matches none of the rows inserted; "
                 "cannot give every database the same rows")
         sql, params = found
-        statements.append(Statement(sql, _substitute(params, {keys.markers[0]: row[0]})))
+        statements.append(Statement(sql, _substitute(params, {keys.markers[0]: row[0]}), keyed=True))
     return statements + [Statement(sql) for sql in keys.after] if statements else []
 
 

@@ -50,6 +50,20 @@ def test_concurrent_writes_are_grouped_and_one_duplicate_fails_only_its_caller(c
     writes = after["writes"] - before["writes"]
     assert writes >= WRITERS * PER_WRITER * 2 and groups < writes
     assert Author.objects.count() == len(acked)
+    _assert_sequences_past_every_key(max(acked.values()))
+
+
+def _assert_sequences_past_every_key(top: int) -> None:
+    """PostgreSQL: each copy's key sequence is past every key (the followers reset it once per
+    group and table, not once per row), so whichever copy leads next generates fresh keys."""
+    from django.db import connections
+
+    if connections[ALIASES[0]].vendor != "postgresql":
+        return
+    for alias in ALIASES:
+        with connections[alias].cursor() as cursor:
+            cursor.execute("SELECT last_value FROM testapp_author_id_seq")
+            assert cursor.fetchone()[0] >= top, alias
 
 
 def test_a_lone_write_is_a_group_of_one(coordinator, replicas):

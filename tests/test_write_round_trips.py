@@ -298,3 +298,45 @@ def test_a_refused_write_in_a_group_fails_alone(conn):
     conn.commit_with_marker(2, 20)
     assert names(conn) == ["dup", "x", "y"] and marker(conn) == 2 and idle(conn)
     assert conn.run("SELECT count(*) FROM rt_child").rows[0][0] == 0
+
+
+def _reset(table: str) -> Statement:
+    """Django's sequence reset, as the insert compiler puts it after an INSERT of generated keys."""
+    return Statement(f"SELECT setval(pg_get_serial_sequence('\"{table}\"','id'), coalesce(max(\"id\"), 1), "
+                     f"max(\"id\") IS NOT null) FROM \"{table}\";")
+
+
+def test_a_follower_block_of_keyed_inserts_resets_each_sequence_once(conn):
+    counter = Counting(conn)
+    block = []
+    for key in (5, 9, 7):
+        block += [Statement("INSERT INTO rt_item (id, name) VALUES (%s, %s)", (key, f"k{key}"), keyed=True),
+                  _reset("rt_item")]
+    conn.apply_block(block, 3, 30)
+    sent = counter.calls[0]
+    assert sent.count("setval") == 1 and sent.index("setval") > sent.index("'k7'")
+    assert conn.run("SELECT last_value FROM rt_item_id_seq").rows[0][0] == 9   # max(id): as three resets leave it
+    assert conn.run("INSERT INTO rt_item (name) VALUES ('next') RETURNING id").rows[0][0] == 10
+
+
+def test_a_reset_before_a_statement_that_may_read_the_sequence_is_kept(conn):
+    counter = Counting(conn)
+    conn.apply_block([
+        Statement("INSERT INTO rt_item (id, name) VALUES (%s, %s)", (4, "keyed"), keyed=True),
+        _reset("rt_item"),
+        Statement("INSERT INTO rt_item (name) VALUES (%s)", ("raw, its key from the sequence",)),
+        Statement("INSERT INTO rt_item (id, name) VALUES (%s, %s)", (8, "keyed again"), keyed=True),
+        _reset("rt_item"),
+    ], 4, 40)
+    assert counter.calls[0].count("setval") == 2
+    assert dict((n, i) for i, n in conn.run("SELECT id, name FROM rt_item").rows)[
+        "raw, its key from the sequence"] == 5
+
+
+def test_statements_of_earlier_journals_load_unkeyed_and_keyed_ones_round_trip():
+    import pickle
+
+    old_form = pickle.dumps(Statement("UPDATE t SET x = %s", (1,)))   # four constructor arguments
+    assert Statement.__reduce__(Statement("x"))[1] == ("x", None, False, None)
+    assert pickle.loads(old_form).keyed is False
+    assert pickle.loads(pickle.dumps(Statement("INSERT", (1,), keyed=True))).keyed is True
