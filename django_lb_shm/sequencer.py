@@ -476,8 +476,8 @@ class Sequencer:
             if is_connection_error(exc):
                 raise TransactionError(f"could not start the transaction: {exc}") from None
             raise
+        self.hold.holder = holder   # before txn: status reads the holder once txn is set
         txn = self.hold.txn = OpenTransaction(leader, client=self.hold.client, request_id=request_id)
-        self.hold.holder = holder
         return txn
 
     @staticmethod
