@@ -27,15 +27,15 @@ concurrently with the others: transitions happen under the instance's lock).  An
     -- transitions --
     IDLE      request_begins  IDLE      -
     IDLE      request_ends    IDLE      -
-    IDLE      open            SERVING   write order taken, leader's transaction begun, prelude run
-    IDLE      open            IDLE      it failed: the order given back (or never taken)
+    IDLE      open            SERVING   write order taken, leader's transaction begun; then the prelude: ``run``s
+    IDLE      open            IDLE      the order could not be taken (or no leader could begin)
     IDLE      rollback        IDLE      nothing held
     IDLE      client_gone     IDLE      -
     IDLE      hold_timeout    IDLE      -
     SERVING   run             SERVING   the statement's result or error
     SERVING   run             IDLE      leader lost: rolled back, order given back, leader DOWN; TransactionError
     SERVING   commit          IDLE      decided (or refused) on the leader, order given back, WRITE_ACK awaited
-    SERVING   rollback        IDLE      rolled back on the leader, order given back
+    SERVING   rollback        IDLE      rolled back on the leader, order given back (also: a prelude that failed)
     SERVING   request_ends    WAITING   the idle clock starts
     SERVING   client_gone     IDLE      rolled back, order given back
     SERVING   hold_timeout    SERVING   - (not idle)
@@ -148,7 +148,11 @@ class ServerTransaction:
         the first write; on failure the order is given back and the error raised."""
         if self.state is not I:
             self._to("open", S)   # raises: only an IDLE connection opens
-        txn = self.sequencer.hold_write_order(request_id, client, self)
+        try:
+            txn = self.sequencer.hold_write_order(request_id, client, self)
+        except BaseException:
+            self._to("open", I)
+            raise
         with self.lock:
             self.txn = txn
             self._to("open", S)
@@ -157,7 +161,7 @@ class ServerTransaction:
                 self.run(Statement(sql))
         except BaseException as exc:
             if self.holds:   # (run gave the order back itself when the leader was lost)
-                self._give_back("open")
+                self._give_back("rollback")
             if is_connection_error(exc):
                 raise TransactionError(f"could not start the transaction: {exc}") from None
             raise

@@ -106,9 +106,9 @@ def test_client_actions():
 class RecordingSequencer:
     """The sequencer's transaction hold, recorded (what the machine asks of it, in order)."""
 
-    def __init__(self, lose_leader: bool = False, refuse_hold: bool = False):
+    def __init__(self, lose_leader: bool = False, refuse_hold: bool = False, refuse_sql: str = ""):
         self.calls: list[tuple] = []
-        self.lose_leader, self.refuse_hold = lose_leader, refuse_hold
+        self.lose_leader, self.refuse_hold, self.refuse_sql = lose_leader, refuse_hold, refuse_sql
 
     def txn(self) -> SimpleNamespace:
         leader = SimpleNamespace(alias="DB1", go_down=lambda exc: self.calls.append(("go_down", str(exc))))
@@ -124,6 +124,8 @@ class RecordingSequencer:
         self.calls.append(("run_in", statement.sql))
         if self.lose_leader:
             raise LeaderLost(ConnectionError("gone"))
+        if statement.sql == self.refuse_sql:
+            raise ValueError(f"refused {statement.sql}")
         return Result()
 
     def decide_transaction(self, txn: Any, request_id: str) -> int:
@@ -142,7 +144,7 @@ class RecordingSequencer:
         self.calls.append(("release_write_order", rollback))
 
 
-def server_in(state: ServerState, **sequencer: bool) -> ServerTransaction:
+def server_in(state: ServerState, **sequencer: Any) -> ServerTransaction:
     machine = ServerTransaction(RecordingSequencer(**sequencer))
     machine.state = state
     if state in (ServerState.SERVING, ServerState.WAITING):
@@ -201,6 +203,24 @@ def test_server_open_that_cannot_take_the_order_stays_idle():
     with pytest.raises(TransactionError, match="no leader"):
         machine.open([], "1-a-1", "pid 1")
     assert machine.state is ServerState.IDLE
+
+
+def test_server_open_whose_prelude_fails_rolls_back_and_gives_the_order_back_once():
+    machine = server_in(ServerState.IDLE, refuse_sql="SAVEPOINT s2")
+    with pytest.raises(ValueError, match="refused SAVEPOINT s2"):
+        machine.open(["SAVEPOINT s1", "SAVEPOINT s2"], "1-a-1", "pid 1")
+    assert machine.state is ServerState.IDLE and machine.txn is None
+    assert machine.sequencer.calls == [("hold_write_order", "1-a-1"), ("run_in", "SAVEPOINT s1"),
+                                       ("run_in", "SAVEPOINT s2"), ("release_write_order", True)]
+
+
+def test_server_open_whose_prelude_loses_the_leader_gives_the_order_back_once():
+    machine = server_in(ServerState.IDLE, lose_leader=True)
+    with pytest.raises(TransactionError, match="database 'DB1' failed"):
+        machine.open(["SAVEPOINT s1"], "1-a-1", "pid 1")
+    assert machine.state is ServerState.IDLE
+    assert machine.sequencer.calls == [("hold_write_order", "1-a-1"), ("run_in", "SAVEPOINT s1"),
+                                       ("release_write_order", True), ("go_down", "gone")]
 
 
 def test_server_lost_leader_gives_the_order_back_before_taking_it_down():
