@@ -30,6 +30,7 @@ from . import descriptors as d
 from . import determinism
 from .conf import LoadBalancerConfig, database_identity, get_config
 from .breaker import ConnectBreaker
+from .client_transaction import SEND, ClientTransaction
 from .errors import (
     AnswerTimeout,
     AuthenticationFailed,
@@ -364,17 +365,30 @@ class ClientSession:
     def __init__(self, alias: str, vendor: str = ""):
         self.alias = alias
         self.vendor = vendor               # the real databases' vendor: how writes are made deterministic
-        self.autocommit = True
-        self.transaction_open = False
+        self.txn = ClientTransaction()     # AUTOCOMMIT, PENDING, OPEN or BROKEN: see client_transaction.py
         # now() / CURRENT_TIMESTAMP of the current transaction, read at its first use (see _deterministic)
         self.transaction_time: Optional[float] = None
-        self.prelude: list[tuple[str, str]] = []   # (savepoint name, sql) not yet sent
         self.expected_inserts: deque = deque()
         self.closed = False
-        # Why the open transaction is lost (its connection was dropped mid-call): every later
-        # statement of it raises TransactionError with this, until it is rolled back.
-        self.broken = ""
         self.outcome_unknown = ""   # request id of the last write whose answer an exception took
+
+    # The transaction's state, read by Django-side code and tests (client_transaction.py changes it).
+    @property
+    def autocommit(self) -> bool:
+        return self.txn.autocommit
+
+    @property
+    def transaction_open(self) -> bool:
+        return self.txn.is_open
+
+    @property
+    def broken(self) -> str:
+        """Why the open transaction is lost (its connection was dropped mid-call), or ''."""
+        return self.txn.broken
+
+    @property
+    def prelude(self) -> list[tuple[str, str]]:
+        return self.txn.prelude
 
     # -- DB-API connection surface ----------------------------------------
     def cursor(self) -> "ProxyCursor":
@@ -387,24 +401,23 @@ class ClientSession:
             logger.warning("autocommit turned on inside an open load-balanced transaction: rolled back")
             self.rollback()
         if autocommit:
-            self.prelude.clear()
-        self.autocommit = autocommit
+            self.txn.autocommit_on()
+        else:
+            self.txn.autocommit_off()
         self.transaction_time = None
 
     def begin(self) -> None:
-        self.autocommit = False
+        self.txn.autocommit_off()
         self.transaction_time = None
 
     def commit(self) -> None:
-        self.prelude.clear()
         self.transaction_time = None
-        if self.transaction_open:
+        if self.txn.commit() == SEND:
             self._finish(d.OP_COMMIT)
 
     def rollback(self) -> None:
-        self.prelude.clear()
         self.transaction_time = None
-        if self.transaction_open:
+        if self.txn.rollback() == SEND:
             self._finish(d.OP_ROLLBACK)
 
     def close(self) -> None:
@@ -430,7 +443,7 @@ class ClientSession:
     # -- statements -------------------------------------------------------
     def run(self, statement: d.Statement) -> d.Result:
         kind = classify(statement.sql)
-        if kind == READ and (self.autocommit or not self.transaction_open):
+        if kind == READ and not self.txn.is_open:
             # Zero-hop: this process picks the copy from shared memory and runs the read
             # on its own connection; None means "take the coordinator path".
             reader = zero_hop_reader()
@@ -445,7 +458,7 @@ class ClientSession:
             )
         if kind == WRITE:
             statement = self._deterministic(statement)
-        if self.autocommit:
+        if self.txn.autocommit:
             if kind == SAVEPOINT:
                 return d.Result()
             if kind != READ:
@@ -453,9 +466,9 @@ class ClientSession:
 
                 warn_if_in_foreign_atomic(self.alias)
             return self._send(d.OP_READ if kind == READ else d.OP_WRITE, statement, False)
-        if not self.transaction_open:
+        if not self.txn.is_open:
             if kind == SAVEPOINT:
-                self._track_savepoint(statement.sql)
+                self.txn.savepoint(statement.sql)
                 return d.Result()
             if kind == READ:
                 return self._send(d.OP_READ, statement, False)
@@ -477,22 +490,21 @@ class ClientSession:
         return determinism.deterministic(statement, vendor, clock)
 
     def _send(self, op: str, statement: d.Statement, in_transaction: bool) -> d.Result:
-        if in_transaction and self.broken:
-            raise TransactionError(self.broken)
+        if in_transaction:
+            self.txn.statement()   # TransactionError when it is broken
         client = get_client()
         # Only writes need an id: a repeated one is answered from the journal.
         request_id = "" if op == d.OP_READ else client.new_request_id()
         request = d.Request(op=op, statement=statement, in_transaction=in_transaction, request_id=request_id)
-        opening = in_transaction and not self.transaction_open
+        opening = in_transaction and not self.txn.is_open
         if opening:
             request.opens = True
-            request.prelude = tuple(sql for _name, sql in self.prelude)
+            request.prelude = self.txn.prelude_sql()
         payload = client.encode(request)
         if opening:
             # From here the coordinator may hold the transaction, whatever becomes of this
             # statement: it is ended as an open one (ending one it does not hold is harmless).
-            self.transaction_open = True
-            self.prelude.clear()
+            self.txn.opened()
         try:
             # Safe to send again on a new connection: reads, autocommit writes (the journal
             # answers a repeated id) and a statement opening a transaction (nothing of a
@@ -508,7 +520,7 @@ class ClientSession:
         """``request`` was sent (or may have been) and its answer was not received: ``exc``."""
         client.drop_thread_connection()
         if request.in_transaction:
-            reason = self._break(_what_happened(exc))
+            reason = self.txn.lost(_what_happened(exc))
             if isinstance(exc, CoordinatorUnavailable) and request.opens:
                 raise exc   # nothing of the transaction reached the coordinator
             if isinstance(exc, (CoordinatorUnavailable, AnswerTimeout)):
@@ -533,14 +545,6 @@ class ClientSession:
             self._unknown(request, exc)
             raise
 
-    def _break(self, what: str) -> str:
-        self.broken = (f"the load-balanced transaction was aborted: {what}. Its connection to the coordinator "
-                       "was dropped, which rolled it back: none of its writes were applied. Roll back (leave the "
-                       "atomic block) before using the connection again")
-        self.transaction_open = True   # commit() and rollback() end it through _finish
-        self.prelude.clear()
-        return self.broken
-
     def _unknown(self, request: d.Request, exc: BaseException) -> None:
         """An exception of the app's took the answer to a write: the app's exception goes on, with a note."""
         what = "commit" if request.op == d.OP_COMMIT else "write"
@@ -551,17 +555,11 @@ class ClientSession:
         logger.warning("%s (%s)", note, type(exc).__name__)
 
     def _finish(self, op: str) -> None:
-        if self.broken:
-            reason, self.broken = self.broken, ""
-            self.transaction_open = False
-            if op == d.OP_COMMIT:
-                raise TransactionError(reason)
-            return   # dropping the connection rolled it back
         client = get_client()
         request = d.Request(op=op, in_transaction=True, request_id=client.new_request_id())
         payload = client.encode(request)
         # Only now: an exception before the send leaves it open, to be ended (rolled back) later.
-        self.transaction_open = False
+        self.txn.ending()
         try:
             ok, value = client.exchange(payload, idempotent=(op == d.OP_COMMIT))
         except BaseException as exc:
@@ -590,19 +588,6 @@ class ClientSession:
             raise exc
         self._unknown(request, exc)
         raise exc
-
-    def _track_savepoint(self, sql: str) -> None:
-        words = sql.split()
-        name = words[-1]
-        if words[0].upper() == "SAVEPOINT":
-            self.prelude.append((name, sql))
-            return
-        names = [n for n, _sql in self.prelude]
-        if name not in names:
-            return
-        index = names.index(name)
-        # RELEASE drops the savepoint and later ones; ROLLBACK TO keeps it.
-        del self.prelude[index + (0 if words[0].upper() == "RELEASE" else 1):]
 
 
 def _what_happened(exc: BaseException) -> str:
@@ -642,7 +627,7 @@ class ProxyCursor:
 
     def execute(self, sql: str, params: Any = None) -> "ProxyCursor":
         session = self.session
-        if not session.transaction_open and not session.expected_inserts:
+        if not session.txn.is_open and not session.expected_inserts:
             # The zero-hop fast lane (the same decision as ClientSession.run, without building
             # a Statement and a Result): this process runs the read itself.
             reader = zero_hop_reader()

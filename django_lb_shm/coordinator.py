@@ -45,7 +45,7 @@ from .errors import (
 )
 from .health import is_transient
 from .probes import ANSWERED
-from .outcomes import SETTLE_WAIT, Fenced, TrimLag, WriteOutcomes
+from .outcomes import SETTLE_WAIT, TrimLag, WriteOutcomes
 from .protocol import (
     EXIT_ADDRESS_IN_USE,
     EXIT_BOOT_ERROR,
@@ -61,6 +61,7 @@ from .protocol import (
     no_delay,
     private_directory,
 )
+from .server_transaction import ServerTransaction
 from .shared_state import CoordinatorState, DbState, Header, Reader, SharedState, Slot, databases_key
 
 logger = logging.getLogger("django_lb_shm.coordinator")
@@ -229,26 +230,28 @@ class Coordinator:
 
     # -- routing -------------------------------------------------------------------------
     def dispatch(self, request: d.Request) -> d.Result:
-        txn = getattr(self._local, "txn", None)
-        if txn is not None:
-            rolled_back = txn.enter()   # from here until leave(), the hold timeout leaves it alone
-            if rolled_back:
-                self._local.txn = None
-                if request.op == d.OP_ROLLBACK:
-                    return d.Result()   # what the client asked for was done already
-                if request.in_transaction:
-                    raise TransactionError(rolled_back)
-                txn = None
+        txn = self._transaction()
+        rolled_back = txn.request_begins()   # from here until request_ends(), the hold timeout leaves it alone
+        if rolled_back:
+            if request.op == d.OP_ROLLBACK:
+                return d.Result()   # what the client asked for was done already
+            if request.in_transaction:
+                raise TransactionError(rolled_back)
         try:
             return self._route(request, txn)
         finally:
-            current = getattr(self._local, "txn", None)
-            for held in {id(t): t for t in (txn, current) if t is not None}.values():
-                held.leave()
+            txn.request_ends()
 
-    def _route(self, request: d.Request, txn: Any) -> d.Result:
+    def _transaction(self) -> ServerTransaction:
+        """This client connection's transaction (server_transaction.py), IDLE at first."""
+        txn = getattr(self._local, "txn", None)
+        if txn is None:
+            txn = self._local.txn = ServerTransaction(self.sequencer)
+        return txn
+
+    def _route(self, request: d.Request, txn: ServerTransaction) -> d.Result:
         op = request.op
-        if request.in_transaction and op in (d.OP_READ, d.OP_WRITE) and txn is None and not request.opens:
+        if request.in_transaction and op in (d.OP_READ, d.OP_WRITE) and not txn.holds and not request.opens:
             raise TransactionError(
                 "this connection holds no open transaction on the coordinator (it restarted, or the "
                 "connection was replaced); none of the transaction's writes were applied"
@@ -258,33 +261,25 @@ class Coordinator:
                 self.write_guard.check(sql)
         if op == d.OP_READ:
             if request.in_transaction:
-                return self.sequencer.run_in(txn, request.statement, records=False)
+                return txn.run(request.statement, records=False)
             return self.read(request.statement)
         if op == d.OP_WRITE:
             if not request.in_transaction:
                 return self.outcomes.run(request.request_id,
                                          lambda: self.sequencer.write(request.statement, request.request_id,
                                                                              request.resent))
-            if txn is None:
-                txn = self._local.txn = self.sequencer.begin(request.prelude, request.request_id,
-                                                             self._client_label(request.request_id))
-            try:
-                return self.sequencer.run_in(txn, request.statement)
-            except TransactionError:
-                self._local.txn = None
-                raise
+            if not txn.holds:
+                txn.open(request.prelude, request.request_id, self._client_label(request.request_id))
+            return txn.run(request.statement)
         if op == d.OP_COMMIT:
             return self._commit(txn, request.request_id)
         if op == d.OP_OUTCOME:
             return self.outcomes.settle(request.request_id, self.settle_wait)
-        self._local.txn = None
-        if txn is not None:
-            self.sequencer.abandon(txn)
+        txn.rollback()
         return d.Result()
 
-    def _commit(self, txn: Any, request_id: str) -> d.Result:
-        self._local.txn = None
-        if txn is None:
+    def _commit(self, txn: ServerTransaction, request_id: str) -> d.Result:
+        if not txn.holds:
             # A commit sent again on a new connection: the first one may still be running.
             try:
                 return self.outcomes.settle(request_id, self.settle_wait)
@@ -293,16 +288,7 @@ class Coordinator:
                     f"commit of a transaction the coordinator does not hold (it restarted, or the connection "
                     f"dropped): {exc}; none of its writes were applied"
                 ) from None
-        try:
-            return self.outcomes.run(request_id, lambda: self._commit_held(txn, request_id))
-        except Fenced:
-            self.sequencer.abandon(txn)
-            raise TransactionError(f"commit of request {request_id}: its client stopped waiting for it and was "
-                                   "told it was not applied; none of its writes were applied") from None
-
-    def _commit_held(self, txn: Any, request_id: str) -> d.Result:
-        self.sequencer.commit(txn, request_id)
-        return d.Result()
+        return txn.commit(request_id, self.outcomes)
 
     def client_connected(self, peer: str) -> None:
         self._local.peer = peer
@@ -320,8 +306,7 @@ class Coordinator:
         txn = getattr(self._local, "txn", None)
         self._local.txn = None
         if txn is not None:
-            logger.warning("a client went away inside a transaction; rolled back")
-            self.sequencer.abandon(txn)
+            txn.client_gone()
 
     def read(self, statement: d.Statement) -> d.Result:
         tried: list[str] = []
@@ -554,12 +539,11 @@ class HealthWatch(threading.Thread):
             prober.request()
 
     def _expire_idle_transaction(self, now: float) -> None:
-        sequencer = self.coordinator.sequencer
-        txn = sequencer.open_transaction()
+        holder = self.coordinator.sequencer.open_transaction()
         limit = self.config.transaction_hold_timeout
-        if txn is None or txn.idle_for(now) <= limit or (self._expiring is not None and self._expiring.is_alive()):
+        if holder is None or holder.idle_for(now) <= limit or (self._expiring is not None and self._expiring.is_alive()):
             return
-        self._expiring = threading.Thread(target=sequencer.expire_idle, args=(txn, limit),
+        self._expiring = threading.Thread(target=holder.hold_timeout, args=(limit,),
                                           name="hold-timeout", daemon=True)
         self._expiring.start()
 

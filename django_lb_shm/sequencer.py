@@ -27,10 +27,11 @@ What can go wrong, and what the caller is told:
 
 A caller's transaction (Django's ``atomic``) holds the lock from its first
 write to its commit, runs on the leader in a real transaction, and reaches the
-others as one journal entry applied as one transaction.
+others as one journal entry applied as one transaction.  Its states, and the one
+caller of ``hold_write_order``/``release_write_order``, are in ``server_transaction.py``.
 
 Nobody holds the lock unbounded (TRANSACTION_HOLD_TIMEOUT): a transaction whose
-client sends nothing for that long is rolled back (:meth:`Sequencer.expire_idle`,
+client sends nothing for that long is rolled back (``ServerTransaction.hold_timeout``,
 called by the coordinator's watch), and a leader whose statement goes unanswered
 for that long while the copy does not answer probes has its connection cut (the
 same watch, ``DbConnection.cut_if_busy_since``): the cut is a lost connection, so
@@ -63,40 +64,13 @@ logger = logging.getLogger("django_lb_shm.sequencer")
 
 @dataclass(eq=False)
 class OpenTransaction:
+    """A caller's transaction on its leader, while it holds the write order (server_transaction.py)."""
     leader: DbThread
     statements: list = field(default_factory=list)   # follower form, in order
     started: float = field(default_factory=time.monotonic)
     holds_order: bool = True
     client: str = ""
     request_id: str = ""                              # of the request that opened it
-    busy: bool = True                                 # a request of its client is being served
-    last_activity: float = field(default_factory=time.monotonic)
-    expired: str = ""                                 # why the coordinator rolled it back
-    ending: bool = False                              # rolled back or being rolled back: once only
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def enter(self) -> str:
-        """A request of its client begins: "" -- or why it was rolled back meanwhile."""
-        with self.lock:
-            if not self.expired:
-                self.busy = True
-            return self.expired
-
-    def leave(self) -> None:
-        with self.lock:
-            self.busy = False
-            self.last_activity = time.monotonic()
-
-    def idle_for(self, now: float) -> float:
-        return 0.0 if self.busy else max(0.0, now - self.last_activity)
-
-    def claim_end(self) -> bool:
-        """True for the one caller that may roll it back (its client, or the hold timeout)."""
-        with self.lock:
-            if self.ending:
-                return False
-            self.ending = True
-            return True
 
 
 @dataclass
@@ -109,6 +83,7 @@ class Hold:
     request: str = ""
     writes: int = 0
     txn: Optional[OpenTransaction] = None
+    holder: Any = None       # the ServerTransaction that holds it: its idle time, the hold timeout
 
 
 class Sequencer:
@@ -226,14 +201,15 @@ class Sequencer:
         if hold.leader is not None and hold.leader.writer.busy_since:
             info["leader_silent_s"] = round(max(0.0, now - hold.leader.writer.busy_since), 3)
         if hold.txn is not None:
-            info.update(idle_s=round(hold.txn.idle_for(now), 3), statements=len(hold.txn.statements))
+            info.update(idle_s=round(hold.holder.idle_for(now), 3), statements=len(hold.txn.statements))
         if hold.writes:
             info["writes"] = hold.writes
         return info
 
-    def open_transaction(self) -> Optional[OpenTransaction]:
+    def open_transaction(self) -> Any:
+        """The ServerTransaction holding the order, or None."""
         hold = self.hold
-        return hold.txn if hold is not None else None
+        return hold.holder if hold is not None and hold.txn is not None else None
 
     # -- choosing the leader ----------------------------------------------------------
     def leader_preference(self) -> list[DbThread]:
@@ -485,28 +461,25 @@ class Sequencer:
         up = [t for t in self.threads if t.state == DbState.RUNNING]
         return all(t in applied for t in up)
 
-    # -- a caller's transaction ---------------------------------------------------------------
-    def begin(self, prelude: Sequence[str], request_id: str = "", client: str = "") -> OpenTransaction:
+    # -- a caller's transaction: its one caller is server_transaction.ServerTransaction -------------------
+    def hold_write_order(self, request_id: str, client: str, holder: Any) -> OpenTransaction:
+        """Take the write order for ``holder``'s transaction and begin it on the leader.  When it
+        cannot (WriteNotApplied, NoDatabaseAvailable, TransactionError) the order is not held."""
         self.acquire("transaction")
         self.hold = Hold("transaction", time.monotonic(), client=client or client_of(request_id), request=request_id)
-        txn = None
         try:
             leader = self.hold.leader = self.leader()
             self._open_writer(leader)
             leader.writer.begin()   # PostgreSQL: sent with the first statement; constraints as the caller set them
-            txn = self.hold.txn = OpenTransaction(leader, client=self.hold.client, request_id=request_id)
-            for sql in prelude:
-                self.run_in(txn, Statement(sql))
-            return txn
         except BaseException as exc:
-            if txn is None:
-                self.hold = None
-                self.lock.release()
-            elif txn.holds_order:   # (run_in gave the order back itself when the leader failed)
-                self.abandon(txn)
+            self.hold = None
+            self.lock.release()
             if is_connection_error(exc):
                 raise TransactionError(f"could not start the transaction: {exc}") from None
             raise
+        self.hold.holder = holder   # before txn: status reads the holder once txn is set
+        txn = self.hold.txn = OpenTransaction(leader, client=self.hold.client, request_id=request_id)
+        return txn
 
     @staticmethod
     def _open_writer(leader: DbThread) -> None:
@@ -520,82 +493,64 @@ class Sequencer:
             raise
 
     def run_in(self, txn: OpenTransaction, statement: Statement, records: bool = True) -> Result:
+        """``statement`` on ``txn``'s leader; LeaderLost when its connection failed."""
         try:
             follower: list = []
             result = self._execute(txn.leader.writer, statement, follower)
         except Exception as exc:
             if txn.leader.writer.lost(exc):
-                self.abandon(txn)
-                txn.leader.go_down(exc)
-                raise TransactionError(
-                    f"the transaction was aborted: database {txn.leader.alias!r} failed ({exc}); "
-                    "none of its writes were applied"
-                ) from None
+                raise LeaderLost(exc) from None
             raise
         if records:
             txn.statements.extend(follower)
         result.database = txn.leader.alias
         return result
 
-    def commit(self, txn: OpenTransaction, request_id: str) -> None:
+    def decide_transaction(self, txn: OpenTransaction, request_id: str) -> Optional[int]:
+        """Commit ``txn`` on its leader, journaled: the number whose WRITE_ACK to wait for once the
+        order is given back (None: it wrote nothing).  The caller gives the order back."""
         conn = txn.leader.writer
+        if not txn.statements:
+            conn.commit()
+            return None
         entry = JournalEntry(self.last_seq + 1, request_id, txn.statements, Result(), txn.leader.alias)
         try:
-            if not txn.statements:
-                conn.commit()
-                return
-            try:
-                conn.prepare_commit(entry.seq, entry.tag, check_deferred=True)   # a deferred foreign key fails here
-            except Exception as exc:
-                lost = conn.lost(exc)
-                conn.rollback_quietly()
-                if not lost:
-                    raise   # the caller's IntegrityError
-                txn.leader.go_down(exc)
-                raise TransactionError(f"the transaction was not committed ({exc}); none of its writes were applied") from None
-            refused = self._decide(txn.leader, [entry])
-            if refused is not None:
-                raise refused   # e.g. SQLite's deferred foreign key: the caller's IntegrityError
-        finally:
-            self._release(txn)
-        self._wait_for_acks(entry.seq)
+            conn.prepare_commit(entry.seq, entry.tag, check_deferred=True)   # a deferred foreign key fails here
+        except Exception as exc:
+            lost = conn.lost(exc)
+            conn.rollback_quietly()
+            if not lost:
+                raise   # the caller's IntegrityError
+            txn.leader.go_down(exc)
+            raise TransactionError(f"the transaction was not committed ({exc}); none of its writes were applied") from None
+        refused = self._decide(txn.leader, [entry])
+        if refused is not None:
+            raise refused   # e.g. SQLite's deferred foreign key: the caller's IntegrityError
+        return entry.seq
 
-    def abandon(self, txn: OpenTransaction) -> None:
-        """Roll back and give the write order back (rollback, error, or the caller went away);
-        nothing if it was rolled back already (the hold timeout): the leader's connection may
-        serve another holder by now."""
-        if txn.claim_end():
-            txn.leader.writer.rollback_quietly()
-            self._release(txn)
+    def wait_for_acks(self, seq: int) -> None:
+        """WRITE_ACK for a decided transaction, after its order was given back."""
+        self._wait_for_acks(seq)
 
-    def expire_idle(self, txn: OpenTransaction, limit: float) -> bool:
-        """Roll back ``txn`` if it holds the order and its client sent nothing for ``limit``
-        seconds; its client gets TransactionError on its next call (Coordinator.dispatch)."""
-        with txn.lock:
-            idle = txn.idle_for(time.monotonic())
-            if txn.ending or not txn.holds_order or idle <= limit:
-                return False
-            txn.ending = True
-            txn.expired = (f"the load-balanced transaction held the write order for {idle:.1f} s without sending "
-                           f"anything (LOAD_BALANCER['TRANSACTION_HOLD_TIMEOUT'] is {limit:g} s): it was rolled "
-                           "back; none of its writes were applied")
-        logger.warning("rolled back the transaction of %s (request %s): it held the write order for %.1f s "
-                       "without sending anything", txn.client or "a client", txn.request_id or "?", idle)
+    def roll_back_expired(self, txn: OpenTransaction) -> None:
+        """Roll ``txn`` back on its leader for the hold timeout: a lost connection takes the leader down."""
         conn = txn.leader.writer
         try:
             conn.rollback()
         except Exception as exc:
             if conn.lost(exc):
                 txn.leader.go_down(exc)   # its transaction died with the connection
-        finally:
-            self._release(txn)
-        return True
 
-    def _release(self, txn: OpenTransaction) -> None:
-        if txn.holds_order:
-            txn.holds_order = False
-            self.hold = None
-            self.lock.release()
+    def release_write_order(self, txn: OpenTransaction, rollback: bool) -> None:
+        """Give the order back (once; rolling ``txn`` back on its leader first, when asked): the
+        leader's connection may serve another holder right after."""
+        if not txn.holds_order:
+            return
+        if rollback:
+            txn.leader.writer.rollback_quietly()
+        txn.holds_order = False
+        self.hold = None
+        self.lock.release()
 
 
 def client_of(request_id: str) -> str:

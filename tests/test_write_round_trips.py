@@ -14,6 +14,7 @@ from django.db import connections
 from django_lb_shm.db_thread import MARKER_TABLE, DbConnection
 from django_lb_shm.descriptors import Statement
 from django_lb_shm.health import is_connection_error
+from django_lb_shm.server_transaction import ServerTransaction
 
 pytestmark = pytest.mark.postgres_only
 
@@ -200,7 +201,7 @@ def test_begin_without_statements_sends_nothing(conn):
 
 
 class _Leader:
-    """Just what Sequencer.begin needs of a database thread."""
+    """Just what Sequencer.hold_write_order needs of a database thread."""
 
     def __init__(self, conn: DbConnection):
         from django_lb_shm.shared_state import DbState
@@ -222,7 +223,7 @@ def _sequencer(conn: DbConnection):
 def test_begin_prelude_error_releases_the_order_once(conn):
     sequencer, _leader = _sequencer(conn)
     with pytest.raises(pg_errors.SyntaxError) as caught:
-        sequencer.begin(["SAVEPOINT s1", "THIS IS NOT SQL"])
+        ServerTransaction(sequencer).open(["SAVEPOINT s1", "THIS IS NOT SQL"], "", "")
     assert sequencer.lock.acquire(blocking=False)     # given back, exactly once
     sequencer.lock.release()
     assert idle(conn)                                 # not left inside an aborted transaction
@@ -236,7 +237,7 @@ def test_begin_prelude_connection_error_releases_the_order_once(conn, scratch_al
     other.run("SELECT pg_terminate_backend(%s)", (conn.wrapper.connection.info.backend_pid,))
     other.close()
     with pytest.raises(TransactionError):
-        sequencer.begin(["SAVEPOINT s1"])
+        ServerTransaction(sequencer).open(["SAVEPOINT s1"], "", "")
     assert leader.went_down is not None and is_connection_error(leader.went_down)
     assert sequencer.lock.acquire(blocking=False)
     sequencer.lock.release()
