@@ -265,9 +265,8 @@ class Coordinator:
             return self.read(request.statement)
         if op == d.OP_WRITE:
             if not request.in_transaction:
-                return self.outcomes.run(request.request_id,
-                                         lambda: self.sequencer.write(request.statement, request.request_id,
-                                                                             request.resent))
+                return self.outcomes.run(request.request_id, lambda: self.sequencer.write(
+                    request.statement, request.request_id, request.resent))
             if not txn.holds:
                 txn.open(request.prelude, request.request_id, self._client_label(request.request_id))
             return txn.run(request.statement)
