@@ -25,6 +25,7 @@ from django_lb_shm.shared_state import Reader, SharedState, segment_name
 from tests.support import workers
 from tests.support.delay_proxy import DelayProxy
 from tests.support.lb import ALIASES, BACKEND, base_settings, read_path
+from tests.support.waiting import wait_until
 from tests.testapp.models import Author
 
 SPAWN = multiprocessing.get_context("spawn")
@@ -165,10 +166,8 @@ def test_latency_of_app_reads_feeds_the_shared_average(lb_factory):
     author = Author.objects.create(name="lat")
     handle.wait_drained()
     do_reads(30, author.pk)
-    deadline = time.monotonic() + 5
-    while not all(d["latency_ms"] > 0 for d in handle.status()["databases"]):
-        assert time.monotonic() < deadline, handle.status()["databases"]
-        time.sleep(0.1)
+    wait_until(lambda: all(d["latency_ms"] > 0 for d in handle.status()["databases"]), 5,
+               "a latency measured on every database", every=0.1, describe=lambda: handle.status()["databases"])
     assert delta({n: (0, 0, 0) for n in ALIASES}, counters(handle), 0) == {n: 0 for n in ALIASES}
 
 

@@ -18,11 +18,13 @@ NOT_ANSWERING = (CoordinatorUnavailable, AnswerTimeout)
 
 
 def wait_until(predicate: Callable[[], T], timeout: float, what: str, every: float = 0.05,
-               ignoring: tuple[type[BaseException], ...] = ()) -> T:
+               ignoring: tuple[type[BaseException], ...] = (),
+               describe: Optional[Callable[[], object]] = None) -> T:
     """``predicate()``'s first truthy value, asked every ``every`` s for at most ``timeout`` s.
 
     An exception in ``ignoring`` counts as "not yet" (and is the last value seen); any
-    other one fails the wait at once.
+    other one fails the wait at once.  On timeout the error names ``what`` and the last
+    value seen, or ``describe()`` when the predicate's own value (a bare False) says little.
     """
     deadline = time.monotonic() + timeout
     while True:
@@ -34,7 +36,8 @@ def wait_until(predicate: Callable[[], T], timeout: float, what: str, every: flo
             if last:
                 return last  # type: ignore[return-value]
         if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value seen: {last!r}")
+            seen = describe() if describe is not None else last
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value seen: {seen!r}")
         time.sleep(every)
 
 
@@ -90,3 +93,20 @@ def wait_pid_gone(pid: int, timeout: float = 15, what: str = "process") -> None:
         except psutil.Error as exc:
             state = repr(exc)
         raise AssertionError(f"{what} {pid} still running after {timeout}s ({state})") from None
+
+
+def wait_logged(handle, text: str, timeout: float, every: float = 0.1) -> None:
+    """Until ``text`` is in coordinator ``handle``'s log (a CoordinatorHandle)."""
+    try:
+        wait_until(lambda: text in handle.log(), timeout, f"{text!r} in the coordinator's log", every)
+    except AssertionError:
+        raise AssertionError(f"{text!r} not in the coordinator's log after {timeout}s:\n{handle.log()}") from None
+
+
+def pools_opened_by_reads(handle, read: Callable[[], bool]) -> bool:
+    """True once every database of coordinator ``handle`` has a pooled read connection open;
+    until then one more ``read()`` (reads open the pools), which must find its row."""
+    if all(d["read_connections"]["open"] for d in handle.status()["databases"]):
+        return True
+    assert read(), "a read made to open the read pools found nothing"
+    return False
