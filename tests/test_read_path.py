@@ -14,10 +14,12 @@ from __future__ import annotations
 import os
 import socket
 import stat
+import struct
 import tempfile
 import threading
 import time
 
+import psutil
 import pytest
 from django.db import connections
 
@@ -106,15 +108,65 @@ def test_without_read_connections_every_read_goes_through_the_database_thread(lb
     assert all(p == {"size": 0, "open": 0, "busy": 0, "reads": 0} for p in read_connections(status).values())
 
 
+def app_connection():
+    """This process's own connection to the coordinator, as its queries use it (this thread's)."""
+    return get_client().proxy()._connection()
+
+
+def unix_peer(conn) -> tuple[str, int]:
+    """The socket file ``conn`` is connected to and the pid of the process listening on it, as
+    the kernel reports them (getpeername, SO_PEERCRED); fails when ``conn`` is not a Unix socket."""
+    with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+        assert sock.family == socket.AF_UNIX, f"the app's connection is {sock.family.name}, not AF_UNIX"
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return sock.getpeername(), struct.unpack("3i", creds)[0]
+
+
+def assert_tcp_to(conn, coordinator_pid: int, port: int) -> None:
+    """``conn`` is TCP to ``port``, and the coordinator process holds the other end of it."""
+    with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+        assert sock.family == socket.AF_INET, f"the app's connection is {sock.family.name}, not AF_INET"
+        ours, theirs = sock.getsockname(), sock.getpeername()
+    assert theirs == ("127.0.0.1", port), theirs
+    server_side = [(c.laddr.ip, c.laddr.port) for c in psutil.Process(coordinator_pid).net_connections("tcp")
+                   if c.raddr and (c.raddr.ip, c.raddr.port) == ours]
+    assert server_side == [theirs], f"the coordinator's end of {ours}: {server_side}"
+
+
+def unix_sockets_at(pid: int, path: str) -> int:
+    """How many of process ``pid``'s Unix sockets are bound to ``path`` (its listener and accepted ones)."""
+    return sum(c.laddr == path for c in psutil.Process(pid).net_connections("unix"))
+
+
 def test_same_host_clients_use_a_private_unix_socket(coordinator):
-    Author.objects.create(name="local")
     path = get_config().address.local_socket_path
-    assert path and os.path.exists(path)
+    assert path and stat.S_ISSOCK(os.stat(path).st_mode)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700
-    connection = get_client().proxy()._connection()
-    with socket.socket(fileno=os.dup(connection.fileno())) as sock:
-        assert sock.family == socket.AF_UNIX
+    pid = coordinator.coordinator_pid()
+    get_client().forget_connection()   # the next query connects anew: count the coordinator's end of it
+    accepted = unix_sockets_at(pid, path)
+    Author.objects.create(name="local")
+    assert unix_peer(app_connection()) == (path, pid)   # that socket file, served by the coordinator itself
+    assert unix_sockets_at(pid, path) == accepted + 1
+    assert Author.objects.get(name="local").name == "local"
+
+
+def test_without_its_socket_file_an_app_falls_back_to_tcp(coordinator):
+    path, port = get_config().address.local_socket_path, get_config().address.port
+    pid = coordinator.coordinator_pid()
+    away = path + ".away"
+    get_client().forget_connection()
+    os.rename(path, away)   # as after a tmp cleaner: the coordinator still listens, nobody finds it
+    try:
+        Author.objects.create(name="over tcp")
+        assert_tcp_to(app_connection(), pid, port)
+        assert Author.objects.get(name="over tcp").name == "over tcp"
+    finally:
+        os.rename(away, path)
+        get_client().forget_connection()
+    assert Author.objects.filter(name="over tcp").exists()
+    assert unix_peer(app_connection()) == (path, pid)   # the file back: the next connection uses it
 
 
 def test_the_unix_socket_can_be_turned_off(lb_factory):
@@ -123,10 +175,7 @@ def test_the_unix_socket_can_be_turned_off(lb_factory):
     address = dict(handle.lb["ADDRESS"])
     assert Author.objects.filter(name="nobody").count() == 0
     assert get_config().address.local_socket_path == ""
-    connection = get_client().proxy()._connection()
-    with socket.socket(fileno=os.dup(connection.fileno())) as sock:
-        assert sock.family == socket.AF_INET
-        assert sock.getpeername()[1] == address["PORT"]
+    assert_tcp_to(app_connection(), handle.coordinator_pid(), address["PORT"])
 
 
 def test_a_socket_directory_open_to_others_is_not_trusted(tmp_path):
@@ -199,10 +248,9 @@ def test_a_local_socket_that_cannot_be_used_falls_back_to_tcp(coordinator, unusa
     address = get_config().address
     conn = timed_client(2.0, unusable)(("127.0.0.1", address.port), address.authkey)
     try:
-        conn.send((None, "dummy", (), {}))
+        assert_tcp_to(conn, coordinator.coordinator_pid(), address.port)
+        conn.send((None, "dummy", (), {}))   # (the server closes its end after this request)
         assert conn.recv() == ("#RETURN", None)
-        with socket.socket(fileno=os.dup(conn.fileno())) as sock:
-            assert sock.family == socket.AF_INET
     finally:
         conn.close()
 
