@@ -16,7 +16,6 @@ import socket
 import stat
 import struct
 import tempfile
-import threading
 import time
 
 import psutil
@@ -30,6 +29,7 @@ from django_lb_shm.errors import QueryTimeout
 from django_lb_shm.protocol import local_socket_path, private_directory, timed_client
 from django_lb_shm.read_pool import ReadPool
 from tests.support.lb import base_settings
+from tests.support.threads import run_threads
 from tests.testapp.models import Author
 
 SLOW_READ = {  # ~6 s: reads that only the watchdog ends early
@@ -74,23 +74,12 @@ def _counters_stay_exact(coordinator):
     Author.objects.create(name="counted")
     coordinator.wait_drained()
     before = reads(coordinator.status())
-    failures: list = []
 
     def worker() -> None:  # its own Django connection, so its own socket and server thread
-        try:
-            for _ in range(50):
-                assert Author.objects.filter(name="counted").count() == 1
-        except Exception as exc:  # pragma: no cover - reported below
-            failures.append(exc)
-        finally:
-            connections.close_all()
+        for _ in range(50):
+            assert Author.objects.filter(name="counted").count() == 1
 
-    threads = [threading.Thread(target=worker) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert not failures and not any(t.is_alive() for t in threads)
+    run_threads(worker, 4, 60, cleanup=connections.close_all)
     status = coordinator.status()
     assert reads(status) - before == 200
     assert all(d["inflight_reads"] == 0 for d in status["databases"]), status["databases"]

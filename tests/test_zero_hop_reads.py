@@ -25,6 +25,7 @@ from django_lb_shm.shared_state import Reader, SharedState, segment_name
 from tests.support import workers
 from tests.support.delay_proxy import DelayProxy
 from tests.support.lb import ALIASES, BACKEND, base_settings, read_path
+from tests.support.threads import run_threads
 from tests.support.waiting import wait_until
 from tests.testapp.models import Author
 
@@ -202,17 +203,7 @@ def test_least_connections_shifts_reads_from_the_slow_copy_on_the_zero_hop_path(
     handle.wait_drained()
     before = counters(handle)
 
-    def worker() -> None:
-        try:
-            do_reads(60, author.pk)
-        finally:
-            connections.close_all()
-
-    threads = [threading.Thread(target=worker) for _ in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    run_threads(lambda: do_reads(60, author.pk), 6, 120, cleanup=connections.close_all)
     reads_done = delta(before, counters(handle), 1)
     assert sum(reads_done.values()) == 360
     assert reads_done["DB2"] < 0.25 * 360, reads_done
