@@ -67,10 +67,13 @@ def claimant():
 
 
 def alive(session) -> bool:
+    """The psycopg ``session`` still answers (a terminated one raises OperationalError, closed or not)."""
+    import psycopg
+
     try:
         session.execute("SELECT 1")
         return True
-    except Exception:
+    except psycopg.OperationalError:
         return False
 
 

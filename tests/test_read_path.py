@@ -30,6 +30,7 @@ from django_lb_shm.protocol import local_socket_path, private_directory, timed_c
 from django_lb_shm.read_pool import ReadPool
 from tests.support.lb import base_settings
 from tests.support.threads import run_threads
+from tests.support.waiting import pools_opened_by_reads, wait_until
 from tests.testapp.models import Author
 
 SLOW_READ = {  # ~6 s: reads that only the watchdog ends early
@@ -195,10 +196,10 @@ def test_a_slow_read_is_cut_and_takes_no_database_out(lb_factory, path):
     handle = lb_factory("slow-read", READ_TIMEOUT=0.5, CLIENT_TIMEOUT=20, WAIT_TIME=0.5, READ_PATH=path)
     Author.objects.create(name="after")
     handle.wait_drained()
-    deadline = time.monotonic() + 10
-    while path == "COORDINATOR" and not all(p["open"] for p in read_connections(handle.status()).values()):
-        assert Author.objects.filter(name="after").exists()  # first reads open the pools
-        assert time.monotonic() < deadline, read_connections(handle.status())
+    if path == "COORDINATOR":   # first reads open the pools
+        wait_until(lambda: pools_opened_by_reads(handle, Author.objects.filter(name="after").exists), 10,
+                   "a read connection open on every database", every=0,
+                   describe=lambda: read_connections(handle.status()))
     pid = handle.coordinator_pid()
     started = time.monotonic()
     with pytest.raises(QueryTimeout, match="answers probes: the query takes longer than READ_TIMEOUT"):
