@@ -25,7 +25,7 @@ from django_lb_shm.shared_state import Reader, SharedState, segment_name
 from tests.support import workers
 from tests.support.delay_proxy import DelayProxy
 from tests.support.lb import ALIASES, BACKEND, base_settings, read_path
-from tests.support.threads import run_threads
+from tests.support.threads import Workers, run_threads
 from tests.support.waiting import wait_until
 from tests.testapp.models import Author
 
@@ -77,13 +77,10 @@ def test_reads_go_on_while_the_coordinator_is_stopped_and_writes_wait(lb_factory
     written = threading.Event()
 
     def write() -> None:
-        try:
-            Author.objects.create(name="while-stopped")
-            written.set()
-        finally:
-            connections.close_all()
+        Author.objects.create(name="while-stopped")
+        written.set()
 
-    writer = threading.Thread(target=write)
+    writer = Workers(write, 1, cleanup=connections.close_all)
     try:
         started = time.monotonic()
         do_reads(200, author.pk)
@@ -94,7 +91,7 @@ def test_reads_go_on_while_the_coordinator_is_stopped_and_writes_wait(lb_factory
         do_reads(20, author.pk)
     finally:
         os.kill(pid, signal.SIGCONT)
-    writer.join(15)
+    writer.join(15)   # fails with the write's own error, if it raised
     assert written.is_set()
     assert Author.objects.filter(name="while-stopped").exists()
     assert handle.coordinator_pid() == pid
