@@ -28,10 +28,13 @@ import pytest
 from django.db import IntegrityError, connections, transaction
 
 import django_lb_shm
+from django_lb_shm.errors import JournalError
 from django_lb_shm.verify import EXIT_DIFFERENT, EXIT_IDENTICAL, verify
 from tests.support.fault_proxy import FaultProxy
 from tests.support.history import History, Write
 from tests.support.lb import ALIASES, BACKEND, REPO, clear_tables
+from tests.support.pg_cluster import PgCommandError
+from tests.support.waiting import NOT_ANSWERING, pid_gone, wait_pid_gone, wait_until
 from tests.testapp.models import Author, Book, Note, Review, Tag
 
 # The first database other than 'default' takes the writes (Sequencer.leader_preference).
@@ -52,26 +55,12 @@ def close_connections() -> None:
         connections[alias].close()
 
 
-def pid_gone(pid: int, timeout: float = 15) -> bool:
-    """The process ended (a zombie counts as ended: nobody may reap it in a container)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    return True
-        except (FileNotFoundError, ProcessLookupError, IndexError):
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def crash_pg(server) -> int:
     """kill -9 of the postmaster; waits until it is gone."""
     pid = server.postmaster_pid()
     assert pid, f"{server!r} has no postmaster"
     os.kill(pid, signal.SIGKILL)
-    assert pid_gone(pid), f"postmaster {pid} still alive after SIGKILL"
+    wait_pid_gone(pid, 15, "postmaster (after SIGKILL)")
     return pid
 
 
@@ -80,12 +69,12 @@ def ensure_pg_up(server, timeout: float = 40) -> None:
     try:
         server.psql("SELECT 1", timeout=10)
         return
-    except Exception:
+    except PgCommandError:
         pass
     deadline = time.monotonic() + timeout
     while True:
         pid = server.postmaster_pid()
-        if pid and pid_gone(pid, timeout=0.1):
+        if pid and pid_gone(pid):
             try:
                 os.unlink(os.path.join(server.datadir, "postmaster.pid"))   # a stale pid file
             except OSError:
@@ -94,26 +83,36 @@ def ensure_pg_up(server, timeout: float = 40) -> None:
             server.start(timeout=20)
             server.psql("SELECT 1", timeout=10)
             return
-        except Exception:
+        except PgCommandError:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.5)
 
 
+class Diverged(AssertionError):
+    """A copy went DIVERGED while the test waited for it to settle: no use waiting on."""
+
+
 def settle(handle, aliases=ALIASES, timeout: float = 60) -> dict:
     """Every copy in ``aliases`` RUNNING and every write applied; fails at once on a DIVERGED copy."""
     handle.wait_ready(timeout)
-    deadline = time.monotonic() + timeout
-    while True:
-        states = {d["name"]: d["state"] for d in handle.status()["databases"]}
-        diverged = [a for a in aliases if states[a] == "DIVERGED"]
+
+    def states() -> dict[str, str]:
+        return {d["name"]: d["state"] for d in handle.status()["databases"]}
+
+    def running() -> bool:
+        now = states()
+        diverged = [a for a in aliases if now[a] == "DIVERGED"]
         if diverged:
-            raise AssertionError(f"{', '.join(diverged)} DIVERGED ({states}):\n{handle.log()}")
-        if all(states[a] == "RUNNING" for a in aliases):
-            break
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not every copy RUNNING after {timeout}s: {states}:\n{handle.log()}")
-        time.sleep(0.05)
+            raise Diverged(f"{', '.join(diverged)} DIVERGED ({now}):\n{handle.log()}")
+        return all(now[a] == "RUNNING" for a in aliases)
+
+    try:
+        wait_until(running, timeout, f"every copy of {list(aliases)} RUNNING", describe=states)
+    except Diverged:
+        raise
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}:\n{handle.log()}") from None
     return handle.wait_drained(min(timeout, 30))
 
 
@@ -148,17 +147,15 @@ def check_everything(handle, history: History, aliases=ALIASES) -> None:
 
 def wait_restarted(handle, old_pid: int, timeout: float = 60) -> None:
     """The supervisor started a new coordinator after ``old_pid`` died."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            status = handle.status(timeout=2)
-            if status["coordinator"]["pid"] not in (0, old_pid) and status["coordinator"]["state"] == "READY":
-                return
-        except Exception as exc:   # restarting
-            last = exc
-        time.sleep(0.1)
-    raise AssertionError(f"no new coordinator after kill -9 of {old_pid} within {timeout}s ({last!r}):\n{handle.log()}")
+    def restarted() -> bool:
+        status = handle.status(timeout=2)
+        return status["coordinator"]["pid"] not in (0, old_pid) and status["coordinator"]["state"] == "READY"
+
+    try:
+        wait_until(restarted, timeout, f"a new coordinator after kill -9 of {old_pid}", every=0.1,
+                   ignoring=NOT_ANSWERING)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}:\n{handle.log()}") from None
 
 
 def kill9_coordinator(handle) -> int:
@@ -532,7 +529,7 @@ def test_full_journal_disk_fails_cleanly_and_a_restart_keeps_later_records(fault
         try:
             Review.objects.create(book=book, stars=i, text=big)
             acked += 1
-        except Exception as exc:
+        except JournalError as exc:   # README "Errors": the journal could not record it, applied nowhere
             failure = exc
             break
     assert failure is not None, "80 writes of 30 KB fitted in a 1 MiB JOURNAL_DIR"
@@ -711,7 +708,7 @@ def test_randomized_fault_schedules(faults):
             if kind == "kill9_coordinator":
                 try:
                     wait_restarted(handle, kill9_coordinator(handle))
-                except Exception as exc:   # a coordinator still restarting from the previous fault
+                except (AssertionError, *NOT_ANSWERING) as exc:   # still restarting from the previous fault
                     log.append(f"  {kind}: {exc!r:.200}")
             elif kind == "kill9_leader_postmaster":
                 server = pg_server(LEADER)

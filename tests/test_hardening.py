@@ -23,6 +23,7 @@ from django_lb_shm.backend.alias import lb_alias
 from django_lb_shm.conf import authkey_is_strong, find_problems
 from django_lb_shm.errors import RequestRejected
 from tests.support.lb import ALIASES, base_settings
+from tests.support.waiting import pools_opened_by_reads, wait_logged, wait_until
 from tests.testapp.models import Author
 
 
@@ -55,20 +56,14 @@ def test_garbage_on_the_port_is_dropped_and_logged(coordinator):
     send_raw(addr, struct.pack("!i", 2_000_000_000) + b"x" * 64)
     still_serving(coordinator)
     assert coordinator.coordinator_pid() == pid
-    deadline = time.monotonic() + 5
-    while "dropped a connection" not in coordinator.log() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert "dropped a connection from 127.0.0.1" in coordinator.log()
+    wait_logged(coordinator, "dropped a connection from 127.0.0.1", 5)
 
 
 def test_wrong_key_is_refused_and_logged(coordinator):
     with pytest.raises(AuthenticationError):
         Client(address(coordinator), authkey=b"not-the-key")
     still_serving(coordinator)
-    deadline = time.monotonic() + 5
-    while "refused a connection" not in coordinator.log() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert "refused a connection from 127.0.0.1" in coordinator.log()
+    wait_logged(coordinator, "refused a connection from 127.0.0.1", 5)
 
 
 def test_idle_and_dropped_connections_leave_it_serving_with_bounded_memory(coordinator):
@@ -88,10 +83,7 @@ def test_idle_and_dropped_connections_leave_it_serving_with_bounded_memory(coord
     assert coordinator.coordinator_pid() == pid
     assert process.memory_info().rss - rss_before < 64 * 2**20
     # the handler threads of dropped connections end (idle ones after the handshake timeout)
-    deadline = time.monotonic() + 20
-    while process.num_threads() > 40 and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert process.num_threads() <= 40
+    wait_until(lambda: process.num_threads() <= 40, 20, "at most 40 coordinator threads", every=0.5)
 
 
 def test_oversized_request_is_refused_with_a_clear_error(lb_factory):
@@ -161,10 +153,8 @@ def test_a_hung_database_is_out_of_the_read_rotation(lb_factory, read_path):
     author = Author.objects.create(name="h")
     handle.wait_drained()   # DB2 has the row: it is a candidate for reads when it hangs
     if read_path == "pooled connection":  # reads open the pools; the hung read is cut by the watchdog
-        deadline = time.monotonic() + 10
-        while not all(d["read_connections"]["open"] for d in handle.status()["databases"]):
-            assert Author.objects.filter(pk=author.pk).exists()
-            assert time.monotonic() < deadline
+        wait_until(lambda: pools_opened_by_reads(handle, lambda: Author.objects.filter(pk=author.pk).exists()),
+                   10, "a read connection open on every database", every=0)
     server = pytest.lb_pg_cluster.servers[ALIASES.index("DB2")]
     postmaster = psutil.Process(server.postmaster_pid())
     frozen = [postmaster] + postmaster.children(recursive=True)
@@ -210,7 +200,4 @@ def test_only_load_balanced_tables_can_be_written(coordinator):
                 cursor.execute(sql)
         cursor.execute('UPDATE "testapp_author" SET rating = rating + 1')  # a load-balanced table
     still_serving(coordinator)
-    deadline = time.monotonic() + 5
-    while "refused a request: write to table 'auth_user'" not in coordinator.log() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert "refused a request: write to table 'auth_user'" in coordinator.log()
+    wait_logged(coordinator, "refused a request: write to table 'auth_user'", 5)

@@ -32,19 +32,13 @@ from django_lb_shm.verify import EXIT_IDENTICAL, verify
 from tests.support.fault_proxy import FaultProxy
 from tests.support.hold_workers import write_then_wait_inside_atomic
 from tests.support.lb import ALIASES, BACKEND, Replicas, base_settings, table_rows
+from tests.support.waiting import wait_until
 from tests.testapp.models import Author
 
 SLOW_READ = {  # ~4-6 s unless cut
     "sqlite": "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 20000000) SELECT count(*) FROM c",
     "postgresql": "SELECT pg_sleep(4)",
 }
-
-
-def wait_until(predicate, timeout: float, what: str, every: float = 0.02) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"no {what} after {timeout} s"
-        time.sleep(every)
 
 
 def slow_read(outcomes: list) -> None:
@@ -217,7 +211,7 @@ def test_a_stopped_client_inside_atomic_loses_the_write_order_after_the_hold_tim
         target=write_then_wait_inside_atomic, args=(str(handle.config_path), str(tmp_path)))
     child.start()
     try:
-        wait_until(lambda: (tmp_path / "ready").exists() or not child.is_alive(), 60, "transaction opened")
+        wait_until(lambda: (tmp_path / "ready").exists() or not child.is_alive(), 60, "transaction opened", every=0.02)
         os.kill(child.pid, signal.SIGSTOP)
         status = handle.status()
         order = status["coordinator"]["write_order"]
@@ -387,7 +381,7 @@ def test_the_prober_shares_one_probe_and_tells_answered_hung_and_failed():
         assert prober.silent_since(started)
         world["hung"] = False
         world["hang"].set()   # the stuck probe answers late: reported, the copy is back
-        wait_until(lambda: verdicts[-1] == ANSWERED, 5, "a late answer")
+        wait_until(lambda: verdicts[-1] == ANSWERED, 5, "a late answer", every=0.02)
         world["fail"] = True
         assert prober.check(time.monotonic()) == FAILED
         assert verdicts[-1] == FAILED

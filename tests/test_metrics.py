@@ -23,6 +23,7 @@ from django_lb_shm.checks import check_load_balancer_settings, check_metrics_dep
 from django_lb_shm.conf import MetricsConfig, build_config
 from tests.support.lb import ALIASES, BACKEND, LAUNCHER, REPO
 from tests.support.pg_cluster import free_port
+from tests.support.waiting import wait_until
 from tests.testapp.models import Author
 
 pytest.importorskip("prometheus_client")
@@ -55,16 +56,6 @@ def listening(pid: int) -> list[tuple[str, int]]:
     process = psutil.Process(pid)
     sockets = getattr(process, "net_connections", process.connections)(kind="inet")
     return sorted((s.laddr.ip, s.laddr.port) for s in sockets if s.status == psutil.CONN_LISTEN)
-
-
-def wait_until(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 @pytest.fixture

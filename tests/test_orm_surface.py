@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import time
 from decimal import Decimal
 from typing import Any, Callable, Optional
 
@@ -35,7 +34,8 @@ import django_lb_shm
 from django_lb_shm import errors
 from django_lb_shm.backend.alias import lb_alias
 from django_lb_shm.client import get_client
-from tests.support.lb import ALIASES, BACKEND, clear_tables, default_coordinator, table_rows
+from tests.support.lb import ALIASES, BACKEND, clear_tables, default_coordinator
+from tests.support.waiting import names_on_alias, wait_drained
 from tests.testapp.models import Author, Book, Review, Tag, Token
 
 D = datetime.date
@@ -112,14 +112,7 @@ def table_state(alias: str = "default") -> dict:
 
 def drained(timeout: float = 30) -> None:
     """Until every database applied every write (asked on this process's own coordinator connection)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        status = get_client().call("status")
-        pending = {d["name"]: d["pending_writes"] for d in status["databases"] if d["state"] == "RUNNING"}
-        if not any(pending.values()):
-            return
-        assert time.monotonic() < deadline, f"writes still pending after {timeout}s: {pending}"
-        time.sleep(0.02)
+    wait_drained(lambda: get_client().call("status"), timeout, every=0.02)
 
 
 def copy_of(model: type, alias: str = "default") -> models.QuerySet:
@@ -890,10 +883,6 @@ class Boom(Exception):
     pass
 
 
-def names(alias: str) -> list:
-    return [row[1] for row in table_rows(alias, "testapp_author")]
-
-
 def test_atomic_commit_reaches_every_database(replicas):
     with transaction.atomic(using=lb_alias()):
         Author.objects.create(name="Ann")
@@ -902,7 +891,7 @@ def test_atomic_commit_reaches_every_database(replicas):
         Author.objects.create(name="Bob")
         assert Author.objects.count() == 2
     replicas.assert_identical()
-    assert all(names(alias) == ["Ann", "Bob"] for alias in ALIASES)
+    assert all(names_on_alias(alias) == ["Ann", "Bob"] for alias in ALIASES)
     assert copy_of(Author, "DB2").get(name="Ann").rating == 4
 
 
@@ -914,12 +903,12 @@ def test_atomic_block_that_raises_lands_nowhere(replicas):
             Author.objects.filter(name="Ann").delete()
             raise Boom
     replicas.assert_identical()
-    assert all(names(alias) == ["Ann"] for alias in ALIASES)
+    assert all(names_on_alias(alias) == ["Ann"] for alias in ALIASES)
     with transaction.atomic(using=lb_alias()):
         Author.objects.create(name="Cid")
         transaction.set_rollback(True, using=lb_alias())
     replicas.assert_identical()
-    assert all(names(alias) == ["Ann"] for alias in ALIASES)
+    assert all(names_on_alias(alias) == ["Ann"] for alias in ALIASES)
 
 
 def test_nested_atomic_inner_rollback(replicas):
@@ -934,7 +923,7 @@ def test_nested_atomic_inner_rollback(replicas):
             Author.objects.create(name="Cid")
         assert list(Author.objects.values_list("name", flat=True)) == ["Ann", "Cid"]
     replicas.assert_identical()
-    assert all(names(alias) == ["Ann", "Cid"] for alias in ALIASES)
+    assert all(names_on_alias(alias) == ["Ann", "Cid"] for alias in ALIASES)
 
 
 def test_nested_atomic_inner_rollback_before_any_write(replicas):
@@ -948,7 +937,7 @@ def test_nested_atomic_inner_rollback_before_any_write(replicas):
                 raise Boom
         Author.objects.create(name="Cid")
     replicas.assert_identical()
-    assert all(names(alias) == ["Ann", "Cid"] for alias in ALIASES)
+    assert all(names_on_alias(alias) == ["Ann", "Cid"] for alias in ALIASES)
 
 
 @pytest.mark.parametrize("first_write", [True, False], ids=["failing-write-opens-the-transaction", "after-a-write"])
@@ -964,7 +953,7 @@ def test_nested_atomic_integrity_error_is_recoverable(replicas, first_write):
         Author.objects.create(name="Cid")
     replicas.assert_identical()
     expected = ["Ann", "Cid"] if first_write else ["Ann", "Bob", "Cid"]
-    assert all(names(alias) == expected for alias in ALIASES)
+    assert all(names_on_alias(alias) == expected for alias in ALIASES)
 
 
 def test_atomic_integrity_error_rolls_back_and_frees_the_write_order(replicas):
@@ -974,7 +963,7 @@ def test_atomic_integrity_error_rolls_back_and_frees_the_write_order(replicas):
             Author.objects.create(name="Ann")
     Author.objects.create(name="Bob")  # not stuck behind a transaction nobody ends
     replicas.assert_identical()
-    assert all(names(alias) == ["Ann", "Bob"] for alias in ALIASES)
+    assert all(names_on_alias(alias) == ["Ann", "Bob"] for alias in ALIASES)
 
 
 def test_on_commit_runs_after_commit_only(replicas):
@@ -1016,14 +1005,14 @@ def test_plain_atomic_targets_default_not_the_load_balancer(replicas):
                 assert connections["default"].in_atomic_block
                 raise Boom
     replicas.assert_identical()
-    assert all(names(alias) == ["Ann"] for alias in ALIASES)
+    assert all(names_on_alias(alias) == ["Ann"] for alias in ALIASES)
     with pytest.raises(Boom):
         with transaction.atomic():
             Author.objects.create(name="Bob")
             assert connections[lb_alias()].in_atomic_block
             raise Boom
     replicas.assert_identical()
-    assert all(names(alias) == ["Ann"] for alias in ALIASES)
+    assert all(names_on_alias(alias) == ["Ann"] for alias in ALIASES)
 
 
 def test_the_routers_survive_a_rebuilt_router_list(replicas):

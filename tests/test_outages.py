@@ -12,7 +12,8 @@ import time
 import pytest
 from django.db import DataError, IntegrityError, OperationalError, connections
 
-from tests.support.lb import ALIASES, table_rows
+from tests.support.lb import ALIASES
+from tests.support.waiting import names_on_alias
 from tests.support.workers import mixed_workload
 from tests.testapp.models import Author
 
@@ -33,8 +34,7 @@ def restore_servers():
 
 
 def names_on(alias: str) -> set:
-    connections[alias].close()
-    return {row[1] for row in table_rows(alias, "testapp_author")}
+    return set(names_on_alias(alias, fresh=True))
 
 
 def test_caller_errors_never_mark_a_database_down(coordinator, replicas):

@@ -5,6 +5,7 @@ session of its stopped predecessor) is in test_supervisor.py; here the decisions
 """
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import time
@@ -67,10 +68,13 @@ def claimant():
 
 
 def alive(session) -> bool:
+    """The psycopg ``session`` still answers (a terminated one raises OperationalError, closed or not)."""
+    import psycopg
+
     try:
         session.execute("SELECT 1")
         return True
-    except Exception:
+    except psycopg.OperationalError:
         return False
 
 
@@ -151,8 +155,9 @@ def test_sqlite_claims_one_file_through_every_path_and_never_follows_a_link(clai
     try:
         conn = DbConnection("DB1")
         conn.open()
-        with pytest.raises(OSError):
+        with pytest.raises(OSError) as refused:
             Ownership("DB1", "x").claim(conn, wait=0)
+        assert refused.value.errno == errno.ELOOP, refused.value   # O_NOFOLLOW: the link is not followed
         conn.close()
         assert victim.read_text() == "keep me"
     finally:

@@ -4,7 +4,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from tests.support.pg_cluster import (
     find_pg_bindir,
     reap_stale_clusters,
 )
+from tests.support.waiting import wait_until
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,13 +57,9 @@ def _server_processes(datadir):
     return {p for p in found if _alive(p)}
 
 
-def _wait_gone(datadir, timeout=10):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not _server_processes(datadir):
-            return True
-        time.sleep(0.1)
-    return False
+def _wait_gone(datadir, timeout=10) -> None:
+    wait_until(lambda: not _server_processes(datadir), timeout, f"no server process of {datadir}", every=0.1,
+               describe=lambda: _server_processes(datadir))
 
 
 @pytest.fixture(scope="module")
@@ -147,15 +143,10 @@ def test_stop_leaves_no_processes_and_no_dirs():
     assert {p.pid for p in procs} >= set(pids)
 
     c.stop()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        alive = [p for p in procs if _alive(p)]
-        if not alive:
-            break
-        time.sleep(0.1)
-    assert not alive, f"still running: {alive}"
+    wait_until(lambda: not any(_alive(p) for p in procs), 10, "every server process to end", every=0.1,
+               describe=lambda: [p for p in procs if _alive(p)])
     for d in datadirs:
-        assert _wait_gone(d)
+        _wait_gone(d)
     assert not os.path.exists(base_dir)
 
 
@@ -179,7 +170,7 @@ def test_atexit_stops_forgotten_servers():
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 3
     datadir, base_dir = out.split()
-    assert _wait_gone(datadir)
+    _wait_gone(datadir)
     assert not os.path.exists(base_dir)
 
 
@@ -195,7 +186,7 @@ def test_sigterm_stops_servers():
             proc.kill()
             proc.wait()
     assert proc.returncode == -signal.SIGTERM  # still dies "of SIGTERM"
-    assert _wait_gone(datadir)
+    _wait_gone(datadir)
     assert not os.path.exists(base_dir)
 
 
@@ -211,7 +202,7 @@ def test_reap_stale_clusters_after_sigkill():
     assert _server_processes(datadir), "postgres should outlive a SIGKILLed owner"
     removed = reap_stale_clusters()
     assert base_dir in removed
-    assert _wait_gone(datadir)
+    _wait_gone(datadir)
     assert not os.path.exists(base_dir)
 
 

@@ -21,7 +21,8 @@ from django_lb_shm.backend.alias import lb_alias
 from django_lb_shm.conf import find_problems
 from django_lb_shm.errors import TransactionError
 from django_lb_shm.transactions import LoadBalancerTransactionWarning
-from tests.support.lb import ALIASES, Replicas, table_rows
+from tests.support.lb import ALIASES, Replicas
+from tests.support.waiting import names_on_alias
 from tests.test_testing import RUNNER, run_django_tests
 from tests.testapp.models import Author, Book, Note, Tag
 
@@ -31,7 +32,7 @@ class Boom(Exception):
 
 
 def names(alias: str = "DB2") -> list:
-    return sorted(row[1] for row in table_rows(alias, "testapp_author"))
+    return sorted(names_on_alias(alias))
 
 
 def notes() -> list:

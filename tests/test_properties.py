@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import time
 import uuid
 from decimal import Decimal
 from typing import Any, Callable, Optional
@@ -43,6 +42,7 @@ import django_lb_shm
 from django_lb_shm.backend.alias import lb_alias
 from django_lb_shm.client import get_client
 from tests.support.lb import BACKEND, app_tables, clear_tables
+from tests.support.waiting import wait_drained
 from tests.testapp.models import Author, Book, Review, Tag, Token
 
 THROUGH = Book.tags.through
@@ -88,14 +88,7 @@ def count(what: str) -> None:
 def drained(timeout: float = 30) -> dict:
     """Until every database applied every write (asked on this process's own coordinator connection:
     a new connection per status call, as ``CoordinatorHandle.status`` makes, costs ~0.2 s)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        status = get_client().call("status")
-        pending = {d["name"]: d["pending_writes"] for d in status["databases"] if d["state"] == "RUNNING"}
-        if not any(pending.values()):
-            return status
-        assert time.monotonic() < deadline, f"writes still pending after {timeout}s: {pending}"
-        time.sleep(0.005)
+    return wait_drained(lambda: get_client().call("status"), timeout, every=0.005)
 
 
 def outcome(fn: Callable[[], Any]) -> tuple:

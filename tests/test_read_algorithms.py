@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import collections
 import os
-import threading
 import time
 import uuid
 
@@ -26,6 +25,7 @@ from django_lb_shm.errors import ConfigurationError
 from django_lb_shm.shared_state import SharedState, Slot
 from tests.support.delay_proxy import DelayProxy
 from tests.support.lb import ALIASES, base_settings
+from tests.support.threads import run_threads
 from tests.testapp.models import Author
 
 NAMES = ["default", "DB1", "DB2"]
@@ -110,28 +110,14 @@ def read_counts(handle) -> dict:
 
 
 def do_reads(n: int, threads: int = 1) -> None:
-    """``n`` reads of one row on each of ``threads`` threads; a read that fails or misses fails the test
-    (an assert inside a thread would only be a warning)."""
+    """``n`` reads of one row on each of ``threads`` threads; a read that fails or misses fails the test."""
     author = Author.objects.first()
-    errors: list = []
 
     def worker():
-        try:
-            missed = sum(not Author.objects.filter(pk=author.pk).exists() for _ in range(n))
-            if missed:
-                errors.append(f"{missed} of {n} reads did not find the row")
-        except Exception as exc:
-            errors.append(repr(exc))
-        finally:
-            connections.close_all()
+        missed = sum(not Author.objects.filter(pk=author.pk).exists() for _ in range(n))
+        assert not missed, f"{missed} of {n} reads did not find the row"
 
-    pool = [threading.Thread(target=worker) for _ in range(threads)]
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join(120)
-    assert not any(t.is_alive() for t in pool), "a reader thread still runs after 120 s"
-    assert errors == [], errors
+    run_threads(worker, threads, 120, cleanup=connections.close_all)
 
 
 @pytest.fixture

@@ -12,12 +12,16 @@ reads have their own tests in test_zero_hop_reads.py.
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import socket
 import stat
+import struct
+import subprocess
 import tempfile
-import threading
 import time
 
+import psutil
 import pytest
 from django.db import connections
 
@@ -28,6 +32,8 @@ from django_lb_shm.errors import QueryTimeout
 from django_lb_shm.protocol import local_socket_path, private_directory, timed_client
 from django_lb_shm.read_pool import ReadPool
 from tests.support.lb import base_settings
+from tests.support.threads import run_threads
+from tests.support.waiting import pools_opened_by_reads, wait_until
 from tests.testapp.models import Author
 
 SLOW_READ = {  # ~6 s: reads that only the watchdog ends early
@@ -72,23 +78,12 @@ def _counters_stay_exact(coordinator):
     Author.objects.create(name="counted")
     coordinator.wait_drained()
     before = reads(coordinator.status())
-    failures: list = []
 
     def worker() -> None:  # its own Django connection, so its own socket and server thread
-        try:
-            for _ in range(50):
-                assert Author.objects.filter(name="counted").count() == 1
-        except Exception as exc:  # pragma: no cover - reported below
-            failures.append(exc)
-        finally:
-            connections.close_all()
+        for _ in range(50):
+            assert Author.objects.filter(name="counted").count() == 1
 
-    threads = [threading.Thread(target=worker) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert not failures and not any(t.is_alive() for t in threads)
+    run_threads(worker, 4, 60, cleanup=connections.close_all)
     status = coordinator.status()
     assert reads(status) - before == 200
     assert all(d["inflight_reads"] == 0 for d in status["databases"]), status["databases"]
@@ -106,15 +101,73 @@ def test_without_read_connections_every_read_goes_through_the_database_thread(lb
     assert all(p == {"size": 0, "open": 0, "busy": 0, "reads": 0} for p in read_connections(status).values())
 
 
+def app_connection():
+    """This process's own connection to the coordinator, as its queries use it (this thread's)."""
+    return get_client().proxy()._connection()
+
+
+def unix_peer(conn) -> tuple[str, int]:
+    """The socket file ``conn`` is connected to and the pid of the process listening on it, as
+    the kernel reports them (getpeername, SO_PEERCRED); fails when ``conn`` is not a Unix socket."""
+    with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+        assert sock.family == socket.AF_UNIX, f"the app's connection is {sock.family.name}, not AF_UNIX"
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return sock.getpeername(), struct.unpack("3i", creds)[0]
+
+
+def assert_tcp_to(conn, coordinator_pid: int, port: int) -> None:
+    """``conn`` is TCP to ``port``, and the coordinator process holds the other end of it."""
+    with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+        assert sock.family == socket.AF_INET, f"the app's connection is {sock.family.name}, not AF_INET"
+        ours, theirs = sock.getsockname(), sock.getpeername()
+    assert theirs == ("127.0.0.1", port), theirs
+    server_side = [(c.laddr.ip, c.laddr.port) for c in psutil.Process(coordinator_pid).net_connections("tcp")
+                   if c.raddr and (c.raddr.ip, c.raddr.port) == ours]
+    assert server_side == [theirs], f"the coordinator's end of {ours}: {server_side}"
+
+
+def coordinator_end(conn) -> tuple[str, int]:
+    """The socket file the other end of Unix socket ``conn`` is bound to, and the pid holding that
+    end, from the kernel's socket table (``ss``: each end names its peer's inode)."""
+    ours = str(os.fstat(conn.fileno()).st_ino)
+    ends = {}
+    for line in subprocess.run(["ss", "-xpnH", "state", "established"], capture_output=True, text=True,
+                               timeout=10, check=True).stdout.splitlines():
+        fields = line.split()
+        pid = re.search(r"pid=(\d+)", line)
+        ends[fields[4]] = (fields[3], fields[6], int(pid.group(1)) if pid else 0)   # inode: path, peer, pid
+    path, _ours, pid = ends[ends[ours][1]]
+    return path, pid
+
+
 def test_same_host_clients_use_a_private_unix_socket(coordinator):
-    Author.objects.create(name="local")
     path = get_config().address.local_socket_path
-    assert path and os.path.exists(path)
+    assert path and stat.S_ISSOCK(os.stat(path).st_mode)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700
-    connection = get_client().proxy()._connection()
-    with socket.socket(fileno=os.dup(connection.fileno())) as sock:
-        assert sock.family == socket.AF_UNIX
+    pid = coordinator.coordinator_pid()
+    Author.objects.create(name="local")
+    assert unix_peer(app_connection()) == (path, pid)   # that socket file, served by the coordinator itself
+    if shutil.which("ss"):
+        assert coordinator_end(app_connection()) == (path, pid)
+    assert Author.objects.get(name="local").name == "local"
+
+
+def test_without_its_socket_file_an_app_falls_back_to_tcp(coordinator):
+    path, port = get_config().address.local_socket_path, get_config().address.port
+    pid = coordinator.coordinator_pid()
+    away = path + ".away"
+    get_client().forget_connection()
+    os.rename(path, away)   # as after a tmp cleaner: the coordinator still listens, nobody finds it
+    try:
+        Author.objects.create(name="over tcp")
+        assert_tcp_to(app_connection(), pid, port)
+        assert Author.objects.get(name="over tcp").name == "over tcp"
+    finally:
+        os.rename(away, path)
+        get_client().forget_connection()
+    assert Author.objects.filter(name="over tcp").exists()
+    assert unix_peer(app_connection()) == (path, pid)   # the file back: the next connection uses it
 
 
 def test_the_unix_socket_can_be_turned_off(lb_factory):
@@ -123,10 +176,7 @@ def test_the_unix_socket_can_be_turned_off(lb_factory):
     address = dict(handle.lb["ADDRESS"])
     assert Author.objects.filter(name="nobody").count() == 0
     assert get_config().address.local_socket_path == ""
-    connection = get_client().proxy()._connection()
-    with socket.socket(fileno=os.dup(connection.fileno())) as sock:
-        assert sock.family == socket.AF_INET
-        assert sock.getpeername()[1] == address["PORT"]
+    assert_tcp_to(app_connection(), handle.coordinator_pid(), address["PORT"])
 
 
 def test_a_socket_directory_open_to_others_is_not_trusted(tmp_path):
@@ -157,10 +207,10 @@ def test_a_slow_read_is_cut_and_takes_no_database_out(lb_factory, path):
     handle = lb_factory("slow-read", READ_TIMEOUT=0.5, CLIENT_TIMEOUT=20, WAIT_TIME=0.5, READ_PATH=path)
     Author.objects.create(name="after")
     handle.wait_drained()
-    deadline = time.monotonic() + 10
-    while path == "COORDINATOR" and not all(p["open"] for p in read_connections(handle.status()).values()):
-        assert Author.objects.filter(name="after").exists()  # first reads open the pools
-        assert time.monotonic() < deadline, read_connections(handle.status())
+    if path == "COORDINATOR":   # first reads open the pools
+        wait_until(lambda: pools_opened_by_reads(handle, Author.objects.filter(name="after").exists), 10,
+                   "a read connection open on every database", every=0,
+                   describe=lambda: read_connections(handle.status()))
     pid = handle.coordinator_pid()
     started = time.monotonic()
     with pytest.raises(QueryTimeout, match="answers probes: the query takes longer than READ_TIMEOUT"):
@@ -199,10 +249,9 @@ def test_a_local_socket_that_cannot_be_used_falls_back_to_tcp(coordinator, unusa
     address = get_config().address
     conn = timed_client(2.0, unusable)(("127.0.0.1", address.port), address.authkey)
     try:
-        conn.send((None, "dummy", (), {}))
+        assert_tcp_to(conn, coordinator.coordinator_pid(), address.port)
+        conn.send((None, "dummy", (), {}))   # (the server closes its end after this request)
         assert conn.recv() == ("#RETURN", None)
-        with socket.socket(fileno=os.dup(conn.fileno())) as sock:
-            assert sock.family == socket.AF_INET
     finally:
         conn.close()
 

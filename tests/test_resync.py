@@ -14,12 +14,14 @@ import subprocess
 import sys
 import time
 import uuid
+from typing import Optional
 from pathlib import Path
 
 import pytest
 from django.db import connections
 
 from tests.support.lb import BACKEND, LAUNCHER, REPO, CoordinatorHandle
+from tests.support.waiting import NOT_ANSWERING, wait_until
 from tests.support.resync_workers import app_loop
 from tests.testapp.models import Author, Book, Destination, Review, Tag
 
@@ -53,14 +55,13 @@ def state_of(handle: CoordinatorHandle, alias: str) -> dict:
 
 def wait_copying(handle: CoordinatorHandle, alias: str, proc: subprocess.Popen, timeout: float = 60) -> dict:
     """Until the resync of ``alias`` has copied rows (its command has reported them)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def copying() -> Optional[dict]:
         assert proc.poll() is None, f"the resync ended early ({proc.returncode})"
         db = state_of(handle, alias)
-        if db["state"] == "RESYNCING" and db.get("resync", {}).get("progress", {}).get("copied_rows", 0) > 0:
-            return db
-        time.sleep(0.1)
-    raise AssertionError(f"{alias} is not being copied after {timeout}s: {state_of(handle, alias)}")
+        copied = db["state"] == "RESYNCING" and db.get("resync", {}).get("progress", {}).get("copied_rows", 0) > 0
+        return db if copied else None
+
+    return wait_until(copying, timeout, f"{alias} to be copied", every=0.1, describe=lambda: state_of(handle, alias))
 
 
 def insert_behind_the_back(alias: str, **values) -> None:
@@ -330,16 +331,15 @@ def change_databases(handle: CoordinatorHandle, aliases: list, extra: dict) -> N
 
 
 def wait_serving(handle: CoordinatorHandle, aliases: list, timeout: float = 60) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            status = handle.status(timeout=2)
-            if status["coordinator"]["state"] == "READY" and [d["name"] for d in status["databases"]] == aliases:
-                return status
-        except Exception:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"the coordinator does not serve {aliases} after {timeout}s:\n{handle.log()}")
+    def serving() -> Optional[dict]:
+        status = handle.status(timeout=2)
+        ready = status["coordinator"]["state"] == "READY" and [d["name"] for d in status["databases"]] == aliases
+        return status if ready else None
+
+    try:
+        return wait_until(serving, timeout, f"the coordinator to serve {aliases}", every=0.2, ignoring=NOT_ANSWERING)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}:\n{handle.log()}") from None
 
 
 def test_a_fourth_copy_is_added_then_removed_while_apps_run(lb_factory, tmp_path):

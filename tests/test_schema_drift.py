@@ -29,6 +29,7 @@ from django_lb_shm.backend.alias import lb_alias
 from django_lb_shm.schema import behind_copies
 from django_lb_shm.shared_state import DbState, SharedState
 from tests.support.lb import ALIASES, BACKEND, REPO, CoordinatorHandle, read_path
+from tests.support.waiting import NOT_ANSWERING, wait_until
 from tests.testapp.models import Destination
 
 MIGRATION = "testapp.0004_destination_extra"
@@ -74,28 +75,25 @@ class Drift:
     def wait_states(self, expected: dict[str, str], timeout: float) -> float:
         """Seconds it took until the states were ``expected``."""
         started = time.monotonic()
-        while True:
-            states = self.states()
-            if states == expected:
-                return time.monotonic() - started
-            if time.monotonic() - started > timeout:
-                raise AssertionError(f"states {states}, not {expected}, after {timeout}s:\n{self.handle.log()}")
-            time.sleep(0.05)
+        try:
+            wait_until(lambda: self.states() == expected, timeout, f"states {expected}", describe=self.states)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}:\n{self.handle.log()}") from None
+        return time.monotonic() - started
 
     def restart(self) -> None:
         """SIGHUP to the supervisor, as after a deployment; until the new coordinator is READY."""
         old = self.handle.coordinator_pid()
         os.kill(self.handle.supervisor_pid, signal.SIGHUP)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                coordinator = self.handle.status(timeout=2)["coordinator"]
-                if coordinator["pid"] != old and coordinator["state"] == "READY":
-                    return
-            except Exception:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"no new coordinator after SIGHUP:\n{self.handle.log()}")
+
+        def restarted() -> bool:
+            coordinator = self.handle.status(timeout=2)["coordinator"]
+            return coordinator["pid"] != old and coordinator["state"] == "READY"
+
+        try:
+            wait_until(restarted, 60, "a new coordinator after SIGHUP", every=0.1, ignoring=NOT_ANSWERING)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}:\n{self.handle.log()}") from None
 
     def direct(self, alias: str, sql: str, params: Any = ()) -> list[tuple]:
         """A query on this scenario's copy ``alias`` itself (a private connection, not connections[alias])."""

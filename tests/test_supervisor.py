@@ -14,38 +14,19 @@ from pathlib import Path
 
 import psutil
 import pytest
+from django.db import Error as DjangoError
 from django.db import connections
 
 from django_lb_shm.backend.alias import lb_alias
 
-from tests.support.lb import ALIASES, LAUNCHER, REPO, CoordinatorHandle, stop_all_coordinators, table_rows
+from tests.support.lb import ALIASES, LAUNCHER, REPO, CoordinatorHandle, stop_all_coordinators
+from tests.support.waiting import NOT_ANSWERING, names_on_alias, pid_gone, wait_until
 from tests.support.workers import mixed_workload
 from tests.testapp.models import Author
 
 
-def gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-def wait_until(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 def names_everywhere() -> dict:
-    result = {}
-    for alias in ALIASES:
-        connections[alias].close()
-        result[alias] = [row[1] for row in table_rows(alias, "testapp_author")]
-    return result
+    return {alias: names_on_alias(alias, fresh=True) for alias in ALIASES}
 
 
 def start_workers(count: int, per_worker: int, lb_overrides=None):
@@ -121,10 +102,10 @@ def test_over_max_rss_the_coordinator_is_recycled_gracefully_without_backoff(lb_
     assert "restarting it in" not in log     # no crash-style restart, no growing backoff
 
 
-def status_or_none(handle):
+def status_or_none(handle, timeout: float = 5):
     try:
-        return handle.status()
-    except Exception:   # between two coordinators
+        return handle.status(timeout=timeout)
+    except NOT_ANSWERING:   # between two coordinators
         return None
 
 
@@ -141,7 +122,7 @@ def test_kill_9_supervisor_leaves_no_orphan_and_no_segment(lb_factory):
     segment = Path("/dev/shm", handle.segment_name)
     assert segment.exists()
     os.kill(handle.supervisor_pid, signal.SIGKILL)
-    wait_until(lambda: gone(coordinator_pid), 15, "the coordinator to exit after its supervisor died")
+    wait_until(lambda: pid_gone(coordinator_pid), 15, "the coordinator to exit after its supervisor died")
     wait_until(lambda: not segment.exists(), 15, "the shared memory segment to be removed")
     handle.proc.wait(5)
 
@@ -174,7 +155,7 @@ def test_sigterm_during_load_exits_0_and_keeps_every_acknowledged_write(lb_facto
     for alias, names in everywhere.items():
         assert set(acked) <= set(names), alias
     assert everywhere["DB1"] == everywhere["default"] == everywhere["DB2"]
-    assert not psutil.pid_exists(handle.supervisor_pid) or gone(handle.supervisor_pid)
+    assert not psutil.pid_exists(handle.supervisor_pid) or pid_gone(handle.supervisor_pid)
 
 
 def test_forked_app_process_gets_its_own_connection(coordinator):
@@ -280,7 +261,7 @@ def test_a_second_coordinator_on_the_same_databases_refuses_to_start(coordinator
         Author.objects.create(name="after")
         assert sorted(Author.objects.values_list("name", flat=True)) == ["after", "before"]
     coordinator.wait_drained()
-    assert len({len(table_rows(alias, "testapp_author")) for alias in ALIASES}) == 1
+    assert len({len(names_on_alias(alias)) for alias in ALIASES}) == 1
 
 
 @pytest.mark.postgres_only
@@ -374,8 +355,8 @@ def sleep_in_the_database(seconds: int) -> None:
     try:
         with connections[lb_alias()].cursor() as cursor:
             cursor.execute(f"SELECT pg_sleep({seconds})")
-    except Exception:
-        pass   # cut by the restart
+    except DjangoError:
+        pass   # cut by the restart (every error the package raises is a django.db.Error)
     finally:
         connections.close_all()
 
@@ -400,7 +381,7 @@ def test_stalled_coordinator_is_restarted(lb_factory):
             lambda: _status_with_new_pid(handle, old_pid), 30, "a new coordinator after the old one stopped beating"
         )
     finally:
-        if not gone(old_pid):
+        if not pid_gone(old_pid):
             os.kill(old_pid, signal.SIGCONT)
     assert status["coordinator"]["restarts"] >= 1
     Author.objects.create(name="after-stall")
@@ -408,9 +389,8 @@ def test_stalled_coordinator_is_restarted(lb_factory):
 
 
 def _status_with_new_pid(handle: CoordinatorHandle, old_pid: int):
-    try:
-        status = handle.status(timeout=1)
-    except Exception:
+    status = status_or_none(handle, timeout=1)
+    if status is None:
         return None
     ready = status["coordinator"]["state"] == "READY" and status["coordinator"]["pid"] != old_pid
     return status if ready else None

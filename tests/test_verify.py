@@ -32,6 +32,7 @@ from django_lb_shm.verify import (
     verify,
 )
 from tests.support.lb import ALIASES, BACKEND, REPO, app_tables
+from tests.support.threads import Workers
 from tests.testapp.models import Author, Book, Destination, Review, Tag, Token
 
 LB_TABLES = sorted(app_tables(load_balanced_only=True))
@@ -217,10 +218,9 @@ def test_a_difference_that_heals_before_the_recheck_is_not_reported(replicas):
             cursor.execute(f"INSERT INTO testapp_author VALUES ({', '.join(['%s'] * len(row))})", list(row))
         connections["DB2"].close()
 
-    thread = threading.Thread(target=catch_up)
-    thread.start()
+    late = Workers(catch_up, 1).start()
     [report] = compare_tables(tables=["testapp_author"], recheck_delay=1.5)
-    thread.join()
+    late.join(10)
     assert report.rechecked and report.ok, report
     assert report.counts == dict.fromkeys(ALIASES, 10)
 

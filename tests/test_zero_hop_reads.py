@@ -25,6 +25,8 @@ from django_lb_shm.shared_state import Reader, SharedState, segment_name
 from tests.support import workers
 from tests.support.delay_proxy import DelayProxy
 from tests.support.lb import ALIASES, BACKEND, base_settings, read_path
+from tests.support.threads import Workers, run_threads
+from tests.support.waiting import wait_until
 from tests.testapp.models import Author
 
 SPAWN = multiprocessing.get_context("spawn")
@@ -75,13 +77,10 @@ def test_reads_go_on_while_the_coordinator_is_stopped_and_writes_wait(lb_factory
     written = threading.Event()
 
     def write() -> None:
-        try:
-            Author.objects.create(name="while-stopped")
-            written.set()
-        finally:
-            connections.close_all()
+        Author.objects.create(name="while-stopped")
+        written.set()
 
-    writer = threading.Thread(target=write)
+    writer = Workers(write, 1, cleanup=connections.close_all)
     try:
         started = time.monotonic()
         do_reads(200, author.pk)
@@ -92,7 +91,7 @@ def test_reads_go_on_while_the_coordinator_is_stopped_and_writes_wait(lb_factory
         do_reads(20, author.pk)
     finally:
         os.kill(pid, signal.SIGCONT)
-    writer.join(15)
+    writer.join(15)   # fails with the write's own error, if it raised
     assert written.is_set()
     assert Author.objects.filter(name="while-stopped").exists()
     assert handle.coordinator_pid() == pid
@@ -165,10 +164,8 @@ def test_latency_of_app_reads_feeds_the_shared_average(lb_factory):
     author = Author.objects.create(name="lat")
     handle.wait_drained()
     do_reads(30, author.pk)
-    deadline = time.monotonic() + 5
-    while not all(d["latency_ms"] > 0 for d in handle.status()["databases"]):
-        assert time.monotonic() < deadline, handle.status()["databases"]
-        time.sleep(0.1)
+    wait_until(lambda: all(d["latency_ms"] > 0 for d in handle.status()["databases"]), 5,
+               "a latency measured on every database", every=0.1, describe=lambda: handle.status()["databases"])
     assert delta({n: (0, 0, 0) for n in ALIASES}, counters(handle), 0) == {n: 0 for n in ALIASES}
 
 
@@ -203,17 +200,7 @@ def test_least_connections_shifts_reads_from_the_slow_copy_on_the_zero_hop_path(
     handle.wait_drained()
     before = counters(handle)
 
-    def worker() -> None:
-        try:
-            do_reads(60, author.pk)
-        finally:
-            connections.close_all()
-
-    threads = [threading.Thread(target=worker) for _ in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    run_threads(lambda: do_reads(60, author.pk), 6, 120, cleanup=connections.close_all)
     reads_done = delta(before, counters(handle), 1)
     assert sum(reads_done.values()) == 360
     assert reads_done["DB2"] < 0.25 * 360, reads_done

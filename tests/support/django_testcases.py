@@ -11,6 +11,7 @@ from django.test import SimpleTestCase, TestCase, TransactionTestCase
 from django.test.testcases import DatabaseOperationForbidden
 
 from tests.support.lb import ALIASES
+from tests.support.waiting import names_on_alias, wait_until
 from tests.testapp.models import Author
 
 
@@ -36,13 +37,12 @@ class LoadBalancedTransactionTestCase(TransactionTestCase):
 
     def test_a_write_reaches_every_test_database(self):
         Author.objects.create(name="everywhere")
-        deadline = time.monotonic() + 20
-        while True:
-            names = {alias: _names(alias) for alias in ALIASES}
-            if all(found == ["everywhere"] for found in names.values()) or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        self.assertEqual(names, {alias: ["everywhere"] for alias in ALIASES})
+
+        def names() -> dict:
+            return {alias: names_on_alias(alias) for alias in ALIASES}
+
+        wait_until(lambda: names() == {alias: ["everywhere"] for alias in ALIASES}, 20,
+                   "the write on every test database", describe=names)
         for alias in ALIASES:  # and they are the test databases, not the real ones
             self.assertIn("test", str(connections[alias].settings_dict["NAME"]))
 
@@ -77,12 +77,6 @@ class SlowTestCase(TestCase):
     def test_waits(self):
         Author.objects.create(name="waiting")
         time.sleep(float(os.environ.get("LB_SLOW_TEST_SECONDS", "0")))
-
-
-def _names(alias):
-    with connections[alias].cursor() as cursor:
-        cursor.execute("SELECT name FROM testapp_author")
-        return [row[0] for row in cursor.fetchall()]
 
 
 class PlainAtomicTestCase(TestCase):

@@ -13,11 +13,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import pytest
+
+from tests.support import waiting
+from tests.support.waiting import NOT_ANSWERING, wait_until
 
 BACKEND = os.environ.get("LB_TEST_BACKEND", "sqlite")
 ALIASES = ("default", "DB1", "DB2")
@@ -85,19 +87,16 @@ class CoordinatorHandle:
         return self
 
     def wait_ready(self, timeout: float = 60) -> dict:
-        deadline = time.monotonic() + timeout
-        last: Any = None
-        while time.monotonic() < deadline:
+        def ready() -> Optional[dict]:
             if self.proc is not None and self.proc.poll() is not None:
-                raise AssertionError(f"coordinator exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                status = self.status(timeout=2)
-                if status["coordinator"]["state"] == "READY":
-                    return status
-            except Exception as exc:  # not up yet
-                last = exc
-            time.sleep(0.1)
-        raise AssertionError(f"coordinator not ready after {timeout}s ({last!r}):\n{self.log()}")
+                raise AssertionError(f"coordinator exited with {self.proc.returncode}")
+            status = self.status(timeout=2)
+            return status if status["coordinator"]["state"] == "READY" else None
+
+        try:
+            return wait_until(ready, timeout, "the coordinator to be READY", every=0.1, ignoring=NOT_ANSWERING)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}:\n{self.log()}") from None
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> Optional[int]:
         if self.proc is None:
@@ -175,26 +174,19 @@ class CoordinatorHandle:
 
     def wait_drained(self, timeout: float = 30) -> dict:
         """Until every RUNNING database has applied every write."""
-        deadline = time.monotonic() + timeout
-        while True:
-            status = self.status()
-            pending = {d["name"]: d["pending_writes"] for d in status["databases"] if d["state"] == "RUNNING"}
-            if not any(pending.values()):
-                return status
-            if time.monotonic() > deadline:
-                raise AssertionError(f"writes still pending after {timeout}s: {pending}")
-            time.sleep(0.05)
+        return waiting.wait_drained(self.status, timeout)
 
     def wait_state(self, name: str, state: str, timeout: float = 30) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            status = self.status()
-            db = next(d for d in status["databases"] if d["name"] == name)
-            if db["state"] == state:
-                return db
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{name} is {db['state']}, not {state}, after {timeout}s:\n{self.log()}")
-            time.sleep(0.05)
+        seen: dict = {}
+
+        def reached() -> Optional[dict]:
+            seen["db"] = next(d for d in self.status()["databases"] if d["name"] == name)
+            return seen["db"] if seen["db"]["state"] == state else None
+
+        try:
+            return wait_until(reached, timeout, f"{name} to be {state}")
+        except AssertionError:
+            raise AssertionError(f"{name} is {seen['db']['state']}, not {state}, after {timeout}s:\n{self.log()}") from None
 
 
 def stop_all_coordinators() -> None:
