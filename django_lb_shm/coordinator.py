@@ -56,6 +56,7 @@ from .protocol import (
     EXIT_RESTART,
     EXPOSED,
     TYPEID,
+    UNKNOWN_OBJECT,
     FrameTooLarge,
     GuardedConnection,
     no_delay,
@@ -792,8 +793,8 @@ class CoordinatorServer(Server):
             try:
                 ident, method, args, kwds = loads(request)
                 if ident not in self.id_to_obj:
-                    # CoordinatorProxy reads this as "a proxy of a previous coordinator process".
-                    msg: tuple = ("#TRACEBACK", f"KeyError: {ident!r} is not in id_to_obj of this coordinator")
+                    # a proxy of a previous coordinator process: CoordinatorProxy reconnects
+                    msg: tuple = (UNKNOWN_OBJECT, ident)
                 else:
                     obj, exposed, _typeids = self.id_to_obj[ident]
                     if method not in exposed:

@@ -29,6 +29,10 @@ TYPEID = "coordinator"
 EXPOSED = ("execute", "status", "hello", "ping", "identity",
            "resync_begin", "resync_progress", "resync_done", "resync_end", "resync_abort")
 
+# A reply kind of our own, next to the Manager's #RETURN/#ERROR/#TRACEBACK: the request named
+# an object this coordinator process does not have (the proxy was made with a previous one).
+UNKNOWN_OBJECT = "#UNKNOWN_OBJECT"
+
 EXIT_OK = 0
 EXIT_CONFIG_ERROR = 2    # settings invalid: never restart
 EXIT_BOOT_ERROR = 3      # could not boot (journal unusable, databases claimed...): never restart
@@ -192,7 +196,7 @@ class CoordinatorProxy(BaseProxy):
             raise
         if kind == "#RETURN":
             return result
-        if kind == "#TRACEBACK" and "KeyError" in result and "id_to_obj" in result:
+        if kind == UNKNOWN_OBJECT:
             # This proxy names an object of a previous coordinator process: the
             # request was not run; reconnect with a fresh proxy.
             self.drop_connection()
