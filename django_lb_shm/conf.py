@@ -662,13 +662,12 @@ def database_identity(alias: str) -> list:
     return [vendor_of(entry["ENGINE"]), str(entry.get("NAME", ""))]
 
 
-def address_key(address: Address) -> str:
-    """A short name for an address (shared memory segment, default journal directory)."""
-    if address.path:
-        import zlib
+def _legacy_journal_dir(address: Address) -> str:
+    """JOURNAL_DIR's default before it named the databases: one directory per address."""
+    # not at module top: settings.py may import conf, and shared_state brings multiprocessing.shared_memory
+    from .shared_state import address_key
 
-        return f"u{zlib.crc32(address.path.encode()):08x}"
-    return str(address.port)
+    return _journal_base_dir() + os.sep + address_key(address)
 
 
 def build_config(raw: Any, django_dbs: Mapping[str, Any]) -> LoadBalancerConfig:
@@ -702,7 +701,7 @@ def build_config(raw: Any, django_dbs: Mapping[str, Any]) -> LoadBalancerConfig:
         wait_time=float(raw.get("WAIT_TIME", 2)),
         alias=raw.get("ALIAS", DEFAULT_ALIAS),
         journal_dir=str(raw.get("JOURNAL_DIR") or _default_journal_dir(raw["DATABASES"], django_dbs)),
-        legacy_journal_dirs=() if raw.get("JOURNAL_DIR") else (_journal_base_dir() + os.sep + address_key(address),),
+        legacy_journal_dirs=() if raw.get("JOURNAL_DIR") else (_legacy_journal_dir(address),),
         journal_fsync=bool(raw.get("JOURNAL_FSYNC", True)),
         write_ack=raw.get("WRITE_ACK", "FIRST"),
         log_level=str(raw.get("LOG_LEVEL", "INFO")).upper(),
