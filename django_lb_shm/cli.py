@@ -10,18 +10,20 @@ import argparse
 import json
 import os
 import re
-import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from .protocol import EXIT_BOOT_ERROR, EXIT_CONFIG_ERROR, EXIT_OK
-
-EXIT_UNAVAILABLE = 1
-EXIT_MIGRATE_FAILED = 1  # `migrate`: a database could not be migrated
-EXIT_DEGRADED = 3        # `status`: the coordinator answers, but a copy is not RUNNING (or it is not READY)
-EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE   # what a shell reports for a tool whose reader went away
+from .exit_codes import (
+    EXIT_BOOT_ERROR,
+    EXIT_BROKEN_PIPE,
+    EXIT_CONFIG_ERROR,
+    EXIT_DEGRADED,
+    EXIT_MIGRATE_FAILED,
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
+)
 
 STATUS_EPILOG = """exit status:
   0  the coordinator is READY and every database is RUNNING
@@ -38,7 +40,9 @@ database could not be migrated (the ones after it are not migrated)."""
 
 
 def build_parser(prog: str = "djangoloadbalancer") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description="django_lb_shm load balancer coordinator")
+    parser = argparse.ArgumentParser(prog=prog, description="django_lb_shm load balancer coordinator",
+                                     epilog="exit status: 0 success, 2 invalid settings or arguments; "
+                                            "`<subcommand> --help` lists the others of each subcommand")
     _add_django_options(parser, default=None)
     # Also accepted after the subcommand, where Django users put them (`status --settings x`).
     common = argparse.ArgumentParser(add_help=False)
@@ -54,7 +58,8 @@ def build_parser(prog: str = "djangoloadbalancer") -> argparse.ArgumentParser:
                          help="passed to Django's `migrate` (not --database)")
     verify = sub.add_parser("verify", parents=[common],
                             help="compare every load-balanced table across the databases",
-                            epilog="exit status: 0 identical, 1 the databases differ, 2 a database could not be read")
+                            epilog="exit status: 0 identical, 1 the databases differ, 2 invalid settings or arguments, "
+                                   "4 a database could not be read (2 before 2026-12)")
     verify.add_argument("--chunk-size", type=int, default=2000,
                         help="rows read per query from each database and table (default 2000); bounds the memory used")
     verify.add_argument("--show", type=int, default=10, help="how many differing keys to name per table")

@@ -274,50 +274,56 @@ def _check_algorithms(raw: Mapping[str, Any]) -> list[Problem]:
 
 
 def _check_read_options(r_alg: Mapping[str, Any], databases: Any) -> list[Problem]:
-    names = set(databases) if isinstance(databases, (list, tuple)) else set()
+    names = list(databases) if isinstance(databases, (list, tuple)) else []
     problems = []
-    weights = r_alg.get("WEIGHTS", {})
-    if not isinstance(weights, Mapping) or any(
-        k not in names or not isinstance(v, int) or isinstance(v, bool) or v < 0 for k, v in weights.items()
-    ):
+    weights_error = weights_problem(r_alg.get("WEIGHTS", {}), names)
+    if weights_error:
         problems.append(Problem(
-            "django_lb_shm.E018",
-            f"LOAD_BALANCER['R_ALGORITHM']['WEIGHTS'] must map names from LOAD_BALANCER['DATABASES'] to "
-            f"whole numbers >= 0, got {weights!r}.",
+            "django_lb_shm.E018", weights_error,
             "For example 'WEIGHTS': {'DB1': 3, 'DB2': 1}; a weight of 0 keeps a database out of reads.",
         ))
-    excluded = r_alg.get("EXCLUDE", ())
-    if not isinstance(excluded, (list, tuple)) or any(n not in names for n in excluded):
-        problems.append(Problem(
-            "django_lb_shm.E019",
-            f"LOAD_BALANCER['R_ALGORITHM']['EXCLUDE'] must list names from LOAD_BALANCER['DATABASES'], got {excluded!r}.",
-            "Excluded databases get every write but serve no reads.",
-        ))
-    elif names and set(excluded) >= names:
-        problems.append(Problem(
-            "django_lb_shm.E019",
-            "LOAD_BALANCER['R_ALGORITHM']['EXCLUDE'] keeps every database out of reads.",
-            "Leave at least one database to serve reads.",
-        ))
+    exclude_error = exclude_problem(r_alg.get("EXCLUDE", ()), names)
+    if exclude_error:
+        hint = ("Leave at least one database to serve reads." if "every database" in exclude_error
+                else "Excluded databases get every write but serve no reads.")
+        problems.append(Problem("django_lb_shm.E019", exclude_error, hint))
     name = r_alg.get("NAME")
     if isinstance(name, str) and "." in name:
         problems += _check_custom_algorithm(name)
     return problems
 
 
+# The one validation of R_ALGORITHM's WEIGHTS and EXCLUDE: the system checks (above) and
+# balancing.ReadAlgorithm (an algorithm built by hand) both ask these.
+def weights_problem(weights: Any, names: Any) -> str:
+    """What is wrong with R_ALGORITHM['WEIGHTS'] for these database names ('' when nothing)."""
+    if isinstance(weights, Mapping) and all(
+        k in names and isinstance(v, int) and not isinstance(v, bool) and v >= 0 for k, v in weights.items()
+    ):
+        return ""
+    return (f"LOAD_BALANCER['R_ALGORITHM']['WEIGHTS'] must map names from LOAD_BALANCER['DATABASES'] to "
+            f"whole numbers >= 0, got {weights!r}.")
+
+
+def exclude_problem(excluded: Any, names: Any) -> str:
+    """What is wrong with R_ALGORITHM['EXCLUDE'] for these database names ('' when nothing)."""
+    if not isinstance(excluded, (list, tuple)) or any(n not in names for n in excluded):
+        return f"LOAD_BALANCER['R_ALGORITHM']['EXCLUDE'] must list names from LOAD_BALANCER['DATABASES'], got {excluded!r}."
+    if names and set(excluded) >= set(names):
+        return "LOAD_BALANCER['R_ALGORITHM']['EXCLUDE'] keeps every database out of reads."
+    return ""
+
+
 def _check_custom_algorithm(path: str) -> list[Problem]:
-    from django.utils.module_loading import import_string
+    # not at module top: settings.py may import conf, and balancing brings shared memory
+    from .balancing import load_read_algorithm
 
     try:
-        cls = import_string(path)
-    except ImportError as exc:
-        return [Problem("django_lb_shm.E020", f"LOAD_BALANCER['R_ALGORITHM']['NAME'] {path!r} cannot be imported: {exc}",
-                        "Give the dotted path of a django_lb_shm.balancing.ReadAlgorithm subclass.")]
-    from .balancing import ReadAlgorithm
-
-    if not (isinstance(cls, type) and issubclass(cls, ReadAlgorithm)):
-        return [Problem("django_lb_shm.E020", f"LOAD_BALANCER['R_ALGORITHM']['NAME'] {path!r} is not a ReadAlgorithm subclass.",
-                        "Subclass django_lb_shm.balancing.ReadAlgorithm and implement choose().")]
+        load_read_algorithm(path)
+    except ConfigurationError as exc:
+        return [Problem("django_lb_shm.E020", str(exc),
+                        "Give the dotted path of a django_lb_shm.balancing.ReadAlgorithm subclass "
+                        "that implements choose().")]
     return []
 
 

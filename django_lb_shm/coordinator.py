@@ -46,7 +46,7 @@ from .errors import (
 from .health import is_transient
 from .probes import ANSWERED
 from .outcomes import SETTLE_WAIT, Fenced, TrimLag, WriteOutcomes
-from .protocol import (
+from .exit_codes import (
     EXIT_ADDRESS_IN_USE,
     EXIT_BOOT_ERROR,
     EXIT_CONFIG_ERROR,
@@ -54,6 +54,8 @@ from .protocol import (
     EXIT_ORPHANED,
     EXIT_RELOAD,
     EXIT_RESTART,
+)
+from .protocol import (
     EXPOSED,
     TYPEID,
     UNKNOWN_OBJECT,

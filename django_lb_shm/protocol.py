@@ -8,7 +8,7 @@ Inside the coordinator, the server thread of that connection answers it (see
 coordinator.py: reads on a pooled connection or through a database thread's
 queue, writes under the sequencer's order).
 
-Exit codes of the coordinator process form a protocol with the supervisor.
+The coordinator process's exit codes (a protocol with the supervisor) are in exit_codes.py.
 """
 from __future__ import annotations
 
@@ -33,25 +33,8 @@ EXPOSED = ("execute", "status", "hello", "ping", "identity",
 # an object this coordinator process does not have (the proxy was made with a previous one).
 UNKNOWN_OBJECT = "#UNKNOWN_OBJECT"
 
-EXIT_OK = 0
-EXIT_CONFIG_ERROR = 2    # settings invalid: never restart
-EXIT_BOOT_ERROR = 3      # could not boot (journal unusable, databases claimed...): never restart
-EXIT_ORPHANED = 4        # supervisor went away; not restarted (nobody left to restart it)
-EXIT_RESTART = 5         # the coordinator asks to be restarted (its journal must be read again)
-EXIT_ADDRESS_IN_USE = 6  # ADDRESS is taken: a boot error at the first boot, retried with backoff after it
-EXIT_RELOAD = 7          # LOAD_BALANCER['DATABASES'] changed: the supervisor starts over with the new settings
 # Set by LoadBalancerTestRunner to its own pid: the supervisor stops once that process is gone.
 STOP_WITH_PARENT_ENV = "DJANGO_LB_SHM_STOP_WITH_PARENT"
-
-EXIT_CODES = {
-    EXIT_OK: "stopped",
-    EXIT_CONFIG_ERROR: "invalid settings",
-    EXIT_BOOT_ERROR: "boot error",
-    EXIT_ORPHANED: "orphaned",
-    EXIT_RESTART: "restart requested",
-    EXIT_ADDRESS_IN_USE: "address in use",
-    EXIT_RELOAD: "the databases changed",
-}
 
 
 class GuardedConnection(mp_connection.Connection):

@@ -42,6 +42,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, TextIO
 
 from .db_thread import MARKER_CREATE, MARKER_ROW, MARKER_TABLE, FinishResync, MarkResync
 from .errors import ResyncError
+from .exit_codes import EXIT_RESYNC_FAILED, EXIT_RESYNC_USAGE, EXIT_RESYNCED
 from .journal import new_tag
 from .shared_state import DbState, Slot, pid_alive
 
@@ -259,9 +260,6 @@ def _mark(tag: int) -> Callable[["queue.SimpleQueue"], Any]:
 
 
 # == the command's side ======================================================================
-EXIT_RESYNCED = 0
-EXIT_RESYNC_FAILED = 1
-EXIT_RESYNC_USAGE = 2
 REPLAY_STALL = 60.0     # the replay must make progress within this, or the command gives up waiting
 VERIFY_ATTEMPTS = 5     # the apps keep writing: a row may differ for a moment while a write is on its way
 SOURCE_ALIAS = "lb_source"

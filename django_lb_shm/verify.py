@@ -35,9 +35,7 @@ from dataclasses import dataclass, field, replace
 from operator import itemgetter
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, TextIO
 
-EXIT_IDENTICAL = 0
-EXIT_DIFFERENT = 1
-EXIT_UNREADABLE = 2
+from .exit_codes import EXIT_DIFFERENT, EXIT_IDENTICAL, EXIT_UNREADABLE
 
 RECHECK_DELAY = 0.5  # seconds before a table with differences is compared again
 _TEXT_TYPES = ("char", "text", "clob", "string")
@@ -563,7 +561,7 @@ def _summary(reports: list[TableReport], unreachable: dict[str, str], aliases: S
 
 def verify(chunk_size: int = 2000, show: int = 10, progress: bool = True,
            stream: Optional[TextIO] = None) -> int:
-    """Compare every load-balanced table across LOAD_BALANCER['DATABASES']; 0 identical, 1 differ, 2 unreadable."""
+    """Compare every load-balanced table across LOAD_BALANCER['DATABASES']; 0 identical, 1 differ, 4 unreadable (exit_codes.py)."""
     from .conf import get_config
 
     stream = stream if stream is not None else sys.stdout
