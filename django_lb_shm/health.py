@@ -22,12 +22,6 @@ _SQLITE_DOWN = ("SQLITE_CANTOPEN", "SQLITE_IOERR", "SQLITE_NOTADB", "SQLITE_CORR
                 "SQLITE_READONLY")
 _SQLITE_TRANSIENT = ("SQLITE_BUSY", "SQLITE_LOCKED")
 
-PEP249_NAMES = (
-    "DataError", "OperationalError", "IntegrityError", "InternalError",
-    "ProgrammingError", "NotSupportedError", "InterfaceError", "DatabaseError", "Error",
-)
-
-
 def _driver_error(exc: BaseException) -> BaseException:
     """Django wraps driver errors (``__cause__``); classify the driver's own."""
     seen = 0
@@ -74,15 +68,6 @@ def is_statement_timeout(exc: BaseException) -> bool:
             return True
         cause = cause.__cause__
     return False
-
-
-def django_error_name(exc: BaseException) -> str:
-    """The django.db error class name a driver exception maps to (as Django's own wrapper does)."""
-    exc = _driver_error(exc)
-    for klass in type(exc).__mro__:
-        if klass.__name__ in PEP249_NAMES:
-            return klass.__name__
-    return "DatabaseError"
 
 
 def process_vitals(pid: int) -> dict[str, Any]:
