@@ -21,13 +21,12 @@ import time
 import uuid
 from collections import deque
 from multiprocessing import AuthenticationError
-from multiprocessing.managers import BaseProxy, State
 from typing import Any, Iterable, Optional
 
 from django.db.utils import Error as DjangoDatabaseError
 
 from . import descriptors as d
-from . import determinism
+from . import determinism, mp_private
 from .conf import LoadBalancerConfig, database_identity, get_config
 from .breaker import ConnectBreaker
 from .errors import (
@@ -134,11 +133,12 @@ class CoordinatorClient:
         local_path = address.local_socket_path
         if local_path and not private_directory(local_path):
             local_path = ""
-        manager._Client = timed_client(self.config.connect_timeout, local_path)
-        manager._state.value = State.STARTED  # what connect() sets, without its extra round trip
+        client = timed_client(self.config.connect_timeout, local_path)
+        mp_private.set_manager_client(manager, client)
+        mp_private.mark_manager_started(manager)
         try:
             proxy = manager.coordinator()
-            proxy._Client = manager._Client  # each thread's own connection: bounded handshake too
+            mp_private.set_proxy_client(proxy, client)  # each thread's own connection: bounded handshake too
             return proxy
         except AuthenticationError as exc:
             raise AuthenticationFailed(
@@ -342,7 +342,7 @@ def _reset_after_fork() -> None:
     """A forked child must not reuse the parent's sockets (gunicorn, celery prefork)."""
     global _client
     _client = None
-    BaseProxy._address_to_local.clear()
+    mp_private.forget_proxy_connections()
 
 
 os.register_at_fork(after_in_child=_reset_after_fork)

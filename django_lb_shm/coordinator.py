@@ -29,6 +29,7 @@ from traceback import format_exc
 from typing import Any, Optional
 
 from . import descriptors as d
+from . import mp_private
 from .__about__ import __version__
 from .conf import database_identity
 from .errors import (
@@ -700,7 +701,7 @@ class CoordinatorServer(Server):
         self.owner = owner
         self.stop_event = threading.Event()
         try:
-            self.listener._listener._socket.listen(256)  # type: ignore[attr-defined]
+            mp_private.set_listen_backlog(self.listener, 256)
         except Exception:
             pass
         self.listeners = [self.listener]
@@ -735,16 +736,26 @@ class CoordinatorServer(Server):
                 continue
             threading.Thread(target=self.handle_request, args=(conn,), daemon=True, name="client").start()
 
-    def _handle_request(self, conn: Any) -> None:
-        """The stdlib's, with a bounded handshake and a log line for every refusal."""
-        conn.__class__ = GuardedConnection
+    def handle_request(self, conn: Any) -> None:
+        """The stdlib's Server.handle_request (serve_client ends with SystemExit), on our own
+        _serve_connection instead of its private _handle_request."""
+        try:
+            self._serve_connection(conn)
+        except SystemExit:
+            pass
+        finally:
+            conn.close()
+
+    def _serve_connection(self, conn: Any) -> None:
+        """The stdlib's _handle_request, with a bounded handshake and a log line for every refusal."""
+        mp_private.adopt_connection(conn, GuardedConnection)
         conn.timeout, conn.max_bytes = HANDSHAKE_TIMEOUT, HANDSHAKE_MAX_BYTES
         peer = _peer_of(conn)
         try:
-            mp_connection.deliver_challenge(conn, self.authkey)
-            mp_connection.answer_challenge(conn, self.authkey)
+            mp_private.deliver_challenge(conn, self.authkey)
+            mp_private.answer_challenge(conn, self.authkey)
             ignore, funcname, args, kwds = conn.recv()
-            if funcname not in self.public:
+            if funcname not in mp_private.server_public_calls(self):
                 raise ValueError(f"unknown manager call {funcname!r}")
         except AuthenticationError as exc:
             logger.warning("refused a connection from %s: %s (wrong AUTHKEY?)", peer, exc)
@@ -794,11 +805,12 @@ class CoordinatorServer(Server):
                 return  # the client went away (or sent a frame over the limit: FrameTooLarge)
             try:
                 ident, method, args, kwds = loads(request)
-                if ident not in self.id_to_obj:
+                served = mp_private.served_object(self, ident)
+                if served is None:
                     # a proxy of a previous coordinator process: CoordinatorProxy reconnects
                     msg: tuple = (UNKNOWN_OBJECT, ident)
                 else:
-                    obj, exposed, _typeids = self.id_to_obj[ident]
+                    obj, exposed = served
                     if method not in exposed:
                         raise AttributeError(f"method {method!r} of {type(obj)} object is not exposed")
                     msg = ("#RETURN", getattr(obj, method)(*args, **kwds))

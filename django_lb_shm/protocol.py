@@ -23,6 +23,7 @@ from multiprocessing import connection as mp_connection
 from multiprocessing.managers import BaseManager, BaseProxy, convert_to_error
 from typing import Any, Optional
 
+from . import mp_private
 from .errors import AnswerTimeout, ProtocolError
 
 TYPEID = "coordinator"
@@ -59,10 +60,10 @@ class GuardedConnection(mp_connection.Connection):
         return bool(poller.poll(max(timeout, 0.0) * 1000))
 
     def _recv_bytes(self, maxsize: Optional[int] = None):
-        if self.timeout is not None and not self._poll(self.timeout):
+        if self.timeout is not None and not mp_private.poll(self, self.timeout):
             raise TimeoutError(f"no answer within {self.timeout:.2f} s")
         limit = maxsize if maxsize is not None else self.max_bytes
-        buf = super()._recv_bytes(limit)
+        buf = mp_private.recv_bytes_upto(self, limit)
         if buf is None:  # the length prefix is over the limit: the payload is never read
             self.too_large = True
             raise FrameTooLarge(f"a frame over {limit} bytes")
@@ -93,8 +94,8 @@ def connect(address: Any, authkey: bytes, timeout: Optional[float] = None) -> mp
     conn = GuardedConnection(sock.detach())
     conn.timeout = timeout
     try:
-        mp_connection.answer_challenge(conn, authkey)
-        mp_connection.deliver_challenge(conn, authkey)
+        mp_private.answer_challenge(conn, authkey)
+        mp_private.deliver_challenge(conn, authkey)
     except BaseException:
         conn.close()
         raise
@@ -161,13 +162,13 @@ class CoordinatorProxy(BaseProxy):
         self._tls = threading.local()
 
     def call(self, method: str, args: tuple = (), timeout: float | None = None) -> Any:
-        frame = pickle.dumps((self._id, method, args, {}), pickle.HIGHEST_PROTOCOL)
+        frame = pickle.dumps((mp_private.proxy_object_id(self), method, args, {}), pickle.HIGHEST_PROTOCOL)
         conn = self._connection()
         try:
             conn.send_bytes(frame)
             if timeout is not None and not conn.readable_within(timeout):
                 raise AnswerTimeout(
-                    f"the load balancer coordinator at {self._token.address[0]}:{self._token.address[1]} "
+                    f"the load balancer coordinator at {_shown(mp_private.proxy_address(self))} "
                     f"did not answer {method!r} within {timeout:.2f} s (CLIENT_TIMEOUT)"
                 )
             kind, result = conn.recv()
@@ -193,7 +194,7 @@ class CoordinatorProxy(BaseProxy):
         try:
             return self._tls.connection
         except AttributeError:
-            self._connect()
+            mp_private.connect_proxy(self)
             return self._tls.connection
 
     def drop_connection(self) -> None:
@@ -204,6 +205,10 @@ class CoordinatorProxy(BaseProxy):
                 conn.close()
             except OSError:
                 pass
+
+
+def _shown(address: Any) -> str:
+    return address if isinstance(address, str) else f"{address[0]}:{address[1]}"
 
 
 class CoordinatorManager(BaseManager):
