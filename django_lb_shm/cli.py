@@ -12,9 +12,14 @@ import os
 import re
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+import django
+
+from .conf import apply_runtime_settings_from_environment, get_config
+from .errors import ConfigurationError, LoadBalancerError, SharedMemoryNotOwned
 from .exit_codes import (
     EXIT_BOOT_ERROR,
     EXIT_BROKEN_PIPE,
@@ -201,10 +206,6 @@ def dispatch(args: argparse.Namespace) -> int:
 
 # -- settings bootstrap -------------------------------------------------------------------
 def setup_django(settings_module: Optional[str], pythonpath: Optional[str]) -> None:
-    import django
-
-    from .conf import apply_runtime_settings_from_environment
-
     path = os.path.abspath(pythonpath or os.getcwd())
     if path not in sys.path:
         sys.path.insert(0, path)
@@ -258,16 +259,13 @@ def _applied_migrations_check() -> list:
     """W035 on every load-balanced database: Django runs database checks only for the databases a
     command names, and the load-balanced ones are all of them here."""
     from .checks import check_applied_migrations
-    from .conf import get_config
 
     return check_applied_migrations(databases=list(get_config().databases))
 
 
 # -- commands ---------------------------------------------------------------------------------
 def run() -> int:
-    from .conf import get_config
     from .coordinator import configure_logging
-    from .errors import SharedMemoryNotOwned
     from .supervisor import Supervisor
 
     config = get_config()
@@ -289,9 +287,6 @@ def status(as_json: bool = False) -> int:
 
 
 def _status_config() -> Any:
-    from .conf import get_config
-    from .errors import ConfigurationError
-
     try:
         return get_config()
     except ConfigurationError as exc:
@@ -302,7 +297,6 @@ def _status_config() -> Any:
 def status_once(config: Any, as_json: bool) -> tuple[int, str]:
     """(exit status, what to print): the table or JSON, or why no coordinator answers."""
     from .client import read_status
-    from .errors import LoadBalancerError
 
     try:
         data = read_status(config)
@@ -435,8 +429,6 @@ def _read_connections(db: dict) -> str:
 
 
 def migrate(extra_args: Sequence[str]) -> int:
-    from .conf import get_config
-
     from . import apps
 
     apps.migrating_every_database = True   # no "only this copy" warning per database
@@ -458,8 +450,6 @@ def migrate(extra_args: Sequence[str]) -> int:
 
 def _migrate_one(alias: str, extra: Sequence[str]) -> tuple[str, bool]:
     """(summary line, success) of `migrate` on one database."""
-    import traceback
-
     from django.core.management import CommandError, call_command
 
     before = _applied_migrations(alias)

@@ -6,7 +6,13 @@ single validator: the system checks (``checks.py``), the launcher and
 """
 from __future__ import annotations
 
+import ipaddress
+import json
+import logging
 import os
+import socket
+import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -100,9 +106,6 @@ class Address:
 
 
 def is_loopback_host(host: str) -> bool:
-    import ipaddress
-    import socket
-
     if host == "localhost":
         return True
     try:
@@ -445,8 +448,6 @@ def _check_metrics(raw: Mapping[str, Any]) -> list[Problem]:
 
 
 def _check_metrics_host(host: Any) -> list[Problem]:
-    import socket
-
     if isinstance(host, str) and host:
         try:
             socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
@@ -567,8 +568,6 @@ def _check_plain_atomic(raw: Mapping[str, Any], django_dbs: Mapping[str, Any]) -
 
 
 def _check_log_level(raw: Mapping[str, Any]) -> list[Problem]:
-    import logging
-
     level = raw.get("LOG_LEVEL", "INFO")
     if isinstance(level, str) and isinstance(logging.getLevelName(level.upper()), int):
         return []
@@ -651,8 +650,6 @@ def _journal_base_dir() -> str:
 def _default_journal_dir(aliases: Any, django_dbs: Mapping[str, Any]) -> str:
     """Named after the databases it numbers writes for (their vendor and NAME), not after the
     coordinator's ADDRESS: moving the coordinator to another port keeps its journal."""
-    import zlib
-
     identities = [[alias, vendor_of(django_dbs[alias].get("ENGINE", "")), str(django_dbs[alias].get("NAME", ""))]
                   for alias in aliases]
     key = zlib.crc32(repr(identities).encode())
@@ -747,8 +744,6 @@ NOT_RUNTIME_SETTINGS = frozenset({"DATABASES", SETTING_NAME, "LOGGING", "LOGGING
 
 
 def _overrides_from_environment() -> dict:
-    import json
-
     raw = os.environ.get(OVERRIDES_ENV)
     if not raw:
         return {}
@@ -767,8 +762,6 @@ def runtime_settings(settings: Any) -> dict:
     test coordinator, which imports that module itself, needs them to know the test apps'
     models and to pass the same system checks.
     """
-    import json
-
     module = _settings_module(settings)
     declared = _declared_settings(module) if module else None   # None: settings.configure(), all run-time
     changed = {}
@@ -801,8 +794,6 @@ def _settings_module(settings: Any) -> Optional[str]:
 
 def _declared_settings(module: str) -> Any:
     """A fresh Settings of ``module``; it sets TZ from TIME_ZONE as it loads, which must not leak."""
-    import time
-
     from django.conf import Settings
 
     tz = os.environ.get("TZ")
@@ -826,8 +817,6 @@ def apply_runtime_settings_from_environment() -> None:
 
 
 def apply_overrides_from_environment() -> None:
-    import logging
-
     from django.conf import settings
 
     overrides = _overrides_from_environment()

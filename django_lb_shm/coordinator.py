@@ -9,6 +9,7 @@ gone, after answering what is in flight.
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import itertools
 import logging
@@ -28,10 +29,14 @@ from multiprocessing.managers import Server
 from traceback import format_exc
 from typing import Any, Optional
 
+import django
+
 from . import descriptors as d
 from . import mp_private
 from .__about__ import __version__
-from .conf import database_identity
+from .balancing import build_read_algorithm
+from .conf import apply_runtime_settings_from_environment, database_identity, get_config
+from .db_thread import MARKER_TABLE, DbConnection, DbThread, Hub
 from .errors import (
     ConfigurationError,
     CoordinatorUnavailable,
@@ -44,9 +49,6 @@ from .errors import (
     WriteNotApplied,
     to_dict,
 )
-from .health import is_transient
-from .probes import ANSWERED
-from .outcomes import SETTLE_WAIT, Fenced, TrimLag, WriteOutcomes
 from .exit_codes import (
     EXIT_ADDRESS_IN_USE,
     EXIT_BOOT_ERROR,
@@ -56,6 +58,11 @@ from .exit_codes import (
     EXIT_RELOAD,
     EXIT_RESTART,
 )
+from .health import is_connection_error, is_transient, process_vitals
+from .journal import Journal
+from .outcomes import SETTLE_WAIT, Fenced, TrimLag, WriteOutcomes
+from .ownership import CLAIM_WAIT
+from .probes import ANSWERED
 from .protocol import (
     EXPOSED,
     TYPEID,
@@ -65,6 +72,10 @@ from .protocol import (
     no_delay,
     private_directory,
 )
+from .resync import ResyncDesk
+from .routers import is_load_balanced
+from .schema import SchemaWatch, load_balanced_apps
+from .sequencer import Sequencer, client_of
 from .shared_state import CoordinatorState, DbState, Header, Reader, SharedState, Slot, databases_key
 
 logger = logging.getLogger("django_lb_shm.coordinator")
@@ -101,8 +112,6 @@ class Coordinator:
         self.idle = threading.Condition(self._active_lock)
         self.outcomes = WriteOutcomes(sequencer.journal.find_request)
         self.settle_wait = min(SETTLE_WAIT, config.client_timeout)
-        from .resync import ResyncDesk
-
         self.resyncs = ResyncDesk(threads, sequencer, config)
 
     # -- exposed methods ---------------------------------------------------------------
@@ -136,8 +145,6 @@ class Coordinator:
         self.resyncs.abort(alias, nonce, reason)
 
     def status(self) -> dict:
-        from .health import process_vitals
-
         snapshot = self.shared.snapshot(list(self.config.databases))
         for database, thread in zip(snapshot["databases"], self.threads):
             database["read_connections"] = thread.read_pool.stats()
@@ -311,8 +318,6 @@ class Coordinator:
 
     def _client_label(self, request_id: str) -> str:
         """"pid 1234 via 127.0.0.1:50000" (for status: who holds the write order)."""
-        from .sequencer import client_of
-
         peer = getattr(self._local, "peer", "")
         label = client_of(request_id) or "a client"
         return f"{label} via {peer}" if peer else label
@@ -590,9 +595,6 @@ class WriteGuard:
     def for_installed_models(cls) -> "WriteGuard":
         from django.apps import apps
 
-        from .db_thread import MARKER_TABLE
-        from .routers import is_load_balanced
-
         models = apps.get_models(include_auto_created=True)
         others = {m._meta.db_table: m._meta.label for m in models if not is_load_balanced(m)}
         return cls(frozenset(m._meta.db_table for m in models if is_load_balanced(m)) - {MARKER_TABLE}, others)
@@ -684,8 +686,6 @@ def _peer_of(conn: Any) -> str:
 
 
 def _is_caller_error(exc: BaseException) -> bool:
-    from .health import is_connection_error
-
     return not is_connection_error(exc)
 
 
@@ -845,12 +845,6 @@ class CoordinatorProcess:
         self.exit_code = EXIT_OK
 
     def boot(self) -> None:
-        from .balancing import build_read_algorithm
-        from .db_thread import DbConnection, DbThread, Hub
-        from .journal import Journal
-        from .schema import SchemaWatch, load_balanced_apps
-        from .sequencer import Sequencer
-
         # Bind first: a taken port is a boot error before any database is touched.
         address = self.config.address
         registry = {TYPEID: (lambda: self.coordinator, EXPOSED, None, None)}
@@ -932,8 +926,6 @@ class CoordinatorProcess:
 
     def _claim_databases(self) -> None:
         """Two coordinators on the same databases would number writes twice: the second one does not start."""
-        from .ownership import CLAIM_WAIT
-
         owned = []
         deadline = time.monotonic() + CLAIM_WAIT   # one wait for all: a second coordinator fails within moments
         for thread in self.threads:
@@ -1036,8 +1028,6 @@ def release_free_memory() -> None:
     """Large writes leave freed blocks in glibc's per-thread arenas, which it keeps; once the
     journal no longer needs them, give them back so that RSS follows what is pending."""
     try:
-        import ctypes
-
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):   # not glibc: nothing to do
         pass
@@ -1055,14 +1045,10 @@ def configure_logging(level: str = "INFO") -> None:
 
 def main(settings_module: Optional[str], shm_name: str, supervisor_pid: int, sys_path: list) -> None:
     """Entry point of the spawned manager process."""
-    import django
-
     sys.path[:0] = [p for p in sys_path if p not in sys.path]
     if settings_module:
         os.environ["DJANGO_SETTINGS_MODULE"] = settings_module
     try:
-        from .conf import apply_runtime_settings_from_environment, get_config
-
         apply_runtime_settings_from_environment()   # a coordinator of LoadBalancerTestRunner
         django.setup()
 

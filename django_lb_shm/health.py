@@ -12,6 +12,8 @@ from typing import Any, Optional
 
 import psutil
 
+from .errors import DatabaseDown
+
 # SQLSTATE classes/codes that mean "the server or the link is gone", not "your query is wrong".
 _PG_DOWN_CLASSES = ("08", "53", "58", "XX")
 _PG_DOWN_CODES = {"57P01", "57P02", "57P03", "57P04", "57P05"}
@@ -32,8 +34,6 @@ def _driver_error(exc: BaseException) -> BaseException:
 
 
 def is_connection_error(exc: BaseException) -> bool:
-    from .errors import DatabaseDown
-
     if isinstance(exc, DatabaseDown):
         return True
     exc = _driver_error(exc)

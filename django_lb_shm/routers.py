@@ -10,7 +10,8 @@ from typing import Any, Optional
 
 from django.db import DEFAULT_DB_ALIAS
 
-from .backend.alias import lb_alias
+from .backend.alias import install_alias, lb_alias
+from .conf import SETTING_NAME, models_setting
 
 
 _LOAD_BALANCED: dict = {}   # model class -> bool (asked by the router on every query)
@@ -40,8 +41,6 @@ def listed_in_models(meta: Any) -> bool:
     parsed = _LISTED[0]
     if parsed is None:
         from django.conf import settings
-
-        from .conf import SETTING_NAME, models_setting
 
         entries = models_setting(getattr(settings, SETTING_NAME, None))
         parsed = _LISTED[0] = (
@@ -178,11 +177,7 @@ def watch_settings() -> None:
 
 
 def _on_setting_changed(*, setting: str, **kwargs: Any) -> None:
-    from .conf import SETTING_NAME
-
     if setting == "DATABASE_ROUTERS":
-        from .backend.alias import install_alias
-
         if install_alias():   # as in AppConfig.ready(): no routers while the settings are invalid
             install_router()
     elif setting == SETTING_NAME:
