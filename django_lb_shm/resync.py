@@ -44,7 +44,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, Optional, Sequence, TextIO
 
 from . import apps
-from .client import CoordinatorClient
 from .conf import get_config
 from .db_thread import MARKER_CREATE, MARKER_ROW, MARKER_TABLE, FinishResync, MarkResync
 from .errors import LoadBalancerError, ResyncError
@@ -282,6 +281,10 @@ def resync(alias: str, source: Optional[str] = None, chunk_size: int = 10000, ma
     0 when ``alias`` is RUNNING again and (unless ``verify`` is off) identical to the source;
     1 when it failed (the copy is left out of reads, or untouched); 2 for bad arguments.
     """
+    # not at module top: the coordinator imports this module (ResyncDesk), and the client side
+    # (reads.py, the drivers' type modules) has no business in the supervisor or coordinator
+    from .client import CoordinatorClient
+
     stream = stream if stream is not None else sys.stdout
     config = get_config()
     problem = _argument_problem(config, alias, source, chunk_size, max_rate)

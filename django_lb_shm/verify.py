@@ -35,7 +35,6 @@ from dataclasses import dataclass, field, replace
 from operator import itemgetter
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, TextIO
 
-from .client import read_status
 from .conf import get_config
 from .exit_codes import EXIT_DIFFERENT, EXIT_IDENTICAL, EXIT_UNREADABLE
 from .routers import is_load_balanced
@@ -594,6 +593,8 @@ def verify(chunk_size: int = 2000, show: int = 10, progress: bool = True,
 
 def _pending_writes_note() -> str:
     """Copies differ while journaled writes wait to be applied: say whether that can be the reason."""
+    from .client import read_status   # not at module top: resync.py, thus the coordinator, imports verify.py
+
     try:
         status = read_status(get_config())
     except Exception:
