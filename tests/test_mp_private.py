@@ -86,10 +86,14 @@ def test_baseproxy_address_to_local():
     assert BaseProxy._address_to_local == {}
 
 
+@pytest.mark.parametrize("name", ["_Client", "_connect", "_id", "_token", "_tls"])
+def test_baseproxy_attribute(server_and_proxy, name):
+    _server, _client, proxy = server_and_proxy
+    assert hasattr(proxy, name), lost(f"BaseProxy.{name}", "is gone")
+
+
 def test_baseproxy_client_connect_id_token(server_and_proxy):
     server, _client, proxy = server_and_proxy
-    for name in ("_Client", "_connect", "_id", "_token", "_tls"):
-        assert hasattr(proxy, name), lost(f"BaseProxy.{name}", "is gone")
     assert mp_private.proxy_address(proxy) == server.address, lost("BaseProxy._token.address", "changed")
     assert mp_private.served_object(server, mp_private.proxy_object_id(proxy)) is not None, \
         lost("BaseProxy._id / Server.id_to_obj", "no longer match")
