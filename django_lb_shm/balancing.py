@@ -37,7 +37,7 @@ class ReadAlgorithm:
         excluded = self.options.get("EXCLUDE", ())
         problem = exclude_problem(excluded, self.names)
         if problem:
-            raise ConfigurationError(problem)
+            raise ConfigurationError(f"{problem.msg} {problem.hint}")
         self.readable = [i for i, n in enumerate(self.names) if n not in excluded]
         self._counter = itertools.count()
 
@@ -61,7 +61,7 @@ class RoundRobin(ReadAlgorithm):
         weights = self.options.get("WEIGHTS") or {}
         problem = weights_problem(weights, self.names)
         if problem:
-            raise ConfigurationError(problem)
+            raise ConfigurationError(f"{problem.msg} {problem.hint}")
         self.weights = [weights.get(n, 1) for n in self.names]
         self.unweighted = all(w == 1 for w in self.weights)
         self._current = [0] * len(self.names)

@@ -278,18 +278,8 @@ def _check_algorithms(raw: Mapping[str, Any]) -> list[Problem]:
 
 def _check_read_options(r_alg: Mapping[str, Any], databases: Any) -> list[Problem]:
     names = list(databases) if isinstance(databases, (list, tuple)) else []
-    problems = []
-    weights_error = weights_problem(r_alg.get("WEIGHTS", {}), names)
-    if weights_error:
-        problems.append(Problem(
-            "django_lb_shm.E018", weights_error,
-            "For example 'WEIGHTS': {'DB1': 3, 'DB2': 1}; a weight of 0 keeps a database out of reads.",
-        ))
-    exclude_error = exclude_problem(r_alg.get("EXCLUDE", ()), names)
-    if exclude_error:
-        hint = ("Leave at least one database to serve reads." if "every database" in exclude_error
-                else "Excluded databases get every write but serve no reads.")
-        problems.append(Problem("django_lb_shm.E019", exclude_error, hint))
+    problems = [p for p in (weights_problem(r_alg.get("WEIGHTS", {}), names),
+                            exclude_problem(r_alg.get("EXCLUDE", ()), names)) if p]
     name = r_alg.get("NAME")
     if isinstance(name, str) and "." in name:
         problems += _check_custom_algorithm(name)
@@ -298,23 +288,32 @@ def _check_read_options(r_alg: Mapping[str, Any], databases: Any) -> list[Proble
 
 # The one validation of R_ALGORITHM's WEIGHTS and EXCLUDE: the system checks (above) and
 # balancing.ReadAlgorithm (an algorithm built by hand) both ask these.
-def weights_problem(weights: Any, names: Any) -> str:
-    """What is wrong with R_ALGORITHM['WEIGHTS'] for these database names ('' when nothing)."""
+def weights_problem(weights: Any, names: Any) -> Optional[Problem]:
+    """What is wrong with R_ALGORITHM['WEIGHTS'] for these database names (E018), or None."""
     if isinstance(weights, Mapping) and all(
         k in names and isinstance(v, int) and not isinstance(v, bool) and v >= 0 for k, v in weights.items()
     ):
-        return ""
-    return (f"LOAD_BALANCER['R_ALGORITHM']['WEIGHTS'] must map names from LOAD_BALANCER['DATABASES'] to "
-            f"whole numbers >= 0, got {weights!r}.")
+        return None
+    return Problem(
+        "django_lb_shm.E018",
+        f"LOAD_BALANCER['R_ALGORITHM']['WEIGHTS'] must map names from LOAD_BALANCER['DATABASES'] to "
+        f"whole numbers >= 0, got {weights!r}.",
+        "For example 'WEIGHTS': {'DB1': 3, 'DB2': 1}; a weight of 0 keeps a database out of reads.",
+    )
 
 
-def exclude_problem(excluded: Any, names: Any) -> str:
-    """What is wrong with R_ALGORITHM['EXCLUDE'] for these database names ('' when nothing)."""
+def exclude_problem(excluded: Any, names: Any) -> Optional[Problem]:
+    """What is wrong with R_ALGORITHM['EXCLUDE'] for these database names (E019), or None."""
     if not isinstance(excluded, (list, tuple)) or any(n not in names for n in excluded):
-        return f"LOAD_BALANCER['R_ALGORITHM']['EXCLUDE'] must list names from LOAD_BALANCER['DATABASES'], got {excluded!r}."
+        return Problem(
+            "django_lb_shm.E019",
+            f"LOAD_BALANCER['R_ALGORITHM']['EXCLUDE'] must list names from LOAD_BALANCER['DATABASES'], got {excluded!r}.",
+            "Excluded databases get every write but serve no reads.",
+        )
     if names and set(excluded) >= set(names):
-        return "LOAD_BALANCER['R_ALGORITHM']['EXCLUDE'] keeps every database out of reads."
-    return ""
+        return Problem("django_lb_shm.E019", "LOAD_BALANCER['R_ALGORITHM']['EXCLUDE'] keeps every database out of reads.",
+                       "Leave at least one database to serve reads.")
+    return None
 
 
 def _check_custom_algorithm(path: str) -> list[Problem]:
