@@ -87,7 +87,7 @@ def _relation_problems(model: type) -> list[checks.CheckMessage]:
 
 
 def _is_subclass_model(model: type) -> bool:
-    from .load_balancer_model import LoadBalancerModel
+    from .load_balancer_model import LoadBalancerModel   # a cycle: it imports checks
 
     return issubclass(model, LoadBalancerModel)
 
@@ -223,7 +223,7 @@ def check_applied_migrations(app_configs: Any = None, databases: Any = None,
     Only when ``databases`` names a load-balanced database (or the load-balanced alias);
     a copy that cannot be read (down, a SQLite file that does not exist) is left out.
     """
-    from .schema import behind_copies, load_balanced_apps, missing_migrations
+    from .schema import behind_copies, load_balanced_apps, missing_migrations   # app start-up stays light
 
     try:
         config = get_config()
@@ -254,7 +254,7 @@ def _applied_migrations_of(alias: str, app_labels: frozenset) -> Any:
     A connection this opens is closed again."""
     from django.db import connections
 
-    from .ownership import sqlite_path
+    from .ownership import sqlite_path   # app start-up stays light (shared memory)
     from .schema import applied_migrations
 
     connection = connections[alias]

@@ -97,7 +97,7 @@ class Address:
         """The same-host Unix socket next to a loopback TCP address ('' when there is none)."""
         if self.path or not self.local_socket or not self.is_loopback:
             return ""
-        from .protocol import local_socket_path
+        from .protocol import local_socket_path   # settings.py may import conf: stays light
 
         return local_socket_path(self.host, self.port)
 
@@ -317,7 +317,7 @@ def exclude_problem(excluded: Any, names: Any) -> Optional[Problem]:
 
 
 def _check_custom_algorithm(path: str) -> list[Problem]:
-    # not at module top: settings.py may import conf, and balancing brings shared memory
+    # not at module top: balancing imports conf, and settings.py may import conf (light)
     from .balancing import load_read_algorithm
 
     try:

@@ -619,7 +619,7 @@ def _build(config: Any) -> Optional[ZeroHopReader]:
             return None
         # The coordinator must serve the databases this process names (as on the coordinator
         # path, e.g. under manage.py test): one round trip, once per process.
-        from .client import get_client
+        from .client import get_client   # a cycle: client imports reads
 
         get_client().proxy()
         _reader = ZeroHopReader(config, shared)

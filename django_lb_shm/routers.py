@@ -57,7 +57,7 @@ def forget_answers() -> None:
 
 
 def _is_load_balanced(model: Any) -> bool:
-    from .load_balancer_model import LoadBalancerModel
+    from .load_balancer_model import LoadBalancerModel   # a cycle: it imports routers
 
     if model is None:
         return False
@@ -93,7 +93,7 @@ def write_alias(hints: dict) -> Optional[str]:
     """The real alias a load-balanced instance's writes stay on: the database it was read from or
     saved to with ``using()`` when that is no copy (Django's multi-db).  None for the copies:
     writes to them go through the load balancer, whichever copy the instance was read from."""
-    from .query import is_copy
+    from .query import is_copy   # a cycle: query imports routers
 
     chosen = chosen_alias(hints)
     return None if chosen is None or is_copy(chosen) else chosen
