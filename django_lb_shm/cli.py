@@ -1,9 +1,11 @@
 """``djangoloadbalancer``: run the coordinator, show its status, migrate, verify or resync the databases.
 
-Run it in the Django project directory.  Only leaves (conf, errors, exit_codes) are imported
-at the top: the subcommands' modules are imported once Django is set up, each by its own.  Settings come from ``--settings``,
+Run it in the Django project directory.  Settings come from ``--settings``,
 DJANGO_SETTINGS_MODULE, or the project's manage.py.  The same system checks
 as ``manage.py check`` run first; with errors nothing is started.
+
+Only conf, errors and exit_codes are imported at the top: each subcommand imports its
+modules once Django is set up.
 """
 from __future__ import annotations
 
