@@ -47,6 +47,8 @@ from .errors import (
 from .outcomes import SETTLE_WAIT
 from .protocol import CoordinatorManager, private_directory, timed_client
 from .reads import PgDescription, zero_hop_reader
+from .shared_state import live_supervisor
+from .transactions import warn_if_in_foreign_atomic
 
 logger = logging.getLogger("django_lb_shm.client")
 
@@ -312,8 +314,6 @@ def read_status(config: LoadBalancerConfig, timeout: float = 5.0) -> dict:
     Connecting is retried for CONNECT_TIMEOUT only while a supervisor of this user and host
     serves the address (it is restarting the coordinator); otherwise one attempt answers.
     """
-    from .shared_state import live_supervisor
-
     wait = config.connect_timeout if live_supervisor(config.address) else 0.0
     client = CoordinatorClient(config, verify_databases=False)
     try:
@@ -446,8 +446,6 @@ class ClientSession:
             if kind == SAVEPOINT:
                 return d.Result()
             if kind != READ:
-                from .transactions import warn_if_in_foreign_atomic
-
                 warn_if_in_foreign_atomic(self.alias)
             return self._send(d.OP_READ if kind == READ else d.OP_WRITE, statement, False)
         if not self.transaction_open:
