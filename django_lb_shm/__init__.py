@@ -2,6 +2,29 @@
 
 Public names are imported lazily so that importing the package (for example in
 settings.py or INSTALLED_APPS) never imports Django models before apps are ready.
+
+Layering: a module's top-level imports of the package point to lower layers only
+(tests/test_layering.py reads this list; a new module must be placed in it).
+shared_state imports nothing of the package but errors.
+
+    L0  __about__ errors exit_codes mp_private probes read_pool
+    L1  conf descriptors health shared_state
+    L2  backend.alias backend.compiler balancing breaker determinism group_commit journal
+        outcomes ownership protocol
+    L3  metrics plain_atomic routers transactions
+    L4  db_thread query reads schema
+    L5  checks client sequencer
+    L6  apps backend.base load_balancer_model verify
+    L7  resync testing
+    L8  coordinator
+    L9  supervisor
+    L10 cli
+    L11 management.commands.loadbalancer
+
+An import inside a function points up only to break a cycle (routers and checks need
+load_balancer_model, reads needs client, conf needs balancing) or to keep what an app
+process imports at start-up (``__init__``, apps, conf, checks, routers, query,
+plain_atomic, backend.alias) light: cli imports the rest once Django is set up.
 """
 from __future__ import annotations
 

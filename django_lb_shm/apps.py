@@ -4,6 +4,12 @@ from typing import Any
 from django.apps import AppConfig
 from django.db.models.signals import post_migrate
 
+from . import checks
+from .backend.alias import install_alias
+from .conf import apply_overrides_from_environment, get_config
+from .plain_atomic import install as install_plain_atomic
+from .routers import install_router, watch_settings
+
 
 class DjangoLbShmConfig(AppConfig):
     name = "django_lb_shm"
@@ -13,12 +19,6 @@ class DjangoLbShmConfig(AppConfig):
 
     def ready(self) -> None:
         # Checks only, the virtual connection alias (a settings entry; no I/O) and the plain atomic() twin.
-        from . import checks
-        from .backend.alias import install_alias
-        from .conf import apply_overrides_from_environment
-        from .plain_atomic import install as install_plain_atomic
-        from .routers import install_router, watch_settings
-
         apply_overrides_from_environment()   # a coordinator started by LoadBalancerTestRunner
         checks.register()
         if install_alias():
@@ -35,8 +35,6 @@ _warned: set = set()
 
 def warn_one_copy_changed(sender: Any, verbosity: int = 1, using: str = "", **kwargs: Any) -> None:
     """After `manage.py migrate` (or `flush`) of ONE load-balanced database: say the others were not."""
-    from .conf import get_config
-
     if verbosity < 1 or migrating_every_database or using in _warned:
         return
     try:

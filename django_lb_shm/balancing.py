@@ -19,6 +19,7 @@ from typing import Any, Mapping, Sequence
 
 from django.utils.module_loading import import_string
 
+from .conf import exclude_problem, weights_problem
 from .errors import ConfigurationError
 from .shared_state import SharedState, Slot
 
@@ -34,9 +35,9 @@ class ReadAlgorithm:
         self.shared = shared
         self.options = dict(options)
         excluded = self.options.get("EXCLUDE", ())
-        unknown = [n for n in excluded if n not in self.names]
-        if unknown:
-            raise ConfigurationError(f"R_ALGORITHM['EXCLUDE'] names unknown databases: {unknown}")
+        problem = exclude_problem(excluded, self.names)
+        if problem:
+            raise ConfigurationError(f"{problem.msg} {problem.hint}")
         self.readable = [i for i, n in enumerate(self.names) if n not in excluded]
         self._counter = itertools.count()
 
@@ -57,10 +58,10 @@ class RoundRobin(ReadAlgorithm):
 
     def __init__(self, names: Sequence[str], shared: SharedState, options: Mapping[str, Any]):
         super().__init__(names, shared, options)
-        weights = dict(self.options.get("WEIGHTS") or {})
-        bad = {k: v for k, v in weights.items() if k not in self.names or not isinstance(v, int) or v < 0}
-        if bad:
-            raise ConfigurationError(f"R_ALGORITHM['WEIGHTS'] must map database names to whole numbers >= 0: {bad}")
+        weights = self.options.get("WEIGHTS") or {}
+        problem = weights_problem(weights, self.names)
+        if problem:
+            raise ConfigurationError(f"{problem.msg} {problem.hint}")
         self.weights = [weights.get(n, 1) for n in self.names]
         self.unweighted = all(w == 1 for w in self.weights)
         self._current = [0] * len(self.names)
@@ -127,13 +128,20 @@ def build_read_algorithm(config: Any, shared: SharedState) -> ReadAlgorithm:
         return IntervalTime(names, shared, spec.options, interval=spec.interval)
     if spec.name in ("LEAST_CONNECTIONS", "INTERVAL_NUMBER_OF_CONNECTIONS"):
         return LeastConnections(names, shared, spec.options)
-    try:
-        cls = import_string(spec.name)
-    except ImportError as exc:
-        raise ConfigurationError(f"R_ALGORITHM['NAME'] {spec.name!r} cannot be imported: {exc}") from None
-    if not (isinstance(cls, type) and issubclass(cls, ReadAlgorithm)):
-        raise ConfigurationError(f"R_ALGORITHM['NAME'] {spec.name!r} is not a django_lb_shm.balancing.ReadAlgorithm subclass")
-    algorithm = cls(names, shared, spec.options)
+    algorithm = load_read_algorithm(spec.name)(names, shared, spec.options)
     if algorithm.probe_interval is None and "INTERVAL" in (config.read_algorithm.options or {}):
         algorithm.probe_interval = spec.interval
     return algorithm
+
+
+def load_read_algorithm(path: str) -> type[ReadAlgorithm]:
+    """The ReadAlgorithm subclass a dotted path names; ConfigurationError saying why not
+    (also the system check E020's message, conf._check_custom_algorithm)."""
+    try:
+        cls = import_string(path)
+    except ImportError as exc:
+        raise ConfigurationError(f"LOAD_BALANCER['R_ALGORITHM']['NAME'] {path!r} cannot be imported: {exc}") from None
+    if not (isinstance(cls, type) and issubclass(cls, ReadAlgorithm)):
+        raise ConfigurationError(f"LOAD_BALANCER['R_ALGORITHM']['NAME'] {path!r} is not a "
+                                 "django_lb_shm.balancing.ReadAlgorithm subclass.")
+    return cls

@@ -9,13 +9,17 @@ databases (``migrate``, ``check --database``, the test runner; ``djangoloadbalan
 """
 from __future__ import annotations
 
+import os
+
 from collections.abc import Mapping
 from typing import Any
 
 from django.conf import settings
 from django.core import checks
 
-from .conf import SETTING_NAME, find_problems
+from .conf import SETTING_NAME, find_problems, get_config, models_setting
+from .query import LoadBalancerQuerySet
+from .routers import is_load_balanced
 
 
 def check_load_balancer_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
@@ -47,8 +51,6 @@ def check_load_balanced_models(app_configs: Any = None, **kwargs: Any) -> list[c
 
 def _relation_problems(model: type) -> list[checks.CheckMessage]:
     from django.db import models
-
-    from .routers import is_load_balanced
 
     problems = []
     fields = [f for f in model._meta.local_fields if f.is_relation and f.remote_field]
@@ -85,7 +87,7 @@ def _relation_problems(model: type) -> list[checks.CheckMessage]:
 
 
 def _is_subclass_model(model: type) -> bool:
-    from .load_balancer_model import LoadBalancerModel
+    from .load_balancer_model import LoadBalancerModel   # a cycle: it imports checks
 
     return issubclass(model, LoadBalancerModel)
 
@@ -106,8 +108,6 @@ def check_models_setting(app_configs: Any = None, **kwargs: Any) -> list[checks.
     concrete model (E042); an entry naming a LoadBalancerModel is redundant (W040)."""
     from django.apps import apps
 
-    from .conf import models_setting
-
     messages: list[checks.CheckMessage] = []
     for entry in models_setting(getattr(settings, SETTING_NAME, None)):
         if "." not in entry:
@@ -121,8 +121,6 @@ def check_models_setting(app_configs: Any = None, **kwargs: Any) -> list[checks.
 
 def _model_entry_problems(entry: str) -> list[checks.CheckMessage]:
     from django.apps import apps
-
-    from .routers import is_load_balanced
 
     app_label, name = entry.split(".")
     if app_label not in apps.app_configs:
@@ -158,9 +156,6 @@ def _unknown_entry(entry: str, what: str, hint: str) -> checks.CheckMessage:
 
 
 def _manager_problems(model: type) -> list[checks.CheckMessage]:
-    from .query import LoadBalancerQuerySet
-    from .routers import is_load_balanced
-
     if not is_load_balanced(model) or not _is_subclass_model(model):
         return []   # a model listed in MODELS keeps its own managers
     return [
@@ -183,8 +178,6 @@ def check_app_installed(app_configs: Any = None, **kwargs: Any) -> list[checks.C
     ready() never runs, and neither would a check registered there.
     """
     from django.apps import apps
-
-    from .routers import is_load_balanced
 
     if apps.is_installed("django_lb_shm"):
         return []
@@ -230,8 +223,7 @@ def check_applied_migrations(app_configs: Any = None, databases: Any = None,
     Only when ``databases`` names a load-balanced database (or the load-balanced alias);
     a copy that cannot be read (down, a SQLite file that does not exist) is left out.
     """
-    from .conf import get_config
-    from .schema import behind_copies, load_balanced_apps, missing_migrations
+    from .schema import behind_copies, load_balanced_apps, missing_migrations   # app start-up stays light
 
     try:
         config = get_config()
@@ -260,11 +252,9 @@ def check_applied_migrations(app_configs: Any = None, databases: Any = None,
 def _applied_migrations_of(alias: str, app_labels: frozenset) -> Any:
     """The applied migrations of ``app_labels`` on ``alias`` (read directly), or None when it cannot be read.
     A connection this opens is closed again."""
-    import os
-
     from django.db import connections
 
-    from .ownership import sqlite_path
+    from .ownership import sqlite_path   # app start-up stays light (shared memory)
     from .schema import applied_migrations
 
     connection = connections[alias]

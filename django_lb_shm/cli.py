@@ -3,6 +3,9 @@
 Run it in the Django project directory.  Settings come from ``--settings``,
 DJANGO_SETTINGS_MODULE, or the project's manage.py.  The same system checks
 as ``manage.py check`` run first; with errors nothing is started.
+
+Only conf, errors and exit_codes are imported at the top: each subcommand imports its
+modules once Django is set up.
 """
 from __future__ import annotations
 
@@ -10,18 +13,25 @@ import argparse
 import json
 import os
 import re
-import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from .protocol import EXIT_BOOT_ERROR, EXIT_CONFIG_ERROR, EXIT_OK
+import django
 
-EXIT_UNAVAILABLE = 1
-EXIT_MIGRATE_FAILED = 1  # `migrate`: a database could not be migrated
-EXIT_DEGRADED = 3        # `status`: the coordinator answers, but a copy is not RUNNING (or it is not READY)
-EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE   # what a shell reports for a tool whose reader went away
+from .conf import apply_runtime_settings_from_environment, get_config
+from .errors import ConfigurationError, LoadBalancerError, SharedMemoryNotOwned
+from .exit_codes import (
+    EXIT_BOOT_ERROR,
+    EXIT_BROKEN_PIPE,
+    EXIT_CONFIG_ERROR,
+    EXIT_DEGRADED,
+    EXIT_MIGRATE_FAILED,
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
+)
 
 STATUS_EPILOG = """exit status:
   0  the coordinator is READY and every database is RUNNING
@@ -38,7 +48,9 @@ database could not be migrated (the ones after it are not migrated)."""
 
 
 def build_parser(prog: str = "djangoloadbalancer") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description="django_lb_shm load balancer coordinator")
+    parser = argparse.ArgumentParser(prog=prog, description="django_lb_shm load balancer coordinator",
+                                     epilog="exit status: 0 success, 2 invalid settings or arguments; "
+                                            "`<subcommand> --help` lists the others of each subcommand")
     _add_django_options(parser, default=None)
     # Also accepted after the subcommand, where Django users put them (`status --settings x`).
     common = argparse.ArgumentParser(add_help=False)
@@ -54,7 +66,8 @@ def build_parser(prog: str = "djangoloadbalancer") -> argparse.ArgumentParser:
                          help="passed to Django's `migrate` (not --database)")
     verify = sub.add_parser("verify", parents=[common],
                             help="compare every load-balanced table across the databases",
-                            epilog="exit status: 0 identical, 1 the databases differ, 2 a database could not be read")
+                            epilog="exit status: 0 identical, 1 the databases differ, 2 invalid settings or arguments, "
+                                   "4 a database could not be read (2 before 2026-12)")
     verify.add_argument("--chunk-size", type=int, default=2000,
                         help="rows read per query from each database and table (default 2000); bounds the memory used")
     verify.add_argument("--show", type=int, default=10, help="how many differing keys to name per table")
@@ -196,10 +209,6 @@ def dispatch(args: argparse.Namespace) -> int:
 
 # -- settings bootstrap -------------------------------------------------------------------
 def setup_django(settings_module: Optional[str], pythonpath: Optional[str]) -> None:
-    import django
-
-    from .conf import apply_runtime_settings_from_environment
-
     path = os.path.abspath(pythonpath or os.getcwd())
     if path not in sys.path:
         sys.path.insert(0, path)
@@ -253,16 +262,13 @@ def _applied_migrations_check() -> list:
     """W035 on every load-balanced database: Django runs database checks only for the databases a
     command names, and the load-balanced ones are all of them here."""
     from .checks import check_applied_migrations
-    from .conf import get_config
 
     return check_applied_migrations(databases=list(get_config().databases))
 
 
 # -- commands ---------------------------------------------------------------------------------
 def run() -> int:
-    from .conf import get_config
     from .coordinator import configure_logging
-    from .errors import SharedMemoryNotOwned
     from .supervisor import Supervisor
 
     config = get_config()
@@ -284,9 +290,6 @@ def status(as_json: bool = False) -> int:
 
 
 def _status_config() -> Any:
-    from .conf import get_config
-    from .errors import ConfigurationError
-
     try:
         return get_config()
     except ConfigurationError as exc:
@@ -297,7 +300,6 @@ def _status_config() -> Any:
 def status_once(config: Any, as_json: bool) -> tuple[int, str]:
     """(exit status, what to print): the table or JSON, or why no coordinator answers."""
     from .client import read_status
-    from .errors import LoadBalancerError
 
     try:
         data = read_status(config)
@@ -430,8 +432,6 @@ def _read_connections(db: dict) -> str:
 
 
 def migrate(extra_args: Sequence[str]) -> int:
-    from .conf import get_config
-
     from . import apps
 
     apps.migrating_every_database = True   # no "only this copy" warning per database
@@ -453,8 +453,6 @@ def migrate(extra_args: Sequence[str]) -> int:
 
 def _migrate_one(alias: str, extra: Sequence[str]) -> tuple[str, bool]:
     """(summary line, success) of `migrate` on one database."""
-    import traceback
-
     from django.core.management import CommandError, call_command
 
     before = _applied_migrations(alias)

@@ -21,13 +21,12 @@ import time
 import uuid
 from collections import deque
 from multiprocessing import AuthenticationError
-from multiprocessing.managers import BaseProxy, State
 from typing import Any, Iterable, Optional
 
 from django.db.utils import Error as DjangoDatabaseError
 
 from . import descriptors as d
-from . import determinism
+from . import determinism, mp_private
 from .conf import LoadBalancerConfig, database_identity, get_config
 from .breaker import ConnectBreaker
 from .client_transaction import SEND, ClientTransaction
@@ -49,6 +48,8 @@ from .errors import (
 from .outcomes import SETTLE_WAIT
 from .protocol import CoordinatorManager, private_directory, timed_client
 from .reads import PgDescription, zero_hop_reader
+from .shared_state import live_supervisor
+from .transactions import warn_if_in_foreign_atomic
 
 logger = logging.getLogger("django_lb_shm.client")
 
@@ -135,11 +136,12 @@ class CoordinatorClient:
         local_path = address.local_socket_path
         if local_path and not private_directory(local_path):
             local_path = ""
-        manager._Client = timed_client(self.config.connect_timeout, local_path)
-        manager._state.value = State.STARTED  # what connect() sets, without its extra round trip
+        client = timed_client(self.config.connect_timeout, local_path)
+        mp_private.set_manager_client(manager, client)
+        mp_private.mark_manager_started(manager)
         try:
             proxy = manager.coordinator()
-            proxy._Client = manager._Client  # each thread's own connection: bounded handshake too
+            mp_private.set_proxy_client(proxy, client)  # each thread's own connection: bounded handshake too
             return proxy
         except AuthenticationError as exc:
             raise AuthenticationFailed(
@@ -316,8 +318,6 @@ def read_status(config: LoadBalancerConfig, timeout: float = 5.0) -> dict:
     Connecting is retried for CONNECT_TIMEOUT only while a supervisor of this user and host
     serves the address (it is restarting the coordinator); otherwise one attempt answers.
     """
-    from .shared_state import live_supervisor
-
     wait = config.connect_timeout if live_supervisor(config.address) else 0.0
     client = CoordinatorClient(config, verify_databases=False)
     try:
@@ -346,7 +346,7 @@ def _reset_after_fork() -> None:
     """A forked child must not reuse the parent's sockets (gunicorn, celery prefork)."""
     global _client
     _client = None
-    BaseProxy._address_to_local.clear()
+    mp_private.forget_proxy_connections()
 
 
 os.register_at_fork(after_in_child=_reset_after_fork)
@@ -462,8 +462,6 @@ class ClientSession:
             if kind == SAVEPOINT:
                 return d.Result()
             if kind != READ:
-                from .transactions import warn_if_in_foreign_atomic
-
                 warn_if_in_foreign_atomic(self.alias)
             return self._send(d.OP_READ if kind == READ else d.OP_WRITE, statement, False)
         if not self.txn.is_open:

@@ -6,7 +6,13 @@ single validator: the system checks (``checks.py``), the launcher and
 """
 from __future__ import annotations
 
+import ipaddress
+import json
+import logging
 import os
+import socket
+import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -91,7 +97,7 @@ class Address:
         """The same-host Unix socket next to a loopback TCP address ('' when there is none)."""
         if self.path or not self.local_socket or not self.is_loopback:
             return ""
-        from .protocol import local_socket_path
+        from .protocol import local_socket_path   # settings.py may import conf: stays light
 
         return local_socket_path(self.host, self.port)
 
@@ -100,9 +106,6 @@ class Address:
 
 
 def is_loopback_host(host: str) -> bool:
-    import ipaddress
-    import socket
-
     if host == "localhost":
         return True
     try:
@@ -274,50 +277,55 @@ def _check_algorithms(raw: Mapping[str, Any]) -> list[Problem]:
 
 
 def _check_read_options(r_alg: Mapping[str, Any], databases: Any) -> list[Problem]:
-    names = set(databases) if isinstance(databases, (list, tuple)) else set()
-    problems = []
-    weights = r_alg.get("WEIGHTS", {})
-    if not isinstance(weights, Mapping) or any(
-        k not in names or not isinstance(v, int) or isinstance(v, bool) or v < 0 for k, v in weights.items()
-    ):
-        problems.append(Problem(
-            "django_lb_shm.E018",
-            f"LOAD_BALANCER['R_ALGORITHM']['WEIGHTS'] must map names from LOAD_BALANCER['DATABASES'] to "
-            f"whole numbers >= 0, got {weights!r}.",
-            "For example 'WEIGHTS': {'DB1': 3, 'DB2': 1}; a weight of 0 keeps a database out of reads.",
-        ))
-    excluded = r_alg.get("EXCLUDE", ())
-    if not isinstance(excluded, (list, tuple)) or any(n not in names for n in excluded):
-        problems.append(Problem(
-            "django_lb_shm.E019",
-            f"LOAD_BALANCER['R_ALGORITHM']['EXCLUDE'] must list names from LOAD_BALANCER['DATABASES'], got {excluded!r}.",
-            "Excluded databases get every write but serve no reads.",
-        ))
-    elif names and set(excluded) >= names:
-        problems.append(Problem(
-            "django_lb_shm.E019",
-            "LOAD_BALANCER['R_ALGORITHM']['EXCLUDE'] keeps every database out of reads.",
-            "Leave at least one database to serve reads.",
-        ))
+    names = list(databases) if isinstance(databases, (list, tuple)) else []
+    problems = [p for p in (weights_problem(r_alg.get("WEIGHTS", {}), names),
+                            exclude_problem(r_alg.get("EXCLUDE", ()), names)) if p]
     name = r_alg.get("NAME")
     if isinstance(name, str) and "." in name:
         problems += _check_custom_algorithm(name)
     return problems
 
 
+# The one validation of R_ALGORITHM's WEIGHTS and EXCLUDE: the system checks (above) and
+# balancing.ReadAlgorithm (an algorithm built by hand) both ask these.
+def weights_problem(weights: Any, names: Any) -> Optional[Problem]:
+    """What is wrong with R_ALGORITHM['WEIGHTS'] for these database names (E018), or None."""
+    if isinstance(weights, Mapping) and all(
+        k in names and isinstance(v, int) and not isinstance(v, bool) and v >= 0 for k, v in weights.items()
+    ):
+        return None
+    return Problem(
+        "django_lb_shm.E018",
+        f"LOAD_BALANCER['R_ALGORITHM']['WEIGHTS'] must map names from LOAD_BALANCER['DATABASES'] to "
+        f"whole numbers >= 0, got {weights!r}.",
+        "For example 'WEIGHTS': {'DB1': 3, 'DB2': 1}; a weight of 0 keeps a database out of reads.",
+    )
+
+
+def exclude_problem(excluded: Any, names: Any) -> Optional[Problem]:
+    """What is wrong with R_ALGORITHM['EXCLUDE'] for these database names (E019), or None."""
+    if not isinstance(excluded, (list, tuple)) or any(n not in names for n in excluded):
+        return Problem(
+            "django_lb_shm.E019",
+            f"LOAD_BALANCER['R_ALGORITHM']['EXCLUDE'] must list names from LOAD_BALANCER['DATABASES'], got {excluded!r}.",
+            "Excluded databases get every write but serve no reads.",
+        )
+    if names and set(excluded) >= set(names):
+        return Problem("django_lb_shm.E019", "LOAD_BALANCER['R_ALGORITHM']['EXCLUDE'] keeps every database out of reads.",
+                       "Leave at least one database to serve reads.")
+    return None
+
+
 def _check_custom_algorithm(path: str) -> list[Problem]:
-    from django.utils.module_loading import import_string
+    # not at module top: balancing imports conf, and settings.py may import conf (light)
+    from .balancing import load_read_algorithm
 
     try:
-        cls = import_string(path)
-    except ImportError as exc:
-        return [Problem("django_lb_shm.E020", f"LOAD_BALANCER['R_ALGORITHM']['NAME'] {path!r} cannot be imported: {exc}",
-                        "Give the dotted path of a django_lb_shm.balancing.ReadAlgorithm subclass.")]
-    from .balancing import ReadAlgorithm
-
-    if not (isinstance(cls, type) and issubclass(cls, ReadAlgorithm)):
-        return [Problem("django_lb_shm.E020", f"LOAD_BALANCER['R_ALGORITHM']['NAME'] {path!r} is not a ReadAlgorithm subclass.",
-                        "Subclass django_lb_shm.balancing.ReadAlgorithm and implement choose().")]
+        load_read_algorithm(path)
+    except ConfigurationError as exc:
+        return [Problem("django_lb_shm.E020", str(exc),
+                        "Give the dotted path of a django_lb_shm.balancing.ReadAlgorithm subclass "
+                        "that implements choose().")]
     return []
 
 
@@ -439,8 +447,6 @@ def _check_metrics(raw: Mapping[str, Any]) -> list[Problem]:
 
 
 def _check_metrics_host(host: Any) -> list[Problem]:
-    import socket
-
     if isinstance(host, str) and host:
         try:
             socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
@@ -561,8 +567,6 @@ def _check_plain_atomic(raw: Mapping[str, Any], django_dbs: Mapping[str, Any]) -
 
 
 def _check_log_level(raw: Mapping[str, Any]) -> list[Problem]:
-    import logging
-
     level = raw.get("LOG_LEVEL", "INFO")
     if isinstance(level, str) and isinstance(logging.getLevelName(level.upper()), int):
         return []
@@ -645,8 +649,6 @@ def _journal_base_dir() -> str:
 def _default_journal_dir(aliases: Any, django_dbs: Mapping[str, Any]) -> str:
     """Named after the databases it numbers writes for (their vendor and NAME), not after the
     coordinator's ADDRESS: moving the coordinator to another port keeps its journal."""
-    import zlib
-
     identities = [[alias, vendor_of(django_dbs[alias].get("ENGINE", "")), str(django_dbs[alias].get("NAME", ""))]
                   for alias in aliases]
     key = zlib.crc32(repr(identities).encode())
@@ -662,13 +664,12 @@ def database_identity(alias: str) -> list:
     return [vendor_of(entry["ENGINE"]), str(entry.get("NAME", ""))]
 
 
-def address_key(address: Address) -> str:
-    """A short name for an address (shared memory segment, default journal directory)."""
-    if address.path:
-        import zlib
+def _legacy_journal_dir(address: Address) -> str:
+    """JOURNAL_DIR's default before it named the databases: one directory per address."""
+    # not at module top: settings.py may import conf, and shared_state brings multiprocessing.shared_memory
+    from .shared_state import address_key
 
-        return f"u{zlib.crc32(address.path.encode()):08x}"
-    return str(address.port)
+    return _journal_base_dir() + os.sep + address_key(address)
 
 
 def build_config(raw: Any, django_dbs: Mapping[str, Any]) -> LoadBalancerConfig:
@@ -702,7 +703,7 @@ def build_config(raw: Any, django_dbs: Mapping[str, Any]) -> LoadBalancerConfig:
         wait_time=float(raw.get("WAIT_TIME", 2)),
         alias=raw.get("ALIAS", DEFAULT_ALIAS),
         journal_dir=str(raw.get("JOURNAL_DIR") or _default_journal_dir(raw["DATABASES"], django_dbs)),
-        legacy_journal_dirs=() if raw.get("JOURNAL_DIR") else (_journal_base_dir() + os.sep + address_key(address),),
+        legacy_journal_dirs=() if raw.get("JOURNAL_DIR") else (_legacy_journal_dir(address),),
         journal_fsync=bool(raw.get("JOURNAL_FSYNC", True)),
         write_ack=raw.get("WRITE_ACK", "FIRST"),
         log_level=str(raw.get("LOG_LEVEL", "INFO")).upper(),
@@ -742,8 +743,6 @@ NOT_RUNTIME_SETTINGS = frozenset({"DATABASES", SETTING_NAME, "LOGGING", "LOGGING
 
 
 def _overrides_from_environment() -> dict:
-    import json
-
     raw = os.environ.get(OVERRIDES_ENV)
     if not raw:
         return {}
@@ -762,8 +761,6 @@ def runtime_settings(settings: Any) -> dict:
     test coordinator, which imports that module itself, needs them to know the test apps'
     models and to pass the same system checks.
     """
-    import json
-
     module = _settings_module(settings)
     declared = _declared_settings(module) if module else None   # None: settings.configure(), all run-time
     changed = {}
@@ -796,8 +793,6 @@ def _settings_module(settings: Any) -> Optional[str]:
 
 def _declared_settings(module: str) -> Any:
     """A fresh Settings of ``module``; it sets TZ from TIME_ZONE as it loads, which must not leak."""
-    import time
-
     from django.conf import Settings
 
     tz = os.environ.get("TZ")
@@ -821,8 +816,6 @@ def apply_runtime_settings_from_environment() -> None:
 
 
 def apply_overrides_from_environment() -> None:
-    import logging
-
     from django.conf import settings
 
     overrides = _overrides_from_environment()

@@ -9,6 +9,7 @@ gone, after answering what is in flight.
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import itertools
 import logging
@@ -28,9 +29,14 @@ from multiprocessing.managers import Server
 from traceback import format_exc
 from typing import Any, Optional
 
+import django
+
 from . import descriptors as d
+from . import mp_private
 from .__about__ import __version__
-from .conf import database_identity
+from .balancing import build_read_algorithm
+from .conf import apply_runtime_settings_from_environment, database_identity, get_config
+from .db_thread import MARKER_TABLE, DbConnection, DbThread, Hub
 from .errors import (
     ConfigurationError,
     CoordinatorUnavailable,
@@ -43,10 +49,7 @@ from .errors import (
     WriteNotApplied,
     to_dict,
 )
-from .health import is_transient
-from .probes import ANSWERED
-from .outcomes import SETTLE_WAIT, TrimLag, WriteOutcomes
-from .protocol import (
+from .exit_codes import (
     EXIT_ADDRESS_IN_USE,
     EXIT_BOOT_ERROR,
     EXIT_CONFIG_ERROR,
@@ -54,13 +57,25 @@ from .protocol import (
     EXIT_ORPHANED,
     EXIT_RELOAD,
     EXIT_RESTART,
+)
+from .health import is_connection_error, is_transient, process_vitals
+from .journal import Journal
+from .outcomes import SETTLE_WAIT, TrimLag, WriteOutcomes
+from .ownership import CLAIM_WAIT
+from .probes import ANSWERED
+from .protocol import (
     EXPOSED,
     TYPEID,
+    UNKNOWN_OBJECT,
     FrameTooLarge,
     GuardedConnection,
     no_delay,
     private_directory,
 )
+from .resync import ResyncDesk
+from .routers import is_load_balanced
+from .schema import SchemaWatch, load_balanced_apps
+from .sequencer import Sequencer, client_of
 from .server_transaction import ServerTransaction
 from .shared_state import CoordinatorState, DbState, Header, Reader, SharedState, Slot, databases_key
 
@@ -98,8 +113,6 @@ class Coordinator:
         self.idle = threading.Condition(self._active_lock)
         self.outcomes = WriteOutcomes(sequencer.journal.find_request)
         self.settle_wait = min(SETTLE_WAIT, config.client_timeout)
-        from .resync import ResyncDesk
-
         self.resyncs = ResyncDesk(threads, sequencer, config)
 
     # -- exposed methods ---------------------------------------------------------------
@@ -133,8 +146,6 @@ class Coordinator:
         self.resyncs.abort(alias, nonce, reason)
 
     def status(self) -> dict:
-        from .health import process_vitals
-
         snapshot = self.shared.snapshot(list(self.config.databases))
         for database, thread in zip(snapshot["databases"], self.threads):
             database["read_connections"] = thread.read_pool.stats()
@@ -294,8 +305,6 @@ class Coordinator:
 
     def _client_label(self, request_id: str) -> str:
         """"pid 1234 via 127.0.0.1:50000" (for status: who holds the write order)."""
-        from .sequencer import client_of
-
         peer = getattr(self._local, "peer", "")
         label = client_of(request_id) or "a client"
         return f"{label} via {peer}" if peer else label
@@ -571,9 +580,6 @@ class WriteGuard:
     def for_installed_models(cls) -> "WriteGuard":
         from django.apps import apps
 
-        from .db_thread import MARKER_TABLE
-        from .routers import is_load_balanced
-
         models = apps.get_models(include_auto_created=True)
         others = {m._meta.db_table: m._meta.label for m in models if not is_load_balanced(m)}
         return cls(frozenset(m._meta.db_table for m in models if is_load_balanced(m)) - {MARKER_TABLE}, others)
@@ -665,8 +671,6 @@ def _peer_of(conn: Any) -> str:
 
 
 def _is_caller_error(exc: BaseException) -> bool:
-    from .health import is_connection_error
-
     return not is_connection_error(exc)
 
 
@@ -682,7 +686,7 @@ class CoordinatorServer(Server):
         self.owner = owner
         self.stop_event = threading.Event()
         try:
-            self.listener._listener._socket.listen(256)  # type: ignore[attr-defined]
+            mp_private.set_listen_backlog(self.listener, 256)
         except Exception:
             pass
         self.listeners = [self.listener]
@@ -717,16 +721,26 @@ class CoordinatorServer(Server):
                 continue
             threading.Thread(target=self.handle_request, args=(conn,), daemon=True, name="client").start()
 
-    def _handle_request(self, conn: Any) -> None:
-        """The stdlib's, with a bounded handshake and a log line for every refusal."""
-        conn.__class__ = GuardedConnection
+    def handle_request(self, conn: Any) -> None:
+        """The stdlib's Server.handle_request (serve_client ends with SystemExit), on our own
+        _serve_connection instead of its private _handle_request."""
+        try:
+            self._serve_connection(conn)
+        except SystemExit:
+            pass
+        finally:
+            conn.close()
+
+    def _serve_connection(self, conn: Any) -> None:
+        """The stdlib's _handle_request, with a bounded handshake and a log line for every refusal."""
+        mp_private.adopt_connection(conn, GuardedConnection)
         conn.timeout, conn.max_bytes = HANDSHAKE_TIMEOUT, HANDSHAKE_MAX_BYTES
         peer = _peer_of(conn)
         try:
-            mp_connection.deliver_challenge(conn, self.authkey)
-            mp_connection.answer_challenge(conn, self.authkey)
+            mp_private.deliver_challenge(conn, self.authkey)
+            mp_private.answer_challenge(conn, self.authkey)
             ignore, funcname, args, kwds = conn.recv()
-            if funcname not in self.public:
+            if funcname not in mp_private.server_public_calls(self):
                 raise ValueError(f"unknown manager call {funcname!r}")
         except AuthenticationError as exc:
             logger.warning("refused a connection from %s: %s (wrong AUTHKEY?)", peer, exc)
@@ -776,11 +790,12 @@ class CoordinatorServer(Server):
                 return  # the client went away (or sent a frame over the limit: FrameTooLarge)
             try:
                 ident, method, args, kwds = loads(request)
-                if ident not in self.id_to_obj:
-                    # CoordinatorProxy reads this as "a proxy of a previous coordinator process".
-                    msg: tuple = ("#TRACEBACK", f"KeyError: {ident!r} is not in id_to_obj of this coordinator")
+                served = mp_private.served_object(self, ident)
+                if served is None:
+                    # a proxy of a previous coordinator process: CoordinatorProxy reconnects
+                    msg: tuple = (UNKNOWN_OBJECT, ident)
                 else:
-                    obj, exposed, _typeids = self.id_to_obj[ident]
+                    obj, exposed = served
                     if method not in exposed:
                         raise AttributeError(f"method {method!r} of {type(obj)} object is not exposed")
                     msg = ("#RETURN", getattr(obj, method)(*args, **kwds))
@@ -815,12 +830,6 @@ class CoordinatorProcess:
         self.exit_code = EXIT_OK
 
     def boot(self) -> None:
-        from .balancing import build_read_algorithm
-        from .db_thread import DbConnection, DbThread, Hub
-        from .journal import Journal
-        from .schema import SchemaWatch, load_balanced_apps
-        from .sequencer import Sequencer
-
         # Bind first: a taken port is a boot error before any database is touched.
         address = self.config.address
         registry = {TYPEID: (lambda: self.coordinator, EXPOSED, None, None)}
@@ -902,8 +911,6 @@ class CoordinatorProcess:
 
     def _claim_databases(self) -> None:
         """Two coordinators on the same databases would number writes twice: the second one does not start."""
-        from .ownership import CLAIM_WAIT
-
         owned = []
         deadline = time.monotonic() + CLAIM_WAIT   # one wait for all: a second coordinator fails within moments
         for thread in self.threads:
@@ -1006,8 +1013,6 @@ def release_free_memory() -> None:
     """Large writes leave freed blocks in glibc's per-thread arenas, which it keeps; once the
     journal no longer needs them, give them back so that RSS follows what is pending."""
     try:
-        import ctypes
-
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):   # not glibc: nothing to do
         pass
@@ -1025,14 +1030,10 @@ def configure_logging(level: str = "INFO") -> None:
 
 def main(settings_module: Optional[str], shm_name: str, supervisor_pid: int, sys_path: list) -> None:
     """Entry point of the spawned manager process."""
-    import django
-
     sys.path[:0] = [p for p in sys_path if p not in sys.path]
     if settings_module:
         os.environ["DJANGO_SETTINGS_MODULE"] = settings_module
     try:
-        from .conf import apply_runtime_settings_from_environment, get_config
-
         apply_runtime_settings_from_environment()   # a coordinator of LoadBalancerTestRunner
         django.setup()
 

@@ -12,6 +12,8 @@ from typing import Any, Optional
 
 import psutil
 
+from .errors import DatabaseDown
+
 # SQLSTATE classes/codes that mean "the server or the link is gone", not "your query is wrong".
 _PG_DOWN_CLASSES = ("08", "53", "58", "XX")
 _PG_DOWN_CODES = {"57P01", "57P02", "57P03", "57P04", "57P05"}
@@ -21,12 +23,6 @@ _PG_TRANSIENT_CODES = {"40001", "40P01", "55P03"}
 _SQLITE_DOWN = ("SQLITE_CANTOPEN", "SQLITE_IOERR", "SQLITE_NOTADB", "SQLITE_CORRUPT", "SQLITE_FULL",
                 "SQLITE_READONLY")
 _SQLITE_TRANSIENT = ("SQLITE_BUSY", "SQLITE_LOCKED")
-
-PEP249_NAMES = (
-    "DataError", "OperationalError", "IntegrityError", "InternalError",
-    "ProgrammingError", "NotSupportedError", "InterfaceError", "DatabaseError", "Error",
-)
-
 
 def _driver_error(exc: BaseException) -> BaseException:
     """Django wraps driver errors (``__cause__``); classify the driver's own."""
@@ -38,8 +34,6 @@ def _driver_error(exc: BaseException) -> BaseException:
 
 
 def is_connection_error(exc: BaseException) -> bool:
-    from .errors import DatabaseDown
-
     if isinstance(exc, DatabaseDown):
         return True
     exc = _driver_error(exc)
@@ -74,15 +68,6 @@ def is_statement_timeout(exc: BaseException) -> bool:
             return True
         cause = cause.__cause__
     return False
-
-
-def django_error_name(exc: BaseException) -> str:
-    """The django.db error class name a driver exception maps to (as Django's own wrapper does)."""
-    exc = _driver_error(exc)
-    for klass in type(exc).__mro__:
-        if klass.__name__ in PEP249_NAMES:
-            return klass.__name__
-    return "DatabaseError"
 
 
 def process_vitals(pid: int) -> dict[str, Any]:

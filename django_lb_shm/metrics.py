@@ -18,6 +18,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import psutil
 
+from .health import address_holder
 from .shared_state import CoordinatorState, DbState, Header, SharedState
 
 logger = logging.getLogger("django_lb_shm.metrics")
@@ -202,6 +203,4 @@ def serve_metrics(config: Any, shared: SharedState) -> Optional[MetricsServer]:
 
 
 def _port_holder(port: int) -> str:
-    from .health import address_holder
-
     return address_holder(types.SimpleNamespace(path="", port=port))

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from .errors import DatabaseOwnedElsewhere
+from .shared_state import pid_alive
 
 logger = logging.getLogger("django_lb_shm.ownership")
 
@@ -90,13 +91,7 @@ def _alive_here(description: str) -> bool:
     match = _HOLDER.match(description or "")
     if not match or match.group("host") != HOST_KEY:
         return False
-    try:
-        os.kill(int(match.group("pid")), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid_alive(int(match.group("pid")))
 
 
 class Ownership:
@@ -183,13 +178,7 @@ class Ownership:
         pid = int(match.group("pid"))
         if pid == os.getpid():
             return ""   # another alias of this coordinator reaches the same database: a real conflict
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return f"coordinator process {pid} of this host no longer runs"
-        except PermissionError:
-            return ""
-        return ""
+        return "" if pid_alive(pid) else f"coordinator process {pid} of this host no longer runs"
 
     # -- SQLite ---------------------------------------------------------------------------
     def _try_lock_file(self, database_file: str) -> Optional[Holder]:

@@ -155,7 +155,7 @@ def _leave_both(leave: Callable, block: Any, twin: Any, default: Any, lb: Any,
 def lost_transaction(connection: Any) -> str:
     """Why the load-balanced transaction of ``connection`` was lost (its coordinator connection
     dropped mid-call), or '' (not lost, or not a load-balanced connection)."""
-    from .client import ClientSession
+    from .client import ClientSession   # app start-up stays light: the client side loads on first use
 
     session = connection.connection
     return session.broken if isinstance(session, ClientSession) else ""

@@ -8,7 +8,7 @@ Inside the coordinator, the server thread of that connection answers it (see
 coordinator.py: reads on a pooled connection or through a database thread's
 queue, writes under the sequencer's order).
 
-Exit codes of the coordinator process form a protocol with the supervisor.
+The coordinator process's exit codes (a protocol with the supervisor) are in exit_codes.py.
 """
 from __future__ import annotations
 
@@ -23,31 +23,19 @@ from multiprocessing import connection as mp_connection
 from multiprocessing.managers import BaseManager, BaseProxy, convert_to_error
 from typing import Any, Optional
 
+from . import mp_private
 from .errors import AnswerTimeout, ProtocolError
 
 TYPEID = "coordinator"
 EXPOSED = ("execute", "status", "hello", "ping", "identity",
            "resync_begin", "resync_progress", "resync_done", "resync_end", "resync_abort")
 
-EXIT_OK = 0
-EXIT_CONFIG_ERROR = 2    # settings invalid: never restart
-EXIT_BOOT_ERROR = 3      # could not boot (journal unusable, databases claimed...): never restart
-EXIT_ORPHANED = 4        # supervisor went away; not restarted (nobody left to restart it)
-EXIT_RESTART = 5         # the coordinator asks to be restarted (its journal must be read again)
-EXIT_ADDRESS_IN_USE = 6  # ADDRESS is taken: a boot error at the first boot, retried with backoff after it
-EXIT_RELOAD = 7          # LOAD_BALANCER['DATABASES'] changed: the supervisor starts over with the new settings
+# A reply kind of our own, next to the Manager's #RETURN/#ERROR/#TRACEBACK: the request named
+# an object this coordinator process does not have (the proxy was made with a previous one).
+UNKNOWN_OBJECT = "#UNKNOWN_OBJECT"
+
 # Set by LoadBalancerTestRunner to its own pid: the supervisor stops once that process is gone.
 STOP_WITH_PARENT_ENV = "DJANGO_LB_SHM_STOP_WITH_PARENT"
-
-EXIT_CODES = {
-    EXIT_OK: "stopped",
-    EXIT_CONFIG_ERROR: "invalid settings",
-    EXIT_BOOT_ERROR: "boot error",
-    EXIT_ORPHANED: "orphaned",
-    EXIT_RESTART: "restart requested",
-    EXIT_ADDRESS_IN_USE: "address in use",
-    EXIT_RELOAD: "the databases changed",
-}
 
 
 class GuardedConnection(mp_connection.Connection):
@@ -72,10 +60,10 @@ class GuardedConnection(mp_connection.Connection):
         return bool(poller.poll(max(timeout, 0.0) * 1000))
 
     def _recv_bytes(self, maxsize: Optional[int] = None):
-        if self.timeout is not None and not self._poll(self.timeout):
+        if self.timeout is not None and not mp_private.poll(self, self.timeout):
             raise TimeoutError(f"no answer within {self.timeout:.2f} s")
         limit = maxsize if maxsize is not None else self.max_bytes
-        buf = super()._recv_bytes(limit)
+        buf = mp_private.recv_bytes_upto(self, limit)
         if buf is None:  # the length prefix is over the limit: the payload is never read
             self.too_large = True
             raise FrameTooLarge(f"a frame over {limit} bytes")
@@ -106,8 +94,8 @@ def connect(address: Any, authkey: bytes, timeout: Optional[float] = None) -> mp
     conn = GuardedConnection(sock.detach())
     conn.timeout = timeout
     try:
-        mp_connection.answer_challenge(conn, authkey)
-        mp_connection.deliver_challenge(conn, authkey)
+        mp_private.answer_challenge(conn, authkey)
+        mp_private.deliver_challenge(conn, authkey)
     except BaseException:
         conn.close()
         raise
@@ -174,13 +162,13 @@ class CoordinatorProxy(BaseProxy):
         self._tls = threading.local()
 
     def call(self, method: str, args: tuple = (), timeout: float | None = None) -> Any:
-        frame = pickle.dumps((self._id, method, args, {}), pickle.HIGHEST_PROTOCOL)
+        frame = pickle.dumps((mp_private.proxy_object_id(self), method, args, {}), pickle.HIGHEST_PROTOCOL)
         conn = self._connection()
         try:
             conn.send_bytes(frame)
             if timeout is not None and not conn.readable_within(timeout):
                 raise AnswerTimeout(
-                    f"the load balancer coordinator at {self._token.address[0]}:{self._token.address[1]} "
+                    f"the load balancer coordinator at {_shown(mp_private.proxy_address(self))} "
                     f"did not answer {method!r} within {timeout:.2f} s (CLIENT_TIMEOUT)"
                 )
             kind, result = conn.recv()
@@ -192,7 +180,7 @@ class CoordinatorProxy(BaseProxy):
             raise
         if kind == "#RETURN":
             return result
-        if kind == "#TRACEBACK" and "KeyError" in result and "id_to_obj" in result:
+        if kind == UNKNOWN_OBJECT:
             # This proxy names an object of a previous coordinator process: the
             # request was not run; reconnect with a fresh proxy.
             self.drop_connection()
@@ -206,7 +194,7 @@ class CoordinatorProxy(BaseProxy):
         try:
             return self._tls.connection
         except AttributeError:
-            self._connect()
+            mp_private.connect_proxy(self)
             return self._tls.connection
 
     def drop_connection(self) -> None:
@@ -217,6 +205,10 @@ class CoordinatorProxy(BaseProxy):
                 conn.close()
             except OSError:
                 pass
+
+
+def _shown(address: Any) -> str:
+    return address if isinstance(address, str) else f"{address[0]}:{address[1]}"
 
 
 class CoordinatorManager(BaseManager):

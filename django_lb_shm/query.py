@@ -14,13 +14,13 @@ from typing import Any
 from django.db import models
 
 from .backend.alias import lb_alias
+from .conf import get_config
 from .errors import NotSupportedError
+from .routers import chosen_alias, write_alias
 
 
 def is_copy(alias: str | None) -> bool:
     """Whether ``alias`` is one of the load-balanced copies (LOAD_BALANCER['DATABASES'])."""
-    from .conf import get_config
-
     return alias is not None and alias in get_config().databases
 
 
@@ -45,7 +45,6 @@ class LoadBalancerQuerySet(models.QuerySet):
     def db(self) -> str:
         if self._db is None:
             if self._hints:   # a related manager of an instance read (or saved) with using()
-                from .routers import chosen_alias, write_alias
 
                 chosen = write_alias(self._hints) if self._for_write else chosen_alias(self._hints)
                 return chosen or lb_alias()

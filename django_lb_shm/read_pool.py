@@ -123,7 +123,7 @@ class ReadPool:
         return cut
 
     def is_current(self, pooled: PooledConnection) -> bool:
-        """Lent before the last reset (the database went down since)?"""
+        """Lent since the last reset (False: the database went down after it was lent)."""
         return pooled.generation == self._generation
 
     def stats(self) -> dict:

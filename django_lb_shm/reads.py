@@ -41,16 +41,20 @@ import decimal
 import fcntl
 import logging
 import os
+import tempfile
 import threading
 import time
 import uuid
 import weakref
 from typing import Any, Optional
 
+from .balancing import build_read_algorithm
 from .conf import _settings, get_config
 from .descriptors import Result, Statement
 from .errors import DatabaseDown, QueryTimeout, SharedMemoryNotOwned, as_database_error
 from .health import interrupt_statement, is_connection_error, is_statement_timeout, is_transient
+from .ownership import sqlite_path
+from .protocol import private_directory
 from .shared_state import (
     HEADER_SIZE,
     SLOT_SIZE,
@@ -154,8 +158,6 @@ class ZeroHopReader:
 
     def __init__(self, config: Any, shared: SharedState):
         from django.conf import settings
-
-        from .balancing import build_read_algorithm
 
         self.config = config
         self.raw = settings.LOAD_BALANCER   # what the fast path compares
@@ -347,8 +349,6 @@ class ZeroHopReader:
         entry = connections.configure_settings(entries)[alias]
         vendor_engine = entry["ENGINE"]
         if "sqlite" in vendor_engine:
-            from .ownership import sqlite_path
-
             if not os.path.exists(sqlite_path(entry)):   # SQLite would create an empty database there
                 raise DatabaseDown(f"the SQLite file of {alias!r} ({sqlite_path(entry)}) does not exist")
         if "postgresql" in vendor_engine:
@@ -545,10 +545,6 @@ def _plain(params: Any) -> bool:
 
 def _lock_directory(config: Any) -> str:
     """The private directory of this user's reader-slot lock files ('' if it cannot be private)."""
-    import tempfile
-
-    from .protocol import private_directory
-
     directory = os.path.join(tempfile.gettempdir(), f"django_lb_shm-{os.getuid()}")
     try:
         if private_directory(os.path.join(directory, "x"), create=True):
@@ -623,7 +619,7 @@ def _build(config: Any) -> Optional[ZeroHopReader]:
             return None
         # The coordinator must serve the databases this process names (as on the coordinator
         # path, e.g. under manage.py test): one round trip, once per process.
-        from .client import get_client
+        from .client import get_client   # a cycle: client imports reads
 
         get_client().proxy()
         _reader = ZeroHopReader(config, shared)

@@ -30,20 +30,29 @@ command that is gone (its pid no longer runs on this host, or its lease ran out)
 """
 from __future__ import annotations
 
+import glob
+import io
 import logging
 import os
 import queue
 import socket
+import sqlite3
 import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, Optional, Sequence, TextIO
 
+from . import apps
+from .conf import get_config
 from .db_thread import MARKER_CREATE, MARKER_ROW, MARKER_TABLE, FinishResync, MarkResync
-from .errors import ResyncError
+from .errors import LoadBalancerError, ResyncError
+from .exit_codes import EXIT_RESYNC_FAILED, EXIT_RESYNC_USAGE, EXIT_RESYNCED
 from .journal import new_tag
+from .ownership import sqlite_path
+from .routers import is_load_balanced
 from .shared_state import DbState, Slot, pid_alive
+from .verify import compare_tables, format_report, table_spec
 
 logger = logging.getLogger("django_lb_shm.resync")
 
@@ -259,9 +268,6 @@ def _mark(tag: int) -> Callable[["queue.SimpleQueue"], Any]:
 
 
 # == the command's side ======================================================================
-EXIT_RESYNCED = 0
-EXIT_RESYNC_FAILED = 1
-EXIT_RESYNC_USAGE = 2
 REPLAY_STALL = 60.0     # the replay must make progress within this, or the command gives up waiting
 VERIFY_ATTEMPTS = 5     # the apps keep writing: a row may differ for a moment while a write is on its way
 SOURCE_ALIAS = "lb_source"
@@ -275,9 +281,9 @@ def resync(alias: str, source: Optional[str] = None, chunk_size: int = 10000, ma
     0 when ``alias`` is RUNNING again and (unless ``verify`` is off) identical to the source;
     1 when it failed (the copy is left out of reads, or untouched); 2 for bad arguments.
     """
+    # not at module top: the coordinator imports this module (ResyncDesk), and the client side
+    # (reads.py, the drivers' type modules) has no business in the supervisor or coordinator
     from .client import CoordinatorClient
-    from .conf import get_config
-    from .errors import LoadBalancerError
 
     stream = stream if stream is not None else sys.stdout
     config = get_config()
@@ -365,11 +371,7 @@ class ResyncRun:
 
     # -- the steps -------------------------------------------------------------------------------
     def _migrate(self) -> None:
-        import io
-
         from django.core.management import call_command
-
-        from . import apps
 
         apps.migrating_every_database = True   # (no "only this copy was migrated" warning)
         out = io.StringIO()
@@ -447,8 +449,6 @@ class ResyncRun:
 
     def _verify(self) -> list[str]:
         """What still differs between the copy and its source after a few tries (the apps write on)."""
-        from .verify import compare_tables, format_report
-
         specs, _models = copy_plan(self.source)
         t0 = time.monotonic()
         for attempt in range(VERIFY_ATTEMPTS):
@@ -465,8 +465,6 @@ class ResyncRun:
         return [line.strip() for report in reports if not report.ok for line in format_report(report)[:3]]
 
     def _abort(self, exc: BaseException) -> None:
-        from .errors import LoadBalancerError
-
         reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
         if not isinstance(exc, (LoadBalancerError, KeyboardInterrupt)):
             logger.debug("resync failed", exc_info=exc)
@@ -598,9 +596,6 @@ def copy_plan(alias: str) -> tuple[list, list]:
     """(TableSpec per load-balanced table, the models) -- tables referenced by others first."""
     from django.apps import apps
 
-    from .routers import is_load_balanced
-    from .verify import table_spec
-
     models: dict[str, Any] = {}
     for model in apps.get_models(include_auto_created=True):
         meta = model._meta
@@ -667,8 +662,6 @@ class SqliteCopier:
     def __init__(self, source: str, alias: str):
         from django.db import connections
 
-        from .ownership import sqlite_path
-
         self.source_path = sqlite_path(connections.settings[source])
         self.target_path = sqlite_path(connections.settings[alias])
         self.snapshot_file = ""
@@ -676,8 +669,6 @@ class SqliteCopier:
         self.db: Any = None
 
     def __enter__(self) -> "SqliteCopier":
-        import sqlite3
-
         for path in (self.source_path, self.target_path):
             if not os.path.exists(path):
                 raise ResyncError(f"the SQLite file {path} does not exist")
@@ -700,8 +691,6 @@ class SqliteCopier:
                     pass
 
     def snapshot(self) -> tuple[int, int]:
-        import sqlite3
-
         path = self.source_path
         if _journal_mode(path) != "wal":
             path = self.snapshot_file = self._backup()
@@ -718,8 +707,6 @@ class SqliteCopier:
         return int(row[0]), int(row[1])
 
     def _backup(self) -> str:
-        import sqlite3
-
         _remove_stale_snapshots(self.target_path)
         target = f"{self.target_path}.resync-{os.getpid()}.tmp"
         t0 = time.monotonic()
@@ -779,8 +766,6 @@ class SqliteCopier:
 
 
 def _journal_mode(path: str) -> str:
-    import sqlite3
-
     db = sqlite3.connect(path, timeout=60)
     try:
         return str(db.execute("PRAGMA journal_mode").fetchone()[0]).lower()
@@ -790,8 +775,6 @@ def _journal_mode(path: str) -> str:
 
 def _remove_stale_snapshots(target_path: str) -> None:
     """Snapshot files left by a resync command that was killed (its pid no longer runs)."""
-    import glob
-
     for path in glob.glob(glob.escape(target_path) + ".resync-*.tmp"):
         try:
             pid = int(path.rsplit(".resync-", 1)[1].split(".", 1)[0])

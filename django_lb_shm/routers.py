@@ -10,7 +10,8 @@ from typing import Any, Optional
 
 from django.db import DEFAULT_DB_ALIAS
 
-from .backend.alias import lb_alias
+from .backend.alias import install_alias, lb_alias
+from .conf import SETTING_NAME, models_setting
 
 
 _LOAD_BALANCED: dict = {}   # model class -> bool (asked by the router on every query)
@@ -41,8 +42,6 @@ def listed_in_models(meta: Any) -> bool:
     if parsed is None:
         from django.conf import settings
 
-        from .conf import SETTING_NAME, models_setting
-
         entries = models_setting(getattr(settings, SETTING_NAME, None))
         parsed = _LISTED[0] = (
             frozenset(e for e in entries if "." not in e),
@@ -58,7 +57,7 @@ def forget_answers() -> None:
 
 
 def _is_load_balanced(model: Any) -> bool:
-    from .load_balancer_model import LoadBalancerModel
+    from .load_balancer_model import LoadBalancerModel   # a cycle: it imports routers
 
     if model is None:
         return False
@@ -94,7 +93,7 @@ def write_alias(hints: dict) -> Optional[str]:
     """The real alias a load-balanced instance's writes stay on: the database it was read from or
     saved to with ``using()`` when that is no copy (Django's multi-db).  None for the copies:
     writes to them go through the load balancer, whichever copy the instance was read from."""
-    from .query import is_copy
+    from .query import is_copy   # a cycle: query imports routers
 
     chosen = chosen_alias(hints)
     return None if chosen is None or is_copy(chosen) else chosen
@@ -178,11 +177,7 @@ def watch_settings() -> None:
 
 
 def _on_setting_changed(*, setting: str, **kwargs: Any) -> None:
-    from .conf import SETTING_NAME
-
     if setting == "DATABASE_ROUTERS":
-        from .backend.alias import install_alias
-
         if install_alias():   # as in AppConfig.ready(): no routers while the settings are invalid
             install_router()
     elif setting == SETTING_NAME:

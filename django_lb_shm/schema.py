@@ -27,6 +27,8 @@ import logging
 import threading
 from typing import Any, Callable, Iterable, Mapping, Optional
 
+from .routers import is_load_balanced
+
 logger = logging.getLogger("django_lb_shm.schema")
 
 Applied = frozenset   # of "app.name"
@@ -40,8 +42,6 @@ _HAS_TABLE = {
 def load_balanced_apps() -> frozenset[str]:
     """Labels of the installed apps that have a load-balanced model (LoadBalancerModel, LOAD_BALANCER['MODELS'])."""
     from django.apps import apps
-
-    from .routers import is_load_balanced
 
     return frozenset(m._meta.app_label for m in apps.get_models(include_auto_created=True) if is_load_balanced(m))
 

@@ -1,9 +1,11 @@
 """Shared memory: per-database state, counters and latency, and the coordinator's vitals.
 
 One named ``multiprocessing.shared_memory`` segment per coordinator address,
-created and unlinked by the supervisor, written by the coordinator process
-(each field has exactly one writer thread, so no lock is needed) and read
-without any round trip by the supervisor, the read algorithms and ``status``.
+created and unlinked by the supervisor, written by the coordinator process and
+read without any round trip by the supervisor, the read algorithms and ``status``.
+A field set by one thread (``set``, ``set_header``) takes no lock; a counter bumped
+by several threads of the coordinator (``add``, ``add_header``: a read and a write)
+takes ``SharedState._add_lock``, a lock of that process only.
 The layout is a flat array of float64 (exact for integers below 2**53):
 
     header (HEADER_SIZE) | one Slot per database (SLOT_SIZE each) | READER_SLOTS reader slots
@@ -14,8 +16,9 @@ file of its own (released by the kernel when the thread's state is dropped or th
 process dies) and is then the only writer of the slot's fields: its per-database
 read count, in-flight reads, latency sums, and the connection failures and
 timeouts it saw (which the coordinator's ``ReaderWatch`` acts on).  Readers sum
-the slots; nobody takes a lock to count.  ``LAYOUT_VERSION`` is checked on attach:
-an app process that finds another layout keeps the coordinator path.
+the slots; no reader takes a lock to count.  ``LAYOUT_VERSION`` is checked on attach
+(``LayoutMismatch``, naming both versions): an app process that finds another layout
+keeps the coordinator path.
 
 The segment's name carries the OS user's uid (``segment_name``), and a segment is only
 created over, attached or reclaimed when that user owns it and no other user may write
@@ -125,6 +128,13 @@ class LayoutMismatch(RuntimeError):
     """The segment was laid out by another version of the package."""
 
 
+def layout_mismatch_message(name: str, version: int) -> str:
+    return (f"shared memory segment {name!r} has layout version {version}, this django_lb_shm reads "
+            f"version {LAYOUT_VERSION}: the coordinator and this process run different django_lb_shm "
+            "versions; install one version everywhere, then restart the coordinator (djangoloadbalancer) "
+            "and the app processes (until then their reads go through the coordinator)")
+
+
 SHM_DIR = "/dev/shm"   # where Linux keeps POSIX shared memory segments
 
 
@@ -136,9 +146,14 @@ def databases_key(aliases: Any) -> int:
 def segment_name(address: Any) -> str:
     """One segment per OS user and coordinator address: django_lb_shm_<uid>_<port>
     (or django_lb_shm_<uid>_u<hash of the socket path>)."""
-    from .conf import address_key
-
     return f"django_lb_shm_{os.getuid()}_{address_key(address)}"
+
+
+def address_key(address: Any) -> str:
+    """A short name for a conf.Address (shared memory segment, default journal directory)."""
+    if address.path:
+        return f"u{zlib.crc32(address.path.encode()):08x}"
+    return str(address.port)
 
 
 def segment_path(name: str) -> str:
@@ -282,8 +297,7 @@ class SharedState:
         version = int(state.header(Header.VERSION))
         if version != LAYOUT_VERSION:
             state.close()
-            raise LayoutMismatch(f"shared memory segment {name!r} has layout version {version}, this "
-                                 f"django_lb_shm reads version {LAYOUT_VERSION}")
+            raise LayoutMismatch(layout_mismatch_message(name, version))
         return state
 
     @classmethod

@@ -25,15 +25,15 @@ from typing import Any, Optional
 from . import coordinator
 from .health import address_holder, process_vitals
 from .metrics import MetricsServer, serve_metrics
-from .protocol import (
+from .exit_codes import (
+    COORDINATOR_EXITS,
     EXIT_ADDRESS_IN_USE,
     EXIT_BOOT_ERROR,
-    EXIT_CODES,
     EXIT_CONFIG_ERROR,
     EXIT_OK,
     EXIT_RELOAD,
-    STOP_WITH_PARENT_ENV,
 )
+from .protocol import STOP_WITH_PARENT_ENV
 from .shared_state import CoordinatorState, DbState, Header, SharedState, Slot, segment_name
 
 logger = logging.getLogger("django_lb_shm.supervisor")
@@ -130,7 +130,7 @@ class Supervisor:
         if code == EXIT_ADDRESS_IN_USE:
             reason = self._address_in_use()
         elif code is not None:
-            reason = EXIT_CODES.get(code, f"exit code {code}")
+            reason = COORDINATOR_EXITS.get(code, f"exit code {code}")
         else:
             reason = "no READY within the boot timeout"
         logger.error("the coordinator failed to boot (%s); not restarting", reason)
@@ -178,7 +178,7 @@ class Supervisor:
             if problem:
                 code = self.process.exitcode
                 if code in (EXIT_CONFIG_ERROR, EXIT_BOOT_ERROR):
-                    logger.error("the coordinator exited with %s; not restarting", EXIT_CODES[code])
+                    logger.error("the coordinator exited with %s; not restarting", COORDINATOR_EXITS[code])
                     return code
                 if code == EXIT_RELOAD:
                     return code

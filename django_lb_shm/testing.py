@@ -40,8 +40,12 @@ from django.test import TransactionTestCase
 from django.test.runner import DiscoverRunner
 from django.test.utils import iter_test_cases
 
+from . import apps
+from .backend.base import count_under_test_runner
+from .client import get_client
 from .conf import OVERRIDES_ENV, SETTING_NAME, get_config, runtime_settings
 from .protocol import STOP_WITH_PARENT_ENV
+from .reads import close_connections
 
 logger = logging.getLogger("django_lb_shm.testing")
 BOOT_TIMEOUT = 60.0
@@ -89,20 +93,14 @@ class LoadBalancerTestRunner(DiscoverRunner):
 
     # -- set-up and tear-down ---------------------------------------------------------------------
     def setup_test_environment(self, **kwargs: Any) -> None:
-        from .backend.base import count_under_test_runner
-
         super().setup_test_environment(**kwargs)
         count_under_test_runner(True)   # COUNT_QUERIES_ON_DEFAULT 'TESTS'
 
     def teardown_test_environment(self, **kwargs: Any) -> None:
-        from .backend.base import count_under_test_runner
-
         count_under_test_runner(False)
         super().teardown_test_environment(**kwargs)
 
     def setup_databases(self, **kwargs: Any):
-        from . import apps
-
         config = get_config()
         self._workdir = tempfile.mkdtemp(prefix="django_lb_shm_tests_")
         self._use_files_for_sqlite_test_databases(config.databases)
@@ -124,8 +122,6 @@ class LoadBalancerTestRunner(DiscoverRunner):
         return old_config
 
     def teardown_databases(self, old_config: Any, **kwargs: Any) -> None:
-        from .reads import close_connections
-
         self._stop_coordinator()
         close_connections()   # zero-hop reads' own connections: PostgreSQL refuses to drop a database in use
         super().teardown_databases(old_config, **kwargs)
@@ -174,8 +170,6 @@ class LoadBalancerTestRunner(DiscoverRunner):
                   f"(pid {self._coordinator.pid})")
 
     def _wait_until_ready(self) -> None:
-        from .client import get_client
-
         deadline = time.monotonic() + BOOT_TIMEOUT
         while True:
             if self._coordinator.poll() is not None:
@@ -190,8 +184,6 @@ class LoadBalancerTestRunner(DiscoverRunner):
             time.sleep(0.1)
 
     def _stop_coordinator(self) -> None:
-        from .client import get_client
-
         process, self._coordinator = self._coordinator, None
         if self._real_setting is not None:
             get_client().forget_connection()

@@ -35,9 +35,9 @@ from dataclasses import dataclass, field, replace
 from operator import itemgetter
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, TextIO
 
-EXIT_IDENTICAL = 0
-EXIT_DIFFERENT = 1
-EXIT_UNREADABLE = 2
+from .conf import get_config
+from .exit_codes import EXIT_DIFFERENT, EXIT_IDENTICAL, EXIT_UNREADABLE
+from .routers import is_load_balanced
 
 RECHECK_DELAY = 0.5  # seconds before a table with differences is compared again
 _TEXT_TYPES = ("char", "text", "clob", "string")
@@ -84,9 +84,6 @@ def load_balanced_tables(alias: Optional[str] = None) -> list[TableSpec]:
     """Every concrete table of a load-balanced model (LoadBalancerModel, LOAD_BALANCER['MODELS']) and
     auto-created m2m table between them."""
     from django.apps import apps
-
-    from .conf import get_config
-    from .routers import is_load_balanced
 
     alias = alias or get_config().databases[0]
     specs: dict[str, TableSpec] = {}
@@ -393,8 +390,6 @@ def compare_tables(aliases: Optional[Sequence[str]] = None, tables: Optional[Ite
                    chunk_size: int = 2000, show: int = 10, recheck_delay: Optional[float] = RECHECK_DELAY,
                    progress: Optional["ProgressBar"] = None) -> list[TableReport]:
     """One TableReport per load-balanced table (or per table given: TableSpec, model or table name)."""
-    from .conf import get_config
-
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
     aliases = tuple(aliases or get_config().databases)
@@ -563,9 +558,7 @@ def _summary(reports: list[TableReport], unreachable: dict[str, str], aliases: S
 
 def verify(chunk_size: int = 2000, show: int = 10, progress: bool = True,
            stream: Optional[TextIO] = None) -> int:
-    """Compare every load-balanced table across LOAD_BALANCER['DATABASES']; 0 identical, 1 differ, 2 unreadable."""
-    from .conf import get_config
-
+    """Compare every load-balanced table across LOAD_BALANCER['DATABASES']; 0 identical, 1 differ, 4 unreadable (exit_codes.py)."""
     stream = stream if stream is not None else sys.stdout
     aliases = get_config().databases
     if chunk_size < 1:
@@ -600,8 +593,7 @@ def verify(chunk_size: int = 2000, show: int = 10, progress: bool = True,
 
 def _pending_writes_note() -> str:
     """Copies differ while journaled writes wait to be applied: say whether that can be the reason."""
-    from .client import read_status
-    from .conf import get_config
+    from .client import read_status   # not at module top: resync.py, thus the coordinator, imports verify.py
 
     try:
         status = read_status(get_config())

@@ -17,6 +17,7 @@ from django.db.utils import load_backend
 from ..client import SAVEPOINT, ClientSession, classify, get_client
 from ..conf import get_config
 from ..plain_atomic import PARTNER
+from .compiler import load_balanced_compiler
 
 
 _under_test_runner = [False]   # set by LoadBalancerTestRunner for its test run
@@ -70,8 +71,6 @@ class ProxyOperationsMixin:
         key = (type(self), compiler_name)
         compiler = self._compilers.get(key)
         if compiler is None:
-            from .compiler import load_balanced_compiler
-
             compiler = self._compilers[key] = load_balanced_compiler(super().compiler(compiler_name))
         return compiler
 

@@ -1,0 +1,146 @@
+"""The package's import structure (django_lb_shm/__init__.py's layering): top-level imports of
+the package point down the declared layers only, form no cycle, and shared_state imports
+nothing of the package but errors.  Read from the source (ast): nothing is imported."""
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "django_lb_shm"
+PACKAGES = {"", "backend", "management", "management.commands"}   # (__init__ modules)
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def is_module(name: str) -> bool:
+    path = PACKAGE.joinpath(*name.split("."))
+    return path.with_suffix(".py").exists() or (path / "__init__.py").exists()
+
+
+def _targets(node: ast.ImportFrom, importer: str, is_package: bool) -> set[str]:
+    if node.level == 0:
+        if not (node.module or "").startswith("django_lb_shm"):
+            return set()
+        base = (node.module or "").split(".")[1:]
+    else:
+        base = importer.split(".") if importer else []
+        if not is_package:
+            base = base[:-1]
+        base = base[: len(base) - (node.level - 1)] + (node.module.split(".") if node.module else [])
+    out = set()
+    for alias in node.names:
+        candidate = ".".join(base + [alias.name])
+        out.add(candidate if is_module(candidate) else ".".join(base))
+    return out
+
+
+def _is_type_checking(node: ast.stmt) -> bool:
+    return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+
+
+def top_level_imports() -> dict[str, set[str]]:
+    """module -> the package modules it imports when it is imported (not in functions, not TYPE_CHECKING)."""
+    graph = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        name = module_name(path)
+        deps: set[str] = set()
+        stack = list(ast.parse(path.read_text()).body)
+        while stack:
+            node = stack.pop()
+            if isinstance(node, ast.ImportFrom):
+                deps |= _targets(node, name, path.name == "__init__.py")
+            elif isinstance(node, ast.Import):
+                deps |= {".".join(a.name.split(".")[1:]) for a in node.names if a.name.startswith("django_lb_shm.")}
+            elif isinstance(node, (ast.If, ast.Try)) and not _is_type_checking(node):
+                stack += node.body + node.orelse + getattr(node, "finalbody", []) \
+                    + [s for h in getattr(node, "handlers", []) for s in h.body]
+        deps.discard(name)
+        graph[name] = deps
+    return graph
+
+
+def declared_layers() -> dict[str, int]:
+    doc = ast.get_docstring(ast.parse((PACKAGE / "__init__.py").read_text())) or ""
+    layers, current = {}, None
+    for line in doc.splitlines():
+        match = re.match(r"\s+L(\d+)\s+(.*)$", line)
+        if match:
+            current = int(match.group(1))
+            names = match.group(2)
+        elif current is not None and line.startswith("        ") and line.strip():
+            names = line
+        else:
+            current = None if not line.strip() else current
+            continue
+        for name in names.split():
+            layers[name] = current
+    return layers
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str]:
+    state: dict[str, int] = {}   # 1: on the path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str]:
+        state[node] = 1
+        path.append(node)
+        for dep in sorted(graph.get(node, ())):
+            if state.get(dep) == 1:
+                return path[path.index(dep):] + [dep]
+            if dep not in state:
+                found = visit(dep)
+                if found:
+                    return found
+        path.pop()
+        state[node] = 2
+        return []
+
+    for node in sorted(graph):
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return []
+
+
+def test_no_cycle_among_top_level_imports():
+    cycle = find_cycle(top_level_imports())
+    assert not cycle, ("import cycle among top-level imports: " + " -> ".join(cycle)
+                       + "; import the upper module inside the function that needs it, or move the shared "
+                       "name down (django_lb_shm/__init__.py lists the layers)")
+
+
+def test_shared_state_imports_only_errors():
+    assert top_level_imports()["shared_state"] <= {"errors"}, \
+        "django_lb_shm/shared_state.py may import only errors.py of the package"
+    source = (PACKAGE / "shared_state.py").read_text()
+    inner = re.findall(r"^\s+from \.(\w*) import", source, re.MULTILINE)
+    assert set(inner) <= {"errors"}, f"shared_state.py imports {sorted(set(inner))} inside functions"
+
+
+def test_every_module_is_placed_in_a_layer():
+    layers = declared_layers()
+    modules = set(top_level_imports()) - PACKAGES
+    assert not modules - set(layers), (f"modules missing from the layering in django_lb_shm/__init__.py: "
+                                       f"{sorted(modules - set(layers))}")
+    assert not set(layers) - modules, f"the layering names modules that do not exist: {sorted(set(layers) - modules)}"
+
+
+def test_top_level_imports_point_down_the_layers():
+    layers = declared_layers()
+    upward = [f"{m} (L{layers[m]}) imports {d} (L{layers[d]})"
+              for m, deps in sorted(top_level_imports().items()) if m in layers
+              for d in sorted(deps) if d in layers and layers[d] >= layers[m]]
+    assert not upward, ("top-level imports that do not point to a lower layer (django_lb_shm/__init__.py): "
+                        + "; ".join(upward))
+
+
+def test_the_checker_sees_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) == []
