@@ -7,11 +7,11 @@ Layering: a module's top-level imports of the package point to lower layers only
 (tests/test_layering.py reads this list; a new module must be placed in it).
 shared_state imports nothing of the package but errors.
 
-    L0  __about__ errors exit_codes mp_private probes read_pool
-    L1  conf descriptors health shared_state
+    L0  __about__ errors exit_codes mp_private probes read_pool state_table
+    L1  client_transaction conf descriptors health shared_state
     L2  backend.alias backend.compiler balancing breaker determinism group_commit journal
         outcomes ownership protocol
-    L3  metrics plain_atomic routers transactions
+    L3  metrics plain_atomic routers server_transaction transactions
     L4  db_thread query reads schema
     L5  checks client sequencer
     L6  apps backend.base load_balancer_model verify
