@@ -28,12 +28,17 @@ def test_stress_smoke_run_has_every_promised_field(tmp_path):
         assert {"p50_ms", "p95_ms", "p99_ms", "ops_per_s", "read_distribution", "coord_rss_mb"} <= set(row["metrics"])
 
 
-def _cpu_caps():
+@pytest.fixture()
+def cpu_caps():
+    """stress/cpu_caps.py, where this machine has a cgroup v1 cpu controller we may write."""
     sys.path.insert(0, str(REPO / "stress"))
     try:
         import cpu_caps
     finally:
         sys.path.pop(0)
+    reason = cpu_caps.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
     return cpu_caps
 
 
@@ -43,11 +48,7 @@ def _cgroup_of(pid: int) -> str:
 
 
 @pytest.mark.sqlite_only
-def test_cpu_caps_put_a_real_process_in_a_capped_group_and_undo_it():
-    cpu_caps = _cpu_caps()
-    reason = cpu_caps.unavailable_reason()
-    if reason:
-        pytest.skip(reason)
+def test_cpu_caps_put_a_real_process_in_a_capped_group_and_undo_it(cpu_caps):
     child = subprocess.Popen(["sleep", "60"])
     caps = cpu_caps.CpuCaps(5)
     try:
@@ -67,11 +68,7 @@ def test_cpu_caps_put_a_real_process_in_a_capped_group_and_undo_it():
 
 
 @pytest.mark.sqlite_only
-def test_cpu_caps_left_by_a_killed_driver_are_removed_at_the_next_start():
-    cpu_caps = _cpu_caps()
-    reason = cpu_caps.unavailable_reason()
-    if reason:
-        pytest.skip(reason)
+def test_cpu_caps_left_by_a_killed_driver_are_removed_at_the_next_start(cpu_caps):
     dead = subprocess.Popen(["true"])
     dead.wait(5)
     stale = cpu_caps.CPU_ROOT / f"{cpu_caps.PREFIX}{dead.pid}"
