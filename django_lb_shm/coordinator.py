@@ -40,7 +40,7 @@ from .server_transaction import ServerTransaction
 from .shared_state import DbState, Header, SharedState
 from .write_guard import WriteGuard
 
-# The logger keeps the name it had before coordinator.py was split: LOGGING settings name it.
+# The logger keeps its name from before coordinator.py was split: projects' LOGGING settings may name it.
 logger = logging.getLogger("django_lb_shm.coordinator")
 
 

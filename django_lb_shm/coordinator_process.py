@@ -47,7 +47,7 @@ from .sequencer import Sequencer
 from .shared_state import CoordinatorState, DbState, Header, SharedState, Slot, databases_key
 from .watchers import HealthWatch, ReaderWatch
 
-# The logger keeps the name it had before coordinator.py was split: LOGGING settings name it.
+# The logger keeps its name from before coordinator.py was split: projects' LOGGING settings may name it.
 logger = logging.getLogger("django_lb_shm.coordinator")
 
 TICK = 0.5

@@ -25,7 +25,7 @@ from typing import Any, Optional
 from . import mp_private
 from .protocol import UNKNOWN_OBJECT, FrameTooLarge, GuardedConnection, no_delay, private_directory
 
-# The logger keeps the name it had before coordinator.py was split: LOGGING settings name it.
+# The logger keeps its name from before coordinator.py was split: projects' LOGGING settings may name it.
 logger = logging.getLogger("django_lb_shm.coordinator")
 
 HANDSHAKE_TIMEOUT = 10.0      # a connection that does not authenticate by then is dropped

@@ -17,7 +17,7 @@ from .shared_state import DbState, Reader
 if TYPE_CHECKING:
     from .coordinator import Coordinator
 
-# The logger keeps the name it had before coordinator.py was split: LOGGING settings name it.
+# The logger keeps its name from before coordinator.py was split: projects' LOGGING settings may name it.
 logger = logging.getLogger("django_lb_shm.coordinator")
 
 
