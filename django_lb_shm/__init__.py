@@ -7,19 +7,20 @@ Layering: a module's top-level imports of the package point to lower layers only
 (tests/test_layering.py reads this list; a new module must be placed in it).
 shared_state imports nothing of the package but errors.
 
-    L0  __about__ errors exit_codes mp_private probes read_pool state_table
+    L0  __about__ errors exit_codes logging_setup mp_private probes read_pool state_table
     L1  client_transaction conf descriptors health shared_state
     L2  backend.alias backend.compiler balancing breaker determinism group_commit journal
         outcomes ownership protocol
-    L3  metrics plain_atomic routers server_transaction transactions
+    L3  manager_server metrics plain_atomic routers server_transaction transactions
     L4  db_thread query reads schema
-    L5  checks client sequencer
+    L5  checks client sequencer write_guard
     L6  apps backend.base load_balancer_model verify
     L7  resync testing
-    L8  coordinator
-    L9  supervisor
-    L10 cli
-    L11 management.commands.loadbalancer
+    L8  coordinator watchers
+    L9  coordinator_process
+    L10 supervisor
+    L11 cli
+    L12 management.commands.loadbalancer
 
 An import inside a function points up only to break a cycle (routers and checks need
 load_balancer_model, reads needs client, conf needs balancing) or to keep what an app

@@ -268,7 +268,7 @@ def _applied_migrations_check() -> list:
 
 # -- commands ---------------------------------------------------------------------------------
 def run() -> int:
-    from .coordinator import configure_logging
+    from .logging_setup import configure_logging
     from .supervisor import Supervisor
 
     config = get_config()

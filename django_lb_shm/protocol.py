@@ -4,9 +4,10 @@ The coordinator process serves a ``multiprocessing.managers`` server at ADDRESS,
 authenticated with AUTHKEY.  It exposes one shared object, ``coordinator``, whose
 ``execute`` method takes an encoded descriptor and returns an encoded reply:
 one round trip per query, over the same-host Unix socket when there is one.
-Inside the coordinator, the server thread of that connection answers it (see
-coordinator.py: reads on a pooled connection or through a database thread's
-queue, writes under the sequencer's order).
+Inside the coordinator, the server thread of that connection answers it (the
+Manager server is manager_server.py; the object it serves, coordinator.py: reads
+on a pooled connection or through a database thread's queue, writes under the
+sequencer's order).
 
 The coordinator process's exit codes (a protocol with the supervisor) are in exit_codes.py.
 """

@@ -22,7 +22,7 @@ import sys
 import time
 from typing import Any, Optional
 
-from . import coordinator
+from . import coordinator_process
 from .health import address_holder, process_vitals
 from .metrics import MetricsServer, serve_metrics
 from .exit_codes import (
@@ -107,7 +107,7 @@ class Supervisor:
     def _spawn(self) -> None:
         ctx = mp_context()
         self.process = ctx.Process(
-            target=coordinator.main,
+            target=coordinator_process.main,
             args=(self.settings_module, self.shared.shm.name, os.getpid(), list(sys.path)),
             name="django_lb_shm-coordinator",
         )

@@ -73,7 +73,7 @@ def test_the_answers_follow_an_overridden_models_setting():
 
 
 def test_the_coordinators_write_guard_schema_verify_and_resync_see_the_listed_tables():
-    from django_lb_shm.coordinator import WriteGuard
+    from django_lb_shm.write_guard import WriteGuard
     from django_lb_shm.resync import copy_plan
     from django_lb_shm.schema import load_balanced_apps
     from django_lb_shm.verify import load_balanced_tables
