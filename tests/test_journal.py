@@ -186,8 +186,9 @@ def test_old_segments_are_imported_once_with_aborts_as_void(tmp_path):
 
 
 def test_an_old_segment_damaged_in_the_middle_is_refused_naming_the_offset(tmp_path):
-    records = b"".join(_old_record(("E", entry(seq))) for seq in (1, 2, 3))
-    first = len(_old_record(("E", entry(1))))
+    # Entries carry a random tag, so a record's length varies: measure the records written.
+    parts = [_old_record(("E", entry(seq))) for seq in (1, 2, 3)]
+    records, first = b"".join(parts), len(parts[0])
     damaged = records[:first + 10] + b"\xff" + records[first + 11:]   # record 2 broken, 3 intact
     (tmp_path / f"{1:020d}.journal").write_bytes(damaged)
     with pytest.raises(JournalCorrupt, match=f"byte {first}"):
