@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import subprocess
 import zlib
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -216,3 +218,17 @@ def test_the_journal_is_private_to_the_coordinators_user(tmp_path, caplog):
     loose.chmod(0o755)
     Journal(loose).open().close()
     assert "readable or writable by other users" in caplog.text
+
+
+def test_a_format_0_segment_written_by_0_1_is_imported(tmp_path):
+    """tests/fixtures/format0-0.1.journal was written by version 0.1 before the modules moved into
+    folders: its pickles name django_lb_shm.journal.JournalEntry and django_lb_shm.descriptors.*."""
+    fixture = Path(__file__).parent / "fixtures" / "format0-0.1.journal"
+    shutil.copy(fixture, tmp_path / f"{1:020d}.journal")
+    journal = Journal(tmp_path).open()
+    entries = journal.entries_after(0)
+    assert [(e.seq, e.request_id, e.void) for e in entries] == [(1, "req-1", False), (2, "req-2", True), (3, "req-3", False)]
+    assert entries[0].statements[0].params == (1, "one") and entries[0].result.lastrowid == 1
+    assert entries[2].statements[0].sql == "DELETE FROM t WHERE id = %s" and entries[2].database == "DB1"
+    assert journal.find_request("req-3").result.rowcount == 1
+    journal.close()
