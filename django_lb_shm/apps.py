@@ -4,11 +4,12 @@ from typing import Any
 from django.apps import AppConfig
 from django.db.models.signals import post_migrate
 
-from . import checks
-from .backend.alias import install_alias
-from .conf import apply_overrides_from_environment, get_config
-from .plain_atomic import install as install_plain_atomic
-from .routers import install_router, watch_settings
+from django_lb_shm import checks
+from django_lb_shm.backend.alias import install_alias
+from django_lb_shm.plain_atomic import install as install_plain_atomic
+from django_lb_shm.routers import install_router, watch_settings
+from django_lb_shm.settings.config import get_config
+from django_lb_shm.settings.overrides import apply_overrides_from_environment
 
 
 class DjangoLbShmConfig(AppConfig):

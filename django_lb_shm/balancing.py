@@ -4,7 +4,7 @@ Every algorithm chooses among the candidates it is handed (the databases that
 are RUNNING and allowed to serve reads), reading the shared latency and
 in-flight arrays directly, without any round trip.  An instance runs in the
 coordinator (reads that take the coordinator path) and one in every app process
-that runs reads itself (``reads.py``): counters such as the round-robin turn are
+that runs reads itself (``client/reads.py``): counters such as the round-robin turn are
 per process, the shared arrays are common to all.  Writes do not
 come here: they go to every database.
 
@@ -19,9 +19,9 @@ from typing import Any, Mapping, Sequence
 
 from django.utils.module_loading import import_string
 
-from .conf import exclude_problem, weights_problem
-from .errors import ConfigurationError
-from .shared_state import SharedState, Slot
+from django_lb_shm.errors import ConfigurationError
+from django_lb_shm.settings.validation import exclude_problem, weights_problem
+from django_lb_shm.shm.state import SharedState, Slot
 
 
 class ReadAlgorithm:
@@ -136,7 +136,7 @@ def build_read_algorithm(config: Any, shared: SharedState) -> ReadAlgorithm:
 
 def load_read_algorithm(path: str) -> type[ReadAlgorithm]:
     """The ReadAlgorithm subclass a dotted path names; ConfigurationError saying why not
-    (also the system check E020's message, conf._check_custom_algorithm)."""
+    (also the system check E020's message, settings.validation._check_custom_algorithm)."""
     try:
         cls = import_string(path)
     except ImportError as exc:

@@ -10,16 +10,20 @@ databases (``migrate``, ``check --database``, the test runner; ``djangoloadbalan
 from __future__ import annotations
 
 import os
-
 from collections.abc import Mapping
 from typing import Any
 
 from django.conf import settings
 from django.core import checks
 
-from .conf import SETTING_NAME, find_problems, get_config, models_setting
-from .query import LoadBalancerQuerySet
-from .routers import is_load_balanced
+from django_lb_shm.query import LoadBalancerQuerySet
+from django_lb_shm.routers import is_load_balanced
+from django_lb_shm.settings.config import get_config
+from django_lb_shm.settings.validation import (
+    SETTING_NAME,
+    find_problems,
+    models_setting,
+)
 
 
 def check_load_balancer_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
@@ -87,7 +91,8 @@ def _relation_problems(model: type) -> list[checks.CheckMessage]:
 
 
 def _is_subclass_model(model: type) -> bool:
-    from .load_balancer_model import LoadBalancerModel   # a cycle: it imports checks
+    # a cycle: it imports checks
+    from django_lb_shm.load_balancer_model import LoadBalancerModel
 
     return issubclass(model, LoadBalancerModel)
 
@@ -197,7 +202,7 @@ def check_app_installed(app_configs: Any = None, **kwargs: Any) -> list[checks.C
 def check_metrics_dependency(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
     """METRICS set, but prometheus_client cannot be imported (E034).
 
-    Not in conf.find_problems: that also validates every app process's settings, which
+    Not in settings.validation.find_problems: that also validates every app process's settings, which
     never serve metrics and need not have the supervisor's optional dependency.
     """
     raw = getattr(settings, SETTING_NAME, None)
@@ -223,7 +228,11 @@ def check_applied_migrations(app_configs: Any = None, databases: Any = None,
     Only when ``databases`` names a load-balanced database (or the load-balanced alias);
     a copy that cannot be read (down, a SQLite file that does not exist) is left out.
     """
-    from .schema import behind_copies, load_balanced_apps, missing_migrations   # app start-up stays light
+    from django_lb_shm.databases.schema import (  # app start-up stays light
+        behind_copies,
+        load_balanced_apps,
+        missing_migrations,
+    )
 
     try:
         config = get_config()
@@ -254,8 +263,9 @@ def _applied_migrations_of(alias: str, app_labels: frozenset) -> Any:
     A connection this opens is closed again."""
     from django.db import connections
 
-    from .ownership import sqlite_path   # app start-up stays light (shared memory)
-    from .schema import applied_migrations
+    # app start-up stays light (shared memory)
+    from django_lb_shm.databases.ownership import sqlite_path
+    from django_lb_shm.databases.schema import applied_migrations
 
     connection = connections[alias]
     if connection.vendor == "sqlite" and not os.path.exists(sqlite_path(connection.settings_dict)):

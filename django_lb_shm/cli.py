@@ -21,9 +21,14 @@ from typing import Any, Callable, Optional, Sequence
 
 import django
 
-from .conf import apply_runtime_settings_from_environment, get_config
-from .errors import ConfigurationError, LoadBalancerError, SharedMemoryNotOwned
-from .exit_codes import (
+from django_lb_shm.errors import (
+    ConfigurationError,
+    LoadBalancerError,
+    SharedMemoryNotOwned,
+)
+from django_lb_shm.settings.config import get_config
+from django_lb_shm.settings.overrides import apply_runtime_settings_from_environment
+from django_lb_shm.wire.exit_codes import (
     EXIT_BOOT_ERROR,
     EXIT_BROKEN_PIPE,
     EXIT_CONFIG_ERROR,
@@ -198,11 +203,11 @@ def dispatch(args: argparse.Namespace) -> int:
     if command == "migrate":
         return migrate(args.migrate_args)
     if command == "resync":
-        from .resync import resync
+        from django_lb_shm.ops.resync import resync
 
         return resync(args.alias, args.source, chunk_size=args.chunk_size, max_rate=args.max_rate,
                       migrate=not args.no_migrate, verify=not args.no_verify)
-    from .verify import verify
+    from django_lb_shm.ops.verify import verify
 
     return verify(chunk_size=args.chunk_size, show=args.show, progress=not args.no_progress)
 
@@ -261,15 +266,15 @@ def run_checks(read_databases: bool = False) -> bool:
 def _applied_migrations_check() -> list:
     """W035 on every load-balanced database: Django runs database checks only for the databases a
     command names, and the load-balanced ones are all of them here."""
-    from .checks import check_applied_migrations
+    from django_lb_shm.checks import check_applied_migrations
 
     return check_applied_migrations(databases=list(get_config().databases))
 
 
 # -- commands ---------------------------------------------------------------------------------
 def run() -> int:
-    from .logging_setup import configure_logging
-    from .supervisor import Supervisor
+    from django_lb_shm.ops.logging_setup import configure_logging
+    from django_lb_shm.supervisor.supervisor import Supervisor
 
     config = get_config()
     configure_logging(config.log_level)
@@ -299,7 +304,7 @@ def _status_config() -> Any:
 
 def status_once(config: Any, as_json: bool) -> tuple[int, str]:
     """(exit status, what to print): the table or JSON, or why no coordinator answers."""
-    from .client import read_status
+    from django_lb_shm.client.connection import read_status
 
     try:
         data = read_status(config)
@@ -432,7 +437,7 @@ def _read_connections(db: dict) -> str:
 
 
 def migrate(extra_args: Sequence[str]) -> int:
-    from . import apps
+    from django_lb_shm import apps
 
     apps.migrating_every_database = True   # no "only this copy" warning per database
     extra = without_database_option(extra_args)

@@ -7,10 +7,10 @@ from django.core import checks
 from django.db import models, router
 from django.db.models.signals import pre_save
 
-from .backend.alias import lb_alias
-from .checks import check_app_installed
-from .query import LoadBalancerManager, refuse_direct_write
-from .routers import is_load_balanced
+from django_lb_shm.backend.alias import lb_alias
+from django_lb_shm.checks import check_app_installed
+from django_lb_shm.query import LoadBalancerManager, refuse_direct_write
+from django_lb_shm.routers import is_load_balanced
 
 
 class LoadBalancerModel(models.Model):

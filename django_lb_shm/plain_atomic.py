@@ -37,9 +37,9 @@ from typing import Any, Callable, Optional
 
 from django.db import DEFAULT_DB_ALIAS, connections, transaction
 
-from .backend.alias import lb_alias
-from .conf import get_config
-from .errors import ConfigurationError, TransactionError
+from django_lb_shm.backend.alias import lb_alias
+from django_lb_shm.errors import ConfigurationError, TransactionError
+from django_lb_shm.settings.config import get_config
 
 PARTNER = "_lb_plain_atomic_partner"   # on the load-balanced connection while paired: 'default'
 
@@ -155,7 +155,8 @@ def _leave_both(leave: Callable, block: Any, twin: Any, default: Any, lb: Any,
 def lost_transaction(connection: Any) -> str:
     """Why the load-balanced transaction of ``connection`` was lost (its coordinator connection
     dropped mid-call), or '' (not lost, or not a load-balanced connection)."""
-    from .client import ClientSession   # app start-up stays light: the client side loads on first use
+    # app start-up stays light: the client side loads on first use
+    from django_lb_shm.client.session import ClientSession
 
     session = connection.connection
     return session.broken if isinstance(session, ClientSession) else ""

@@ -13,10 +13,10 @@ from typing import Any
 
 from django.db import models
 
-from .backend.alias import lb_alias
-from .conf import get_config
-from .errors import NotSupportedError
-from .routers import chosen_alias, write_alias
+from django_lb_shm.backend.alias import lb_alias
+from django_lb_shm.errors import NotSupportedError
+from django_lb_shm.routers import chosen_alias, write_alias
+from django_lb_shm.settings.config import get_config
 
 
 def is_copy(alias: str | None) -> bool:

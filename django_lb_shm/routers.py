@@ -10,9 +10,8 @@ from typing import Any, Optional
 
 from django.db import DEFAULT_DB_ALIAS
 
-from .backend.alias import install_alias, lb_alias
-from .conf import SETTING_NAME, models_setting
-
+from django_lb_shm.backend.alias import install_alias, lb_alias
+from django_lb_shm.settings.validation import SETTING_NAME, models_setting
 
 _LOAD_BALANCED: dict = {}   # model class -> bool (asked by the router on every query)
 _LISTED: list = [None]      # LOAD_BALANCER['MODELS'] as (app labels, 'app_label.modelname's), parsed once
@@ -57,7 +56,8 @@ def forget_answers() -> None:
 
 
 def _is_load_balanced(model: Any) -> bool:
-    from .load_balancer_model import LoadBalancerModel   # a cycle: it imports routers
+    # a cycle: it imports routers
+    from django_lb_shm.load_balancer_model import LoadBalancerModel
 
     if model is None:
         return False
@@ -93,7 +93,7 @@ def write_alias(hints: dict) -> Optional[str]:
     """The real alias a load-balanced instance's writes stay on: the database it was read from or
     saved to with ``using()`` when that is no copy (Django's multi-db).  None for the copies:
     writes to them go through the load balancer, whichever copy the instance was read from."""
-    from .query import is_copy   # a cycle: query imports routers
+    from django_lb_shm.query import is_copy  # a cycle: query imports routers
 
     chosen = chosen_alias(hints)
     return None if chosen is None or is_copy(chosen) else chosen

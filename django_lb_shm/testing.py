@@ -3,7 +3,7 @@
 Django's test runner creates test databases and points *this* process at them,
 but the coordinator is another process, started with the real settings: it
 would run the tests' queries on the real databases.  (The client refuses that:
-see ``CoordinatorClient.check_same_databases``.)  This runner
+see ``ClientConnection.check_same_databases``.)  This runner
 
 * creates a test database for every alias in LOAD_BALANCER['DATABASES'] (SQLite:
   a file in a temporary directory, never in-memory, which another process could
@@ -40,12 +40,14 @@ from django.test import TransactionTestCase
 from django.test.runner import DiscoverRunner
 from django.test.utils import iter_test_cases
 
-from . import apps
-from .backend.base import count_under_test_runner
-from .client import get_client
-from .conf import OVERRIDES_ENV, SETTING_NAME, get_config, runtime_settings
-from .protocol import STOP_WITH_PARENT_ENV
-from .reads import close_connections
+from django_lb_shm import apps
+from django_lb_shm.backend.base import count_under_test_runner
+from django_lb_shm.client.connection import get_client
+from django_lb_shm.client.reads import close_connections
+from django_lb_shm.settings.config import get_config
+from django_lb_shm.settings.overrides import OVERRIDES_ENV, runtime_settings
+from django_lb_shm.settings.validation import SETTING_NAME
+from django_lb_shm.wire.protocol import STOP_WITH_PARENT_ENV
 
 logger = logging.getLogger("django_lb_shm.testing")
 BOOT_TIMEOUT = 60.0

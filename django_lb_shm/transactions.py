@@ -22,7 +22,7 @@ from typing import Any
 
 from django.db import DEFAULT_DB_ALIAS, connections, transaction
 
-from .backend.alias import lb_alias
+from django_lb_shm.backend.alias import lb_alias
 
 
 class LoadBalancerTransactionWarning(RuntimeWarning):

@@ -119,7 +119,7 @@ step "copies in sync? (demo_compare: coordinator counters, then direct connectio
 step "djangoloadbalancer status"
 "${LB[@]}" status
 
-if "$PY" -c 'import django_lb_shm.verify' 2>/dev/null; then
+if "$PY" -c 'import django_lb_shm.ops.verify' 2>/dev/null; then
     step "djangoloadbalancer verify"
     "${LB[@]}" verify --no-progress
 fi

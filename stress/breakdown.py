@@ -68,9 +68,9 @@ def run(seed: dict, direct_alias: str, count: int = 5000, seconds: float = 8.0,
     from django.db import connections
     from stressapp.models import DirectItem, Item
 
-    from django_lb_shm import descriptors as d
+    from django_lb_shm.wire import descriptors as d
     from django_lb_shm.backend.alias import lb_alias
-    from django_lb_shm.client import get_client
+    from django_lb_shm.client.connection import get_client
 
     rng = random.Random(7)
     lo, hi = seed["lb"]["pk_min"], seed["lb"]["pk_max"]

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Iterable, Optional
 
-from django_lb_shm.shared_state import pid_alive
+from django_lb_shm.shm.state import pid_alive
 
 CPU_ROOT = Path("/sys/fs/cgroup/cpu")
 PREFIX = "django_lb_shm_stress_"

@@ -27,9 +27,9 @@ from django.db import models  # noqa: E402
 from django.db.models.functions import Now  # noqa: E402
 from django.db.models.sql import InsertQuery, UpdateQuery  # noqa: E402
 
-from django_lb_shm import determinism  # noqa: E402
-from django_lb_shm.client import ClientSession  # noqa: E402
-from django_lb_shm.descriptors import InsertKeys, Statement  # noqa: E402
+from django_lb_shm.client import determinism  # noqa: E402
+from django_lb_shm.client.session import ClientSession  # noqa: E402
+from django_lb_shm.wire.descriptors import InsertKeys, Statement  # noqa: E402
 
 
 class Author(models.Model):

@@ -124,7 +124,7 @@ class Environment:
 
     def status(self, timeout: float = 5) -> dict:
         """The same call as `djangoloadbalancer status --json`, made in this process."""
-        from django_lb_shm.client import get_client
+        from django_lb_shm.client.connection import get_client
 
         client = get_client()
         try:
@@ -166,7 +166,7 @@ class Environment:
             _wait_gone(cpid, 5.0)  # an orphaned coordinator stops by itself within a tick
             _kill_if_alive(cpid)
         try:  # the in-process client's socket points at the old server
-            from django_lb_shm.client import get_client
+            from django_lb_shm.client.connection import get_client
 
             get_client().forget_connection()
         except Exception:

@@ -33,7 +33,7 @@ from django_lb_shm.errors import (
     WriteNotApplied,
     WriteOutcomeUnknown,
 )
-from django_lb_shm.verify import EXIT_IDENTICAL, verify
+from django_lb_shm.ops.verify import EXIT_IDENTICAL, verify
 from tests.support.lb import ALIASES, BACKEND, read_path
 from tests.testapp.models import Author, Destination
 
@@ -188,7 +188,7 @@ def test_a_client_interrupted_at_random_points_gets_its_own_answers(replicas, pa
             check_own_answers(i, anchor)
     assert interrupts >= ITERATIONS // 10, f"only {interrupts} calls were interrupted: the test proves little"
     assert healed <= interrupts // 4, f"{healed} of {interrupts} interrupts left Django outside autocommit"
-    waiting = [spot for spot in LANDED if spot.startswith("protocol.py")]
+    waiting = [spot for spot in LANDED if spot.startswith("wire/protocol.py")]
     assert len(waiting) >= 5, f"only {len(waiting)} interrupts landed in a call to the coordinator: {LANDED}"
     replicas.assert_identical()
     assert_verify_identical()
@@ -281,9 +281,9 @@ def test_a_transaction_committed_after_an_interrupt_is_refused(replicas):
 def test_an_exception_before_the_commit_is_sent_leaves_no_transaction_behind(replicas, monkeypatch):
     """Django's atomic() turns autocommit back on after a commit that raised something else than a
     database error: the transaction still open then is rolled back, and never holds the write order."""
-    from django_lb_shm.client import CoordinatorClient
+    from django_lb_shm.client.connection import ClientConnection
 
-    real = CoordinatorClient.new_request_id
+    real = ClientConnection.new_request_id
     calls = []
 
     def new_request_id(self) -> str:
@@ -292,7 +292,7 @@ def test_an_exception_before_the_commit_is_sent_leaves_no_transaction_behind(rep
             raise Interrupted("before the commit was sent")
         return real(self)
 
-    monkeypatch.setattr(CoordinatorClient, "new_request_id", new_request_id)
+    monkeypatch.setattr(ClientConnection, "new_request_id", new_request_id)
     with pytest.raises(Interrupted):
         with django_lb_shm.atomic():
             Author.objects.create(name="in-block")
@@ -415,7 +415,8 @@ def test_builtin_errors_cross_the_wire_as_django_errors():
 
 def test_the_journal_keeps_a_decided_write_while_its_client_may_still_ask_about_it():
     """A trimmed record would make `settle` answer "never ran" for an applied write."""
-    from django_lb_shm.outcomes import SETTLE_WAIT, TrimLag
+    from django_lb_shm.coordinator.outcomes import TrimLag
+    from django_lb_shm.wire.protocol import SETTLE_WAIT
 
     lag = TrimLag(client_timeout=30, connect_timeout=5)
     assert lag.retain == 30 + 5 + SETTLE_WAIT + TrimLag.MARGIN

@@ -243,7 +243,7 @@ def test_orm_now_in_a_transaction_is_one_value_on_every_copy(replicas):
 
 # -- reads ----------------------------------------------------------------------------------
 def test_reads_are_neither_rewritten_nor_refused(replicas, stamp, monkeypatch):
-    import django_lb_shm.determinism as determinism
+    import django_lb_shm.client.determinism as determinism
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("a read went through the write rewriting")

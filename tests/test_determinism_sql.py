@@ -2,8 +2,8 @@
 import pytest
 from django.db import NotSupportedError
 
-from django_lb_shm.determinism import Clock, deterministic, may_vary, rewrite_sql, tokenize
-from django_lb_shm.descriptors import InsertKeys, Statement
+from django_lb_shm.client.determinism import Clock, deterministic, may_vary, rewrite_sql, tokenize
+from django_lb_shm.wire.descriptors import InsertKeys, Statement
 from django_lb_shm.errors import NonDeterministicWrite
 
 # 2026-12-06 05:01:02.123456 UTC; the transaction began at 05:00:00.500000

@@ -16,10 +16,10 @@ import time
 
 import pytest
 
-from django_lb_shm import breaker
-from django_lb_shm.client import get_client
+from django_lb_shm.client import breaker
+from django_lb_shm.client.connection import get_client
 from django_lb_shm.errors import CoordinatorDown, CoordinatorUnavailable
-from django_lb_shm.shared_state import SharedState, segment_name
+from django_lb_shm.shm.state import SharedState, segment_name
 from tests.support.lb import REPO
 from tests.test_cli import settings_env
 from tests.testapp.models import Author
@@ -64,7 +64,7 @@ def test_no_coordinator_at_all_fails_within_milliseconds(no_coordinator):
 def test_a_segment_left_by_a_dead_supervisor_fails_fast_too(no_coordinator):
     env, address = no_coordinator
     config = json.loads(open(env["LB_TEST_CONFIG"]).read())["LOAD_BALANCER"]
-    from django_lb_shm.conf import build_config
+    from django_lb_shm.settings.config import build_config
     from django.conf import settings
 
     name = segment_name(build_config(config, settings.DATABASES).address)
@@ -72,7 +72,7 @@ def test_a_segment_left_by_a_dead_supervisor_fails_fast_too(no_coordinator):
     dead.wait()
     shared = SharedState.create(name, 3)
     try:
-        from django_lb_shm.shared_state import Header
+        from django_lb_shm.shm.state import Header
 
         shared.set_header(Header.SUPERVISOR_PID, dead.pid)
         seen = two_queries(env)
@@ -87,9 +87,9 @@ def test_another_users_segment_for_the_address_means_wait_not_fail_fast(no_coord
     a segment of the same address under another uid means a coordinator may be restarting."""
     env, address = no_coordinator
     config = json.loads(open(env["LB_TEST_CONFIG"]).read())["LOAD_BALANCER"]
-    from django_lb_shm.conf import build_config
+    from django_lb_shm.settings.config import build_config
     from django.conf import settings
-    from django_lb_shm.shared_state import segment_path
+    from django_lb_shm.shm.state import segment_path
 
     address_obj = build_config(config, settings.DATABASES).address
     assert breaker.host_view(address_obj).verdict == breaker.Verdict.GONE

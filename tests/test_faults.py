@@ -29,7 +29,7 @@ from django.db import IntegrityError, connections, transaction
 
 import django_lb_shm
 from django_lb_shm.errors import JournalError
-from django_lb_shm.verify import EXIT_DIFFERENT, EXIT_IDENTICAL, verify
+from django_lb_shm.ops.verify import EXIT_DIFFERENT, EXIT_IDENTICAL, verify
 from tests.support.fault_proxy import FaultProxy
 from tests.support.history import History, Write
 from tests.support.lb import ALIASES, BACKEND, REPO, clear_tables

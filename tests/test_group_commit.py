@@ -82,11 +82,11 @@ def test_a_write_whose_answer_is_lost_is_sent_again_and_answered_from_the_journa
     from django.db.models import F, Value
     from django.db.models.functions import Concat
 
-    from django_lb_shm.client import CoordinatorClient
+    from django_lb_shm.client.connection import ClientConnection
     from django_lb_shm.errors import CoordinatorUnavailable
 
     author = Author.objects.create(name="a")
-    real_call = CoordinatorClient.call
+    real_call = ClientConnection.call
     sends: list = []
 
     def answer_lost_once(self, method, *args, **kwargs):
@@ -97,7 +97,7 @@ def test_a_write_whose_answer_is_lost_is_sent_again_and_answered_from_the_journa
                 raise CoordinatorUnavailable("the answer was lost (test)")
         return answer
 
-    monkeypatch.setattr(CoordinatorClient, "call", answer_lost_once)
+    monkeypatch.setattr(ClientConnection, "call", answer_lost_once)
     assert Author.objects.filter(pk=author.pk).update(name=Concat(F("name"), Value("y"))) == 1
     monkeypatch.undo()
     assert sends == [(), (True,)]   # the first send, then the same bytes marked as sent before

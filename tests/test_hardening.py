@@ -20,7 +20,7 @@ import pytest
 from django.db import connections
 
 from django_lb_shm.backend.alias import lb_alias
-from django_lb_shm.conf import authkey_is_strong, find_problems
+from django_lb_shm.settings.validation import authkey_is_strong, find_problems
 from django_lb_shm.errors import RequestRejected
 from tests.support.lb import ALIASES, base_settings
 from tests.support.waiting import pools_opened_by_reads, wait_logged, wait_until

@@ -17,7 +17,6 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 
 import psutil
 import pytest
@@ -26,12 +25,13 @@ from django.db import connections
 import django_lb_shm
 from django_lb_shm.backend.alias import lb_alias
 from django_lb_shm.cli import format_status
-from django_lb_shm.conf import build_config, find_problems
+from django_lb_shm.settings.config import build_config
+from django_lb_shm.settings.validation import find_problems
 from django_lb_shm.errors import QueryTimeout, TransactionError
-from django_lb_shm.verify import EXIT_IDENTICAL, verify
+from django_lb_shm.ops.verify import EXIT_IDENTICAL, verify
 from tests.support.fault_proxy import FaultProxy
 from tests.support.hold_workers import write_then_wait_inside_atomic
-from tests.support.lb import ALIASES, BACKEND, Replicas, base_settings, table_rows
+from tests.support.lb import ALIASES, Replicas, base_settings, table_rows
 from tests.support.waiting import wait_until
 from tests.testapp.models import Author
 
@@ -358,7 +358,7 @@ class FakeConnection:
 
 
 def test_the_prober_shares_one_probe_and_tells_answered_hung_and_failed():
-    from django_lb_shm.probes import ANSWERED, FAILED, HUNG, Prober
+    from django_lb_shm.databases.probes import ANSWERED, FAILED, HUNG, Prober
 
     world = {"opened": 0, "probes": 0, "fail": False, "hung": False, "interrupted": 0, "hang": threading.Event(),
              "delay": 0.2}

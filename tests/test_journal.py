@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from django_lb_shm.descriptors import Result, Statement
+from django_lb_shm.wire.descriptors import Result, Statement
 from django_lb_shm.errors import JournalCorrupt, JournalError
-from django_lb_shm.journal import _HEADER, Journal, JournalEntry
-from django_lb_shm.sequencer import gap_in_history
+from django_lb_shm.coordinator.journal import _HEADER, Journal, JournalEntry
+from django_lb_shm.coordinator.sequencer import gap_in_history
 
 
 def entry(seq: int, request_id: str = "", size: int = 0) -> JournalEntry:
@@ -222,7 +222,7 @@ def test_the_journal_is_private_to_the_coordinators_user(tmp_path, caplog):
 
 def test_a_format_0_segment_written_by_0_1_is_imported(tmp_path):
     """tests/fixtures/format0-0.1.journal was written by version 0.1 before the modules moved into
-    folders: its pickles name django_lb_shm.journal.JournalEntry and django_lb_shm.descriptors.*."""
+    folders: its pickles name django_lb_shm.coordinator.journal.JournalEntry and django_lb_shm.descriptors.*."""
     fixture = Path(__file__).parent / "fixtures" / "format0-0.1.journal"
     shutil.copy(fixture, tmp_path / f"{1:020d}.journal")
     journal = Journal(tmp_path).open()

@@ -8,7 +8,8 @@ import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "django_lb_shm"
-PACKAGES = {"", "backend", "management", "management.commands"}   # (__init__ modules)
+PACKAGES = {"", "backend", "management", "management.commands", "client", "wire", "shm", "databases",
+            "supervisor", "coordinator", "ops", "settings"}   # (__init__ modules)
 
 
 def module_name(path: Path) -> str:
@@ -116,12 +117,65 @@ def test_no_cycle_among_top_level_imports():
                        "name down (django_lb_shm/__init__.py lists the layers)")
 
 
-def test_shared_state_imports_only_errors():
-    assert top_level_imports()["shared_state"] <= {"errors"}, \
-        "django_lb_shm/shared_state.py may import only errors.py of the package"
-    source = (PACKAGE / "shared_state.py").read_text()
-    inner = re.findall(r"^\s+from \.(\w*) import", source, re.MULTILINE)
-    assert set(inner) <= {"errors"}, f"shared_state.py imports {sorted(set(inner))} inside functions"
+def test_shared_memory_imports_only_errors():
+    assert top_level_imports()["shm.state"] <= {"errors"}, \
+        "django_lb_shm/shm/state.py may import only errors.py of the package"
+    assert all_imports()["shm.state"] <= {"errors"}, "shm/state.py imports more than errors inside functions"
+
+
+# Folder -> the package's folders and top-level modules it may import (at the top or inside a
+# function): the boxes of the README's architecture picture, and the arrows between them.
+# A top-level module (no folder) is named by itself; "." is a folder's own modules.
+MAY_IMPORT = {
+    "shm": {"errors"},
+    "wire": {".", "errors"},
+    "settings": {".", "errors", "wire", "shm", "balancing"},
+    "databases": {".", "errors", "shm", "settings", "routers"},
+    "client": {".", "errors", "wire", "shm", "settings", "databases", "balancing", "transactions", "__about__"},
+    "coordinator": {".", "errors", "wire", "shm", "settings", "databases", "balancing", "routers", "apps",
+                    "ops.logging_setup", "__about__"},
+    "supervisor": {".", "errors", "wire", "shm", "settings", "databases", "coordinator.process",
+                   "ops.logging_setup", "__about__"},
+}
+
+
+def all_imports() -> dict[str, set[str]]:
+    """module -> every package module it imports, wherever the import is (functions included)."""
+    graph = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        name = module_name(path)
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                deps |= _targets(node, name, path.name == "__init__.py")
+            elif isinstance(node, ast.Import):
+                deps |= {".".join(a.name.split(".")[1:]) for a in node.names if a.name.startswith("django_lb_shm.")}
+        deps.discard(name)
+        graph[name] = deps
+    return graph
+
+
+def _allowed(importer: str, target: str) -> bool:
+    folder = importer.split(".")[0]
+    rules = MAY_IMPORT[folder]
+    if target.split(".")[0] == folder:
+        return "." in rules
+    return any(target == rule or target.startswith(rule + ".") for rule in rules if rule != ".")
+
+
+def test_each_folder_imports_only_the_boxes_below_it():
+    crossing = [f"{m} imports {d}" for m, deps in sorted(all_imports().items())
+                if m.split(".")[0] in MAY_IMPORT and "." in m
+                for d in sorted(deps) if d and not _allowed(m, d)]
+    assert not crossing, ("imports across the architecture's boxes (tests/test_layering.py MAY_IMPORT): "
+                          + "; ".join(crossing))
+
+
+def test_the_folder_rule_sees_a_crossing():
+    assert not _allowed("client.session", "coordinator.journal")
+    assert not _allowed("coordinator.router", "client.connection")
+    assert not _allowed("shm.state", "wire.protocol")
+    assert _allowed("coordinator.router", "coordinator.sequencer") and _allowed("client.reads", "shm.state")
 
 
 def test_every_module_is_placed_in_a_layer():

@@ -10,9 +10,9 @@ import types
 
 import pytest
 
-from django_lb_shm import reads
-from django_lb_shm.conf import Address
-from django_lb_shm.shared_state import LAYOUT_VERSION, Header, LayoutMismatch, SharedState, segment_name
+from django_lb_shm.client import reads
+from django_lb_shm.settings.config import Address
+from django_lb_shm.shm.state import LAYOUT_VERSION, Header, LayoutMismatch, SharedState, segment_name
 
 
 def _unused_port() -> int:

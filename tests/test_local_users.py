@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from django_lb_shm import reads
-from django_lb_shm.conf import get_config
+from django_lb_shm.client import reads
+from django_lb_shm.settings.config import get_config
 from django_lb_shm.errors import SharedMemoryNotOwned
-from django_lb_shm.reads import zero_hop_reader
-from django_lb_shm.shared_state import SharedState, segment_name
+from django_lb_shm.client.reads import zero_hop_reader
+from django_lb_shm.shm.state import SharedState, segment_name
 from tests.support.lb import ALIASES, LAUNCHER, REPO
 from tests.support.users import fake_segment, plant, throwaway_user
 from tests.testapp.models import Author
@@ -63,8 +63,8 @@ APP_OF_THE_OTHER_USER = textwrap.dedent("""
     setup_child(sys.argv[1], {"READ_PATH": "COORDINATOR"})
     from django.conf import settings
     from django.db import connections
-    from django_lb_shm.client import get_client
-    from django_lb_shm.reads import zero_hop_reader
+    from django_lb_shm.client.connection import get_client
+    from django_lb_shm.client.reads import zero_hop_reader
     from tests.support.users import drop_to
     from tests.testapp.models import Author
     user = pwd.getpwnam(sys.argv[2])

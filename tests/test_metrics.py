@@ -20,7 +20,7 @@ from django.db import connections
 from django.test import override_settings
 
 from django_lb_shm.checks import check_load_balancer_settings, check_metrics_dependency
-from django_lb_shm.conf import MetricsConfig, build_config
+from django_lb_shm.settings.config import MetricsConfig, build_config
 from tests.support.lb import ALIASES, BACKEND, LAUNCHER, REPO
 from tests.support.pg_cluster import free_port
 from tests.support.waiting import wait_until

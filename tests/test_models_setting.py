@@ -15,7 +15,7 @@ from django.test import override_settings
 import django_lb_shm
 from django_lb_shm.backend.alias import lb_alias
 from django_lb_shm.checks import check_load_balanced_models, check_models_setting
-from django_lb_shm.conf import find_problems
+from django_lb_shm.settings.validation import find_problems
 from django_lb_shm.errors import NotSupportedError
 from django_lb_shm.routers import is_load_balanced
 from tests.plainlbapp.models import BundleItem, PlainBundle, PlainItem, PlainItemProxy, PlainOwned, SpecialItem
@@ -73,10 +73,10 @@ def test_the_answers_follow_an_overridden_models_setting():
 
 
 def test_the_coordinators_write_guard_schema_verify_and_resync_see_the_listed_tables():
-    from django_lb_shm.write_guard import WriteGuard
-    from django_lb_shm.resync import copy_plan
-    from django_lb_shm.schema import load_balanced_apps
-    from django_lb_shm.verify import load_balanced_tables
+    from django_lb_shm.coordinator.write_guard import WriteGuard
+    from django_lb_shm.ops.resync import copy_plan
+    from django_lb_shm.databases.schema import load_balanced_apps
+    from django_lb_shm.ops.verify import load_balanced_tables
 
     assert set(PLAIN_TABLES) <= WriteGuard.for_installed_models().tables
     assert "plainlbapp" in load_balanced_apps()
@@ -170,7 +170,7 @@ def test_fixtures_of_plain_models_load_through_the_load_balanced_alias(coordinat
 
 
 def test_verify_compares_the_plain_tables(coordinator):
-    from django_lb_shm.verify import compare_tables
+    from django_lb_shm.ops.verify import compare_tables
 
     PlainItem.objects.create(name="bolt", qty=1)
     coordinator.wait_drained()
@@ -350,7 +350,7 @@ def test_auth_and_contenttypes_listed_are_load_balanced_end_to_end(auth_load_bal
     from django.contrib.auth.models import Group, Permission, User
     from django.contrib.contenttypes.models import ContentType
 
-    from django_lb_shm.verify import compare_tables
+    from django_lb_shm.ops.verify import compare_tables
 
     assert check_load_balanced_models() == [] and check_models_setting() == []
     assert all(router.db_for_write(m) == lb_alias() for m in (User, Group, Permission, ContentType))
@@ -390,7 +390,7 @@ def test_sessions_listed_are_load_balanced_end_to_end(lb_factory):
     from django.contrib.sessions.backends.db import SessionStore
     from django.contrib.sessions.models import Session
 
-    from django_lb_shm.verify import compare_tables
+    from django_lb_shm.ops.verify import compare_tables
 
     handle = lb_factory("sessions", MODELS=["plainlbapp", "sessions"])
     try:
@@ -443,7 +443,7 @@ def test_resync_copies_the_listed_tables(resync_handle):
     import subprocess
     import sys
 
-    from django_lb_shm.verify import compare_tables
+    from django_lb_shm.ops.verify import compare_tables
     from tests.support.lb import LAUNCHER, REPO
 
     tag = Tag.objects.create(label="x")

@@ -1,5 +1,5 @@
-"""The private names of multiprocessing that django_lb_shm relies on (django_lb_shm/mp_private.py,
-and shared_state.py for shared memory): one test each, so that a Python upgrade that removes or
+"""The private names of multiprocessing that django_lb_shm relies on (django_lb_shm/wire/mp_private.py,
+and shm/state.py for shared memory): one test each, so that a Python upgrade that removes or
 changes one fails here, naming the attribute and the Python version, before anything subtler."""
 from __future__ import annotations
 
@@ -14,13 +14,13 @@ from multiprocessing.managers import BaseManager, BaseProxy, Server, State
 
 import pytest
 
-from django_lb_shm import mp_private
+from django_lb_shm.wire import mp_private
 
 PY = f"Python {platform.python_version()}"
 
 
 def lost(name: str, what: str) -> str:
-    return f"{name} {what} on {PY}: django_lb_shm/mp_private.py (or shared_state.py) must follow the change"
+    return f"{name} {what} on {PY}: django_lb_shm/wire/mp_private.py (or shm/state.py) must follow the change"
 
 
 class _Manager(BaseManager):
@@ -114,7 +114,7 @@ def test_server_id_to_obj_and_public(server_and_proxy):
 
 
 def test_server_handle_request_and_serve_client_exist():
-    # CoordinatorServer overrides handle_request and calls serve_client (SystemExit at the end).
+    # ManagerServer overrides handle_request and calls serve_client (SystemExit at the end).
     assert list(inspect.signature(Server.handle_request).parameters) == ["self", "conn"], \
         lost("Server.handle_request(conn)", "changed its signature")
     assert callable(getattr(Server, "serve_client", None)), lost("Server.serve_client", "is gone")

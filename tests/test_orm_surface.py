@@ -33,8 +33,8 @@ from django.test.utils import CaptureQueriesContext
 import django_lb_shm
 from django_lb_shm import errors
 from django_lb_shm.backend.alias import lb_alias
-from django_lb_shm.client import get_client
-from tests.support.lb import ALIASES, BACKEND, clear_tables, default_coordinator
+from django_lb_shm.client.connection import get_client
+from tests.support.lb import ALIASES, clear_tables, default_coordinator
 from tests.support.waiting import names_on_alias, wait_drained
 from tests.testapp.models import Author, Book, Review, Tag, Token
 

@@ -1,4 +1,4 @@
-"""Claims on real databases (django_lb_shm/ownership.py): which holder is a conflict, which is dead.
+"""Claims on real databases (django_lb_shm/databases/ownership.py): which holder is a conflict, which is dead.
 
 The coordinator-level behaviour (a second coordinator exits 3, a restart takes over the
 session of its stopped predecessor) is in test_supervisor.py; here the decisions one by one.
@@ -12,9 +12,16 @@ import time
 
 import pytest
 
-from django_lb_shm.db_thread import DbConnection
+from django_lb_shm.coordinator.db_thread import DbConnection
 from django_lb_shm.errors import DatabaseOwnedElsewhere
-from django_lb_shm.ownership import ADVISORY_KEYS, CLAIM_WAIT, HOLDER_PREFIX, HOST_KEY, LOCK_SUFFIX, Ownership
+from django_lb_shm.databases.ownership import (
+    ADVISORY_KEYS,
+    CLAIM_WAIT,
+    HOLDER_PREFIX,
+    HOST_KEY,
+    LOCK_SUFFIX,
+    Ownership,
+)
 from tests.support.lb import ALIASES, BACKEND, stop_all_coordinators
 
 

@@ -18,7 +18,7 @@ from django.test.utils import CaptureQueriesContext
 
 import django_lb_shm
 from django_lb_shm.backend.alias import lb_alias
-from django_lb_shm.conf import find_problems
+from django_lb_shm.settings.validation import find_problems
 from django_lb_shm.errors import TransactionError
 from django_lb_shm.transactions import LoadBalancerTransactionWarning
 from tests.support.lb import ALIASES, Replicas

@@ -40,7 +40,7 @@ from hypothesis import strategies as st
 
 import django_lb_shm
 from django_lb_shm.backend.alias import lb_alias
-from django_lb_shm.client import get_client
+from django_lb_shm.client.connection import get_client
 from tests.support.lb import BACKEND, app_tables, clear_tables
 from tests.support.waiting import wait_drained
 from tests.testapp.models import Author, Book, Review, Tag, Token

@@ -20,9 +20,9 @@ from django_lb_shm.balancing import (
     RoundRobin,
     build_read_algorithm,
 )
-from django_lb_shm.conf import build_config
+from django_lb_shm.settings.config import build_config
 from django_lb_shm.errors import ConfigurationError
-from django_lb_shm.shared_state import SharedState, Slot
+from django_lb_shm.shm.state import SharedState, Slot
 from tests.support.delay_proxy import DelayProxy
 from tests.support.lb import ALIASES, base_settings
 from tests.support.threads import run_threads

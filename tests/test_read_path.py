@@ -26,11 +26,12 @@ import pytest
 from django.db import connections
 
 from django_lb_shm.backend.alias import lb_alias
-from django_lb_shm.client import get_client
-from django_lb_shm.conf import find_problems, get_config
+from django_lb_shm.client.connection import get_client
+from django_lb_shm.settings.validation import find_problems
+from django_lb_shm.settings.config import get_config
 from django_lb_shm.errors import QueryTimeout
-from django_lb_shm.protocol import local_socket_path, private_directory, timed_client
-from django_lb_shm.read_pool import ReadPool
+from django_lb_shm.wire.protocol import local_socket_path, private_directory, timed_client
+from django_lb_shm.coordinator.read_pool import ReadPool
 from tests.support.lb import base_settings
 from tests.support.threads import run_threads
 from tests.support.waiting import pools_opened_by_reads, wait_until

@@ -111,7 +111,7 @@ def open_raw(entry: dict):
 
 def next_keys(entry: dict) -> dict:
     """Where each load-balanced table's generated keys go on (PostgreSQL: its sequence; SQLite: sqlite_sequence)."""
-    from django_lb_shm.resync import copy_plan
+    from django_lb_shm.ops.resync import copy_plan
 
     found = {}
     with contextlib.closing(open_raw(entry)) as db:
@@ -411,7 +411,7 @@ def test_a_resync_from_a_copy_that_is_not_running_is_refused_and_changes_nothing
 
 
 def test_tables_are_copied_referenced_ones_first():
-    from django_lb_shm.resync import copy_plan
+    from django_lb_shm.ops.resync import copy_plan
 
     specs, models = copy_plan("default")
     order = [spec.table for spec in specs]

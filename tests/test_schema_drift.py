@@ -26,8 +26,8 @@ import pytest
 from django.db import DEFAULT_DB_ALIAS, connections
 
 from django_lb_shm.backend.alias import lb_alias
-from django_lb_shm.schema import behind_copies
-from django_lb_shm.shared_state import DbState, SharedState
+from django_lb_shm.databases.schema import behind_copies
+from django_lb_shm.shm.state import DbState, SharedState
 from tests.support.lb import ALIASES, BACKEND, REPO, CoordinatorHandle, read_path
 from tests.support.waiting import NOT_ANSWERING, wait_until
 from tests.testapp.models import Destination
@@ -126,7 +126,7 @@ def _fresh_databases(tmp_path: Path) -> tuple[dict, list]:
 
 
 def _drop(created: list) -> None:
-    from django_lb_shm.reads import close_connections
+    from django_lb_shm.client.reads import close_connections
 
     close_connections()
     connections[lb_alias()].close()

@@ -23,7 +23,7 @@ from django.core import checks
 from django.test import override_settings
 
 from django_lb_shm.checks import check_load_balancer_settings
-from django_lb_shm.conf import find_problems
+from django_lb_shm.settings.validation import find_problems
 from tests.support.lb import REPO
 from tests.support.pg_cluster import free_port
 
@@ -343,7 +343,7 @@ def test_a_plain_manager_on_a_load_balanced_model_is_a_warning():
 def test_log_level_must_be_a_level_name_and_a_tiny_rss_limit_is_a_warning():
     from django.conf import settings
 
-    from django_lb_shm.conf import build_config
+    from django_lb_shm.settings.config import build_config
 
     assert ids(run_check({**valid(), "LOG_LEVEL": "verbose"})) == ["django_lb_shm.E025"]
     assert run_check({**valid(), "LOG_LEVEL": "debug"}) == []
@@ -353,7 +353,7 @@ def test_log_level_must_be_a_level_name_and_a_tiny_rss_limit_is_a_warning():
 
 
 def test_the_default_journal_dir_follows_the_databases_not_the_port(tmp_path):
-    from django_lb_shm.conf import build_config
+    from django_lb_shm.settings.config import build_config
 
     base = valid()
     base.pop("JOURNAL_DIR", None)

@@ -270,7 +270,7 @@ def test_holders_that_cannot_be_judged_from_here_are_waited_for_once_for_all_dat
     # CLAIM_WAIT for every database together, not per database.
     import psycopg
 
-    from django_lb_shm.ownership import ADVISORY_KEYS, CLAIM_WAIT
+    from django_lb_shm.databases.ownership import ADVISORY_KEYS, CLAIM_WAIT
 
     handle = lb_factory("unjudged", start=False)
     stop_all_coordinators()

@@ -112,7 +112,7 @@ def test_runtime_settings_are_the_ones_that_differ_from_the_settings_module(coor
     from django.conf import settings
     from django.test import override_settings
 
-    from django_lb_shm.conf import runtime_settings
+    from django_lb_shm.settings.overrides import runtime_settings
 
     with override_settings(MIDDLEWARE=["x.Middleware"], LANGUAGE_CODE="fr"):
         changed = runtime_settings(settings)

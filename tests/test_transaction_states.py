@@ -17,15 +17,16 @@ import pytest
 from django.db import connections
 
 import django_lb_shm
-from django_lb_shm import client_transaction, server_transaction
+from django_lb_shm.client import transaction as client_transaction
+from django_lb_shm.coordinator import transaction as server_transaction
 from django_lb_shm.backend.alias import lb_alias
-from django_lb_shm.client_transaction import NOTHING, SEND, ClientState, ClientTransaction
-from django_lb_shm.descriptors import Result, Statement
+from django_lb_shm.client.transaction import NOTHING, SEND, ClientState, ClientTransaction
+from django_lb_shm.wire.descriptors import Result, Statement
 from django_lb_shm.errors import TransactionError
-from django_lb_shm.outcomes import WriteOutcomes
-from django_lb_shm.sequencer import LeaderLost
-from django_lb_shm.server_transaction import ServerState, ServerTransaction
-from django_lb_shm.state_table import TransitionError, documented, implemented
+from django_lb_shm.coordinator.outcomes import WriteOutcomes
+from django_lb_shm.coordinator.sequencer import LeaderLost
+from django_lb_shm.coordinator.transaction import ServerState, ServerTransaction
+from django_lb_shm.wire.state_table import TransitionError, documented, implemented
 from tests.support.lb import ALIASES, table_rows
 from tests.test_client_in_step import Interrupted, alarm_raises, slow_read_in_block, uses_sigalrm
 from tests.testapp.models import Author, Destination

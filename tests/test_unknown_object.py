@@ -8,9 +8,9 @@ import pickle
 import pytest
 from multiprocessing.managers import Token
 
-from django_lb_shm import mp_private
-from django_lb_shm.conf import build_config
-from django_lb_shm.protocol import TYPEID, UNKNOWN_OBJECT, CoordinatorProxy, connect, timed_client
+from django_lb_shm.wire import mp_private
+from django_lb_shm.settings.config import build_config
+from django_lb_shm.wire.protocol import TYPEID, UNKNOWN_OBJECT, RouterProxy, connect, timed_client
 from tests.testapp.models import Author
 
 
@@ -44,7 +44,7 @@ def _served_id(handle) -> str:
 
 def test_a_proxy_of_a_previous_coordinator_is_told_to_reconnect(coordinator):
     address = _address(coordinator)
-    stale = CoordinatorProxy(Token(TYPEID, address.tuple, "no-such-object"), "pickle",
+    stale = RouterProxy(Token(TYPEID, address.tuple, "no-such-object"), "pickle",
                              authkey=address.authkey, incref=False)
     mp_private.set_proxy_client(stale, timed_client(5.0))
     try:

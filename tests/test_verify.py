@@ -22,7 +22,7 @@ from pathlib import Path
 from django.db import connections
 from django.test.utils import CaptureQueriesContext
 
-from django_lb_shm.verify import (
+from django_lb_shm.ops.verify import (
     EXIT_DIFFERENT,
     EXIT_IDENTICAL,
     EXIT_UNREADABLE,
@@ -258,7 +258,7 @@ def test_progress_bar_only_on_a_terminal(replicas):
 
 
 def test_a_table_that_cannot_be_read_on_one_database_exits_2(replicas, monkeypatch):
-    import django_lb_shm.verify as verify_module
+    import django_lb_shm.ops.verify as verify_module
 
     populate(2)
     replicas.handle.wait_drained()
@@ -362,7 +362,7 @@ def test_a_failed_verify_says_whether_writes_may_still_be_pending():
     from django.conf import settings
     from django.test import override_settings
 
-    from django_lb_shm.verify import _pending_writes_note
+    from django_lb_shm.ops.verify import _pending_writes_note
     from tests.support.pg_cluster import free_port
 
     nobody = dict(settings.LOAD_BALANCER, ADDRESS=dict(settings.LOAD_BALANCER["ADDRESS"], PORT=free_port()),
@@ -377,7 +377,7 @@ def test_a_table_on_no_copy_is_no_difference(coordinator):
     # inside tests): every copy agrees it has no such table.
     from dataclasses import replace
 
-    from django_lb_shm.verify import format_report, schema_differences, table_spec
+    from django_lb_shm.ops.verify import format_report, schema_differences, table_spec
 
     spec = replace(table_spec(Author, "default"), table="testapp_never_created")
     assert schema_differences(spec, ALIASES) == (None, {})

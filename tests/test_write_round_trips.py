@@ -11,10 +11,10 @@ import pytest
 from psycopg import errors as pg_errors
 from django.db import connections
 
-from django_lb_shm.db_thread import MARKER_TABLE, DbConnection
-from django_lb_shm.descriptors import Statement
-from django_lb_shm.health import is_connection_error
-from django_lb_shm.server_transaction import ServerTransaction
+from django_lb_shm.coordinator.db_thread import MARKER_TABLE, DbConnection
+from django_lb_shm.wire.descriptors import Statement
+from django_lb_shm.databases.failures import is_connection_error
+from django_lb_shm.coordinator.transaction import ServerTransaction
 
 pytestmark = pytest.mark.postgres_only
 
@@ -204,7 +204,7 @@ class _Leader:
     """Just what Sequencer.hold_write_order needs of a database thread."""
 
     def __init__(self, conn: DbConnection):
-        from django_lb_shm.shared_state import DbState
+        from django_lb_shm.shm.state import DbState
         self.alias, self.writer, self.state, self.applied_seq = conn.alias, conn, DbState.RUNNING, 0
         self.went_down = None
 
@@ -215,7 +215,7 @@ class _Leader:
 
 def _sequencer(conn: DbConnection):
     from types import SimpleNamespace
-    from django_lb_shm.sequencer import Sequencer
+    from django_lb_shm.coordinator.sequencer import Sequencer
     leader = _Leader(conn)
     return Sequencer([leader], journal=None, shared=None, config=SimpleNamespace(client_timeout=2)), leader
 

@@ -17,11 +17,12 @@ import pytest
 from django.db import connections, transaction
 
 import django_lb_shm
-from django_lb_shm import reads, shared_state
-from django_lb_shm.conf import find_problems, get_config
+from django_lb_shm.client import reads
+from django_lb_shm.shm import state as shared_state
+from django_lb_shm.settings.validation import find_problems
 from django_lb_shm.errors import QueryTimeout
-from django_lb_shm.reads import zero_hop_reader
-from django_lb_shm.shared_state import Reader, SharedState, segment_name
+from django_lb_shm.client.reads import zero_hop_reader
+from django_lb_shm.shm.state import Reader
 from tests.support import workers
 from tests.support.delay_proxy import DelayProxy
 from tests.support.lb import ALIASES, BACKEND, base_settings, read_path

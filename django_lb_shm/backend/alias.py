@@ -6,7 +6,8 @@ import logging
 from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, connections
 
-from ..conf import SETTING_NAME, find_problems, get_config
+from django_lb_shm.settings.config import get_config
+from django_lb_shm.settings.validation import SETTING_NAME, find_problems
 
 logger = logging.getLogger("django_lb_shm")
 

@@ -14,11 +14,12 @@ from django.db import DEFAULT_DB_ALIAS, connections
 from django.db.backends.utils import CursorDebugWrapper
 from django.db.utils import load_backend
 
-from ..client import SAVEPOINT, ClientSession, classify, get_client
-from ..conf import get_config
-from ..plain_atomic import PARTNER
-from .compiler import load_balanced_compiler
-
+from django_lb_shm.backend.compiler import load_balanced_compiler
+from django_lb_shm.client.connection import get_client
+from django_lb_shm.client.session import ClientSession
+from django_lb_shm.client.statements import SAVEPOINT, classify
+from django_lb_shm.plain_atomic import PARTNER
+from django_lb_shm.settings.config import get_config
 
 _under_test_runner = [False]   # set by LoadBalancerTestRunner for its test run
 

@@ -16,8 +16,8 @@ from typing import Any, Optional
 from django.core.management.color import no_style
 from django.db.models.constants import OnConflict
 
-from ..descriptors import InsertKeys
-from ..errors import NotSupportedError
+from django_lb_shm.errors import NotSupportedError
+from django_lb_shm.wire.descriptors import InsertKeys
 
 # Markers are integers no application uses as a key; one per row of an INSERT.
 _MARKER_BASE = -(2**62) + 7919

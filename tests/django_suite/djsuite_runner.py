@@ -94,7 +94,7 @@ class VerifyingLoadBalancerRunner(Recording, LoadBalancerTestRunner):
     """The package's runner, recording outcomes, with `verify` on the copies at the end."""
 
     def teardown_databases(self, old_config: Any, **kwargs: Any) -> None:
-        from django_lb_shm.verify import verify
+        from django_lb_shm.ops.verify import verify
 
         out = io.StringIO()
         try:

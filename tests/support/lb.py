@@ -60,7 +60,7 @@ class CoordinatorHandle:
 
     # -- processes -------------------------------------------------------------------
     def env(self) -> dict:
-        from django_lb_shm.protocol import STOP_WITH_PARENT_ENV
+        from django_lb_shm.wire.protocol import STOP_WITH_PARENT_ENV
 
         env = dict(os.environ)
         env["LB_TEST_CONFIG"] = str(self.config_path)
@@ -123,8 +123,8 @@ class CoordinatorHandle:
     @property
     def segment_name(self) -> str:
         """Its shared-memory segment's name (in /dev/shm)."""
-        from django_lb_shm.conf import build_config
-        from django_lb_shm.shared_state import segment_name
+        from django_lb_shm.settings.config import build_config
+        from django_lb_shm.shm.state import segment_name
 
         return segment_name(build_config(self.lb, self.settings["DATABASES"]).address)
 
@@ -136,10 +136,10 @@ class CoordinatorHandle:
 
     # -- the client side ---------------------------------------------------------------
     def client(self):
-        from django_lb_shm.client import CoordinatorClient
-        from django_lb_shm.conf import build_config
+        from django_lb_shm.client.connection import ClientConnection
+        from django_lb_shm.settings.config import build_config
 
-        return CoordinatorClient(build_config(self.lb, self.settings["DATABASES"]))
+        return ClientConnection(build_config(self.lb, self.settings["DATABASES"]))
 
     def status(self, timeout: float = 5) -> dict:
         client = self.client()

@@ -35,11 +35,11 @@ settings.configure(
     INSTALLED_APPS=[], USE_TZ=True)
 django.setup()
 
-from django_lb_shm.db_thread import DbThread, Hub  # noqa: E402
-from django_lb_shm.descriptors import Statement  # noqa: E402
-from django_lb_shm.journal import Journal  # noqa: E402
-from django_lb_shm.sequencer import Sequencer  # noqa: E402
-from django_lb_shm.shared_state import DbState, SharedState  # noqa: E402
+from django_lb_shm.coordinator.db_thread import DbThread, Hub  # noqa: E402
+from django_lb_shm.wire.descriptors import Statement  # noqa: E402
+from django_lb_shm.coordinator.journal import Journal  # noqa: E402
+from django_lb_shm.coordinator.sequencer import Sequencer  # noqa: E402
+from django_lb_shm.shm.state import DbState, SharedState  # noqa: E402
 from tests.support.threads import Workers  # noqa: E402
 from tests.support.waiting import wait_until  # noqa: E402
 

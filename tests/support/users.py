@@ -63,7 +63,7 @@ def as_user(user: pwd.struct_passwd, func: Callable[..., Any], *args: Any) -> in
 
 def fake_segment(n_databases: int, supervisor_pid: int, size: int) -> bytes:
     """What a django_lb_shm segment's header looks like, with a chosen supervisor pid."""
-    from django_lb_shm.shared_state import LAYOUT_VERSION, MAGIC
+    from django_lb_shm.shm.state import LAYOUT_VERSION, MAGIC
 
     header = struct.pack("4d", MAGIC, LAYOUT_VERSION, n_databases, supervisor_pid)
     return header + bytes(size - len(header))

@@ -97,7 +97,7 @@ def read_back_announced(settings_json: str, announce: Any, results: Any, timeout
     import time
 
     setup_child(settings_json)
-    from django_lb_shm.reads import zero_hop_reader
+    from django_lb_shm.client.reads import zero_hop_reader
     from tests.testapp.models import Author
 
     Author.objects.filter(pk=0).exists()   # connections open, reader slot claimed
@@ -126,7 +126,7 @@ def read_back_announced(settings_json: str, announce: Any, results: Any, timeout
 def count_reads(settings_json: str, count: int, results: Any) -> None:
     """``count`` reads; reports whether this process could route reads itself."""
     setup_child(settings_json)
-    from django_lb_shm.reads import zero_hop_reader
+    from django_lb_shm.client.reads import zero_hop_reader
     from tests.testapp.models import Author
 
     total = 0

@@ -57,7 +57,7 @@ class Command(BaseCommand):
 
     def check_reads_spread(self, copies):
         """With every copy in step, reads through the load balancer reach every copy."""
-        from django_lb_shm.client import get_client
+        from django_lb_shm.client.connection import get_client
 
         def reads():
             return {db['name']: db['reads'] for db in get_client().call('status', timeout=5.0)['databases']}
@@ -74,7 +74,7 @@ class Command(BaseCommand):
 
     def wait_in_sync(self, timeout):
         """Poll the coordinator until no database has writes pending (WRITE_ACK FIRST answers early)."""
-        from django_lb_shm.client import get_client
+        from django_lb_shm.client.connection import get_client
 
         deadline = time.monotonic() + timeout
         while True:

@@ -1,0 +1,3 @@
+"""settings.LOAD_BALANCER: validation (its keys and checks), config (frozen), overrides (from
+the test runner).
+"""

@@ -1,0 +1,3 @@
+"""The supervisor: the djangoloadbalancer foreground process that spawns, watches and restarts
+the coordinator (the manager process), and serves metrics.
+"""
