@@ -19,6 +19,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["django_lb_shm", "django_lb_shm.*"]),
     include_package_data=True,
+    package_data={"django_lb_shm": ["py.typed"]},   # PEP 561: the package ships its type hints
     install_requires=[
         "Django>=4.2,<6.0",
         "cloudpickle>=2.0",
@@ -37,6 +38,7 @@ setup(
     scripts=["bin/djangoloadbalancer.py"],
     classifiers=[
         "Framework :: Django",
+        "Typing :: Typed",
         "Framework :: Django :: 4.2",
         "Framework :: Django :: 5.2",
         "Programming Language :: Python :: 3",

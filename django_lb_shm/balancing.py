@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import itertools
 import threading
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from django.utils.module_loading import import_string
 
 from django_lb_shm.errors import ConfigurationError
 from django_lb_shm.settings.validation import exclude_problem, weights_problem
 from django_lb_shm.shm.state import SharedState, Slot
+
+if TYPE_CHECKING:   # for type hints only: not imported at run time
+    from django_lb_shm.settings.config import LoadBalancerConfig
 
 
 class ReadAlgorithm:
@@ -119,7 +122,7 @@ class LeastConnections(ReadAlgorithm):
         return self._rotate([i for i in candidates if loads[i] <= least])
 
 
-def build_read_algorithm(config: Any, shared: SharedState) -> ReadAlgorithm:
+def build_read_algorithm(config: LoadBalancerConfig, shared: SharedState) -> ReadAlgorithm:
     spec = config.read_algorithm
     names = config.databases
     if spec.name == "ROUND_ROBIN":

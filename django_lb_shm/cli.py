@@ -17,7 +17,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import django
 
@@ -37,6 +37,9 @@ from django_lb_shm.wire.exit_codes import (
     EXIT_OK,
     EXIT_UNAVAILABLE,
 )
+
+if TYPE_CHECKING:   # for type hints only: not imported at run time
+    from django_lb_shm.settings.config import LoadBalancerConfig
 
 STATUS_EPILOG = """exit status:
   0  the coordinator is READY and every database is RUNNING
@@ -302,7 +305,7 @@ def _status_config() -> Any:
         return None
 
 
-def status_once(config: Any, as_json: bool) -> tuple[int, str]:
+def status_once(config: LoadBalancerConfig, as_json: bool) -> tuple[int, str]:
     """(exit status, what to print): the table or JSON, or why no coordinator answers."""
     from django_lb_shm.client.connection import read_status
 

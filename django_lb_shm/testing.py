@@ -32,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from django.conf import settings
 from django.db import connections
@@ -48,6 +48,9 @@ from django_lb_shm.settings.config import get_config
 from django_lb_shm.settings.overrides import OVERRIDES_ENV, runtime_settings
 from django_lb_shm.settings.validation import SETTING_NAME
 from django_lb_shm.wire.protocol import STOP_WITH_PARENT_ENV
+
+if TYPE_CHECKING:   # for type hints only: not imported at run time
+    from django_lb_shm.settings.config import LoadBalancerConfig
 
 logger = logging.getLogger("django_lb_shm.testing")
 BOOT_TIMEOUT = 60.0
@@ -136,7 +139,7 @@ class LoadBalancerTestRunner(DiscoverRunner):
             if conn.vendor == "sqlite" and (not test.get("NAME") or conn.creation.is_in_memory_db(test["NAME"])):
                 test["NAME"] = os.path.join(self._workdir, f"test_{alias}.sqlite3")
 
-    def _start_coordinator(self, config: Any) -> None:
+    def _start_coordinator(self, config: LoadBalancerConfig) -> None:
         real = getattr(settings, SETTING_NAME)
         address = {**real["ADDRESS"], "HOST": "127.0.0.1", "PORT": _free_port()}
         address.pop("PATH", None)

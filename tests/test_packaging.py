@@ -74,6 +74,13 @@ def test_the_installed_launchers_run(installed, script):
     assert result.stdout.startswith("usage: djangoloadbalancer") and "status" in result.stdout
 
 
+def test_the_installed_package_has_every_folder_and_its_type_hints(installed):
+    source, package = REPO / "django_lb_shm", installed / "django_lb_shm"
+    folders = {p.parent.relative_to(source) for p in source.rglob("__init__.py")}
+    assert {p.parent.relative_to(package) for p in package.rglob("__init__.py")} == folders
+    assert (package / "py.typed").is_file()   # PEP 561
+
+
 @pytest.mark.skipif("LB_TEST_VENV" not in os.environ, reason="run by scripts/test.sh only (it sets LB_TEST_VENV)")
 def test_the_test_command_runs_in_the_checkouts_own_virtual_environment():
     """scripts/test.sh installs into .venv/ and runs from it, never from the system interpreter."""

@@ -26,7 +26,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import psutil
 
@@ -42,6 +42,9 @@ from django_lb_shm.shm.state import (
     segment_name,
     segment_path,
 )
+
+if TYPE_CHECKING:   # for type hints only: not imported at run time
+    from django_lb_shm.settings.config import LoadBalancerConfig
 
 
 class Verdict(enum.Enum):
@@ -114,7 +117,7 @@ def supervisor_alive(pid: int, started_at: float) -> bool:
 class ConnectBreaker:
     """One client's connects: fail fast when nothing will answer, then stay open until it does."""
 
-    def __init__(self, config: Any):
+    def __init__(self, config: LoadBalancerConfig):
         self.address = config.address
         self.wait_time = config.wait_time
         self.connect_timeout = config.connect_timeout

@@ -46,7 +46,7 @@ import threading
 import time
 import uuid
 import weakref
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from django_lb_shm.balancing import build_read_algorithm
 from django_lb_shm.client.connection import get_client
@@ -78,6 +78,9 @@ from django_lb_shm.shm.state import (
 )
 from django_lb_shm.wire.descriptors import Result, Statement
 from django_lb_shm.wire.protocol import private_directory
+
+if TYPE_CHECKING:   # for type hints only: not imported at run time
+    from django_lb_shm.settings.config import LoadBalancerConfig
 
 logger = logging.getLogger("django_lb_shm.reads")
 
@@ -167,7 +170,7 @@ def _close_wrapper(wrapper: Any) -> None:
 class ZeroHopReader:
     """This process's read router over the shared segment (one per process and config)."""
 
-    def __init__(self, config: Any, shared: SharedState):
+    def __init__(self, config: LoadBalancerConfig, shared: SharedState):
         from django.conf import settings
 
         self.config = config
@@ -554,7 +557,7 @@ def _plain(params: Any) -> bool:
     return True
 
 
-def _lock_directory(config: Any) -> str:
+def _lock_directory(config: LoadBalancerConfig) -> str:
     """The private directory of this user's reader-slot lock files ('' if it cannot be private)."""
     directory = os.path.join(tempfile.gettempdir(), f"django_lb_shm-{os.getuid()}")
     try:
@@ -598,7 +601,7 @@ def zero_hop_reader() -> Optional[ZeroHopReader]:
     return _build(config)
 
 
-def _build(config: Any) -> Optional[ZeroHopReader]:
+def _build(config: LoadBalancerConfig) -> Optional[ZeroHopReader]:
     global _reader, _reader_key, _next_try
     from django.conf import settings
 

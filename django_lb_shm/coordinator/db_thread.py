@@ -24,7 +24,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 from django.db import connections
 
@@ -47,6 +47,9 @@ from django_lb_shm.errors import (
 from django_lb_shm.settings.validation import vendor_of
 from django_lb_shm.shm.state import DbState, SharedState, Slot
 from django_lb_shm.wire.descriptors import Result, Statement
+
+if TYPE_CHECKING:   # for type hints only: not imported at run time
+    from django_lb_shm.settings.config import LoadBalancerConfig
 
 logger = logging.getLogger("django_lb_shm.db")
 
@@ -562,7 +565,7 @@ WAKE = object()   # nothing to do: the loop's maintenance (a probe that is due) 
 class Hub:
     """What a database thread needs from the coordinator (kept small for tests)."""
 
-    def __init__(self, shared: SharedState, config: Any,
+    def __init__(self, shared: SharedState, config: LoadBalancerConfig,
                  catch_up_from: Callable[[str, Callable[[], tuple[int, int]]], str],
                  replay_after: Callable[[int], Iterator[JournalEntry]],
                  notify_applied: Callable[[], None],

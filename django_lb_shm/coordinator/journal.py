@@ -20,10 +20,10 @@ and are not kept in memory.  Segment files of the format before version 1
 from __future__ import annotations
 
 import fcntl
+import io
 import json
 import logging
 import os
-import io
 import pickle
 import secrets
 import sqlite3

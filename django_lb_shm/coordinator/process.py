@@ -18,7 +18,7 @@ import sqlite3
 import sys
 import threading
 import time
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import django
 
@@ -55,7 +55,10 @@ from django_lb_shm.wire.exit_codes import (
 )
 from django_lb_shm.wire.protocol import EXPOSED, TYPEID
 
-# The logger keeps its name from before coordinator/router.py was split: projects' LOGGING settings may name it.
+if TYPE_CHECKING:   # for type hints only: not imported at run time
+    from django_lb_shm.settings.config import LoadBalancerConfig
+
+# The logger keeps the name it had before these modules moved into coordinator/: LOGGING settings may name it.
 logger = logging.getLogger("django_lb_shm.coordinator")
 
 TICK = 0.5
@@ -66,7 +69,7 @@ BOOT_CONNECT_WAIT = 10.0
 class CoordinatorProcess:
     """Boot, serve, watch the parent, stop: the life of the manager process."""
 
-    def __init__(self, config: Any, shared: SharedState, supervisor_pid: int):
+    def __init__(self, config: LoadBalancerConfig, shared: SharedState, supervisor_pid: int):
         self.config = config
         self.shared = shared
         self.supervisor_pid = supervisor_pid

@@ -10,7 +10,7 @@ import socket
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from django_lb_shm.coordinator.db_thread import (
     FinishResync,
@@ -19,6 +19,10 @@ from django_lb_shm.coordinator.db_thread import (
 from django_lb_shm.coordinator.journal import new_tag
 from django_lb_shm.errors import ResyncError
 from django_lb_shm.shm.state import DbState, Slot, pid_alive
+
+if TYPE_CHECKING:   # for type hints only: not imported at run time
+    from django_lb_shm.coordinator.sequencer import Sequencer
+    from django_lb_shm.settings.config import LoadBalancerConfig
 
 logger = logging.getLogger("django_lb_shm.resync")
 
@@ -56,7 +60,7 @@ class Lease:
 class ResyncDesk:
     """Which copies are being resynced and by whom; every state change of a resync happens here."""
 
-    def __init__(self, threads: list, sequencer: Any, config: Any):
+    def __init__(self, threads: list, sequencer: Sequencer, config: LoadBalancerConfig):
         self.threads = threads     # the coordinator's live list: a replaced thread is seen here too
         self.sequencer = sequencer
         self.config = config

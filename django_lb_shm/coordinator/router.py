@@ -16,7 +16,7 @@ import pickle
 import queue
 import threading
 import time
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from django_lb_shm.__about__ import __version__
 from django_lb_shm.coordinator.outcomes import WriteOutcomes
@@ -45,7 +45,12 @@ from django_lb_shm.shm.state import DbState, Header, SharedState
 from django_lb_shm.wire import descriptors as d
 from django_lb_shm.wire.protocol import SETTLE_WAIT
 
-# The logger keeps its name from before coordinator/router.py was split: projects' LOGGING settings may name it.
+if TYPE_CHECKING:   # for type hints only: not imported at run time
+    from django_lb_shm.balancing import ReadAlgorithm
+    from django_lb_shm.coordinator.sequencer import Sequencer
+    from django_lb_shm.settings.config import LoadBalancerConfig
+
+# The logger keeps the name it had before these modules moved into coordinator/: LOGGING settings may name it.
 logger = logging.getLogger("django_lb_shm.coordinator")
 
 
@@ -56,7 +61,8 @@ class CoordinatorStopping(CoordinatorUnavailable):
 class RequestRouter:
     """The object app processes call through the Manager (``execute``, ``status``, ``hello``)."""
 
-    def __init__(self, config: Any, shared: SharedState, threads: list, sequencer: Any, algorithm: Any,
+    def __init__(self, config: LoadBalancerConfig, shared: SharedState, threads: list, sequencer: Sequencer,
+                 algorithm: ReadAlgorithm,
                  schema: Any = None):
         self.config = config
         self.schema = schema   # the SchemaWatch, for the migrations each copy lacks

@@ -46,7 +46,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
 
 from django.db import DEFAULT_DB_ALIAS
 
@@ -68,6 +68,9 @@ from django_lb_shm.errors import (
 )
 from django_lb_shm.shm.state import DbState, Header, SharedState
 from django_lb_shm.wire.descriptors import InsertKeys, Result, Statement
+
+if TYPE_CHECKING:   # for type hints only: not imported at run time
+    from django_lb_shm.settings.config import LoadBalancerConfig
 
 logger = logging.getLogger("django_lb_shm.sequencer")
 
@@ -97,7 +100,7 @@ class Hold:
 
 
 class Sequencer:
-    def __init__(self, threads: Sequence[DbThread], journal: Journal, shared: SharedState, config: Any):
+    def __init__(self, threads: Sequence[DbThread], journal: Journal, shared: SharedState, config: LoadBalancerConfig):
         self.threads = threads  # the coordinator's list: a replaced thread is seen here too
         self.journal = journal
         self.shared = shared

@@ -31,7 +31,7 @@ from django_lb_shm.wire.protocol import (
     private_directory,
 )
 
-# The logger keeps its name from before coordinator/router.py was split: projects' LOGGING settings may name it.
+# The logger keeps the name it had before these modules moved into coordinator/: LOGGING settings may name it.
 logger = logging.getLogger("django_lb_shm.coordinator")
 
 HANDSHAKE_TIMEOUT = 10.0      # a connection that does not authenticate by then is dropped

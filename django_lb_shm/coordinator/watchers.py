@@ -17,7 +17,7 @@ from django_lb_shm.shm.state import DbState, Reader
 if TYPE_CHECKING:
     from django_lb_shm.coordinator.router import RequestRouter
 
-# The logger keeps its name from before coordinator/router.py was split: projects' LOGGING settings may name it.
+# The logger keeps the name it had before these modules moved into coordinator/: LOGGING settings may name it.
 logger = logging.getLogger("django_lb_shm.coordinator")
 
 

@@ -39,7 +39,7 @@ import sqlite3
 import sys
 import threading
 import time
-from typing import Any, Callable, Iterator, Optional, Sequence, TextIO
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence, TextIO
 
 from django_lb_shm import apps
 from django_lb_shm.coordinator.db_thread import (
@@ -59,6 +59,9 @@ from django_lb_shm.wire.exit_codes import (
     EXIT_RESYNC_USAGE,
     EXIT_RESYNCED,
 )
+
+if TYPE_CHECKING:   # for type hints only: not imported at run time
+    from django_lb_shm.settings.config import LoadBalancerConfig
 
 logger = logging.getLogger("django_lb_shm.resync")
 
@@ -101,7 +104,7 @@ def resync(alias: str, source: Optional[str] = None, chunk_size: int = 10000, ma
         client.forget_connection()
 
 
-def _argument_problem(config: Any, alias: str, source: Optional[str], chunk_size: int, max_rate: float) -> str:
+def _argument_problem(config: LoadBalancerConfig, alias: str, source: Optional[str], chunk_size: int, max_rate: float) -> str:
     names = ", ".join(config.databases)
     if alias not in config.databases:
         return f"{alias!r} is not in LOAD_BALANCER['DATABASES'] ({names})"

@@ -14,12 +14,15 @@ import errno
 import logging
 import threading
 import types
-from typing import Any, Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
 
 import psutil
 
 from django_lb_shm.databases.failures import address_holder
 from django_lb_shm.shm.state import CoordinatorState, DbState, Header, SharedState
+
+if TYPE_CHECKING:   # for type hints only: not imported at run time
+    from django_lb_shm.settings.config import LoadBalancerConfig
 
 logger = logging.getLogger("django_lb_shm.metrics")
 
@@ -177,7 +180,7 @@ class MetricsServer:
         self.collector.close()
 
 
-def serve_metrics(config: Any, shared: SharedState) -> Optional[MetricsServer]:
+def serve_metrics(config: LoadBalancerConfig, shared: SharedState) -> Optional[MetricsServer]:
     """Serve /metrics when LOAD_BALANCER['METRICS'] is set.  None when it is off or cannot be
     served: that is logged, and the supervisor goes on serving the databases without it."""
     metrics = config.metrics

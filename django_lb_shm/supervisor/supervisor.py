@@ -20,7 +20,7 @@ import queue
 import signal
 import sys
 import time
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from django_lb_shm.coordinator import process as coordinator_process
 from django_lb_shm.databases.failures import address_holder, process_vitals
@@ -42,6 +42,9 @@ from django_lb_shm.wire.exit_codes import (
     EXIT_RELOAD,
 )
 from django_lb_shm.wire.protocol import STOP_WITH_PARENT_ENV
+
+if TYPE_CHECKING:   # for type hints only: not imported at run time
+    from django_lb_shm.settings.config import LoadBalancerConfig
 
 logger = logging.getLogger("django_lb_shm.supervisor")
 
@@ -74,7 +77,7 @@ def mp_context() -> Any:
 
 
 class Supervisor:
-    def __init__(self, config: Any, settings_module: Optional[str]):
+    def __init__(self, config: LoadBalancerConfig, settings_module: Optional[str]):
         self.config = config
         self.settings_module = settings_module
         self.signals: "queue.SimpleQueue[int]" = queue.SimpleQueue()
