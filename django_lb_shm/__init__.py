@@ -21,7 +21,7 @@ Which box may import which is in tests/test_layering.py (MAY_IMPORT).  Within th
 top-level imports of the package point to lower layers only (tests/test_layering.py reads this
 list; a new module must be placed in it):
 
-    L0  __about__ client.statements coordinator.read_pool databases.probes errors
+    L0  __about__ client.statements coordinator.read_pool databases.probes errors periodic
         ops.logging_setup wire.exit_codes wire.mp_private wire.state_table
     L1  client.transaction databases.failures settings.validation shm.state wire.descriptors
         wire.protocol

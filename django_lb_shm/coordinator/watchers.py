@@ -12,6 +12,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Optional
 
+from django_lb_shm.periodic import PeriodicThread
 from django_lb_shm.shm.state import DbState, Reader
 
 if TYPE_CHECKING:
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("django_lb_shm.coordinator")
 
 
-class ReaderWatch(threading.Thread):
+class ReaderWatch(PeriodicThread):
     """Acts on what app processes running zero-hop reads report in their reader slots.
 
     * a read cut after READ_TIMEOUT (``Reader.TIMEOUTS``): the database is probed; the
@@ -37,11 +38,10 @@ class ReaderWatch(threading.Thread):
     LATENCY_EVERY = 0.5
 
     def __init__(self, coordinator: "RequestRouter", threads: list):
-        super().__init__(name="reader-watch", daemon=True)
+        super().__init__("reader-watch", self.POLL, logger)
         self.coordinator = coordinator
         self.shared = coordinator.shared
         self.threads = threads   # the live list: replaced database threads are seen
-        self.stop_event = threading.Event()
         self.seen = self._sums()   # what earlier coordinators already answered
         self.next_latency = 0.0
         self.probing: set = set()
@@ -51,15 +51,8 @@ class ReaderWatch(threading.Thread):
         fields = (Reader.TIMEOUTS, Reader.FAILURES, Reader.LATENCY_SUM_MS, Reader.LATENCY_COUNT)
         return [{f: self.shared.reader_sum(i, f) for f in fields} for i in range(self.shared.n_databases)]
 
-    def run(self) -> None:
-        while not self.stop_event.wait(self.POLL):
-            try:
-                self.run_once()
-            except Exception:  # never let the watch stop
-                logger.exception("reader watch failed")
-
-    def stop(self) -> None:
-        self.stop_event.set()
+    def tick(self) -> None:
+        self.run_once()
 
     def run_once(self, now: Optional[float] = None) -> None:
         now = time.monotonic() if now is None else now
@@ -105,7 +98,7 @@ class ReaderWatch(threading.Thread):
         threading.Thread(target=probe, name=f"probe-{thread.alias}", daemon=True).start()
 
 
-class HealthWatch(threading.Thread):
+class HealthWatch(PeriodicThread):
     """Every POLL, what no request may be left waiting on:
 
     * probes: each copy that is not DOWN is probed every ``probe_every``; a probe past its
@@ -121,21 +114,13 @@ class HealthWatch(threading.Thread):
     POLL = 0.1
 
     def __init__(self, coordinator: "RequestRouter"):
-        super().__init__(name="health-watch", daemon=True)
+        super().__init__("health-watch", self.POLL, logger)
         self.coordinator = coordinator
         self.config = coordinator.config
-        self.stop_event = threading.Event()
         self._expiring: Optional[threading.Thread] = None
 
-    def run(self) -> None:
-        while not self.stop_event.wait(self.POLL):
-            try:
-                self.run_once(time.monotonic())
-            except Exception:  # never let the watch stop
-                logger.exception("health watch failed")
-
-    def stop(self) -> None:
-        self.stop_event.set()
+    def tick(self) -> None:
+        self.run_once(time.monotonic())
 
     def run_once(self, now: float) -> None:
         for thread in list(self.coordinator.threads):

@@ -27,6 +27,7 @@ import logging
 import threading
 from typing import Any, Callable, Iterable, Mapping, Optional
 
+from django_lb_shm.periodic import PeriodicThread
 from django_lb_shm.routers import is_load_balanced
 
 logger = logging.getLogger("django_lb_shm.schema")
@@ -76,7 +77,7 @@ def ahead_of(applied: Mapping[str, Applied], alias: str) -> list[str]:
     return [other for other, theirs in applied.items() if own < theirs]
 
 
-class SchemaWatch(threading.Thread):
+class SchemaWatch(PeriodicThread):
     """The coordinator's view of which copies are behind (see the module docstring).
 
     ``connect(alias)`` makes a closed DbConnection; ``readable()`` names the copies worth
@@ -87,17 +88,15 @@ class SchemaWatch(threading.Thread):
     def __init__(self, aliases: Iterable[str], app_labels: frozenset[str], interval: float,
                  connect: Callable[[str], Any], readable: Callable[[], Iterable[str]],
                  on_change: Callable[[set], None]):
-        super().__init__(name="schema-watch", daemon=True)
+        super().__init__("schema-watch", max(interval, 0.1), logger)
         self.aliases = tuple(aliases)
         self.app_labels = app_labels
-        self.interval = max(interval, 0.1)
         self._connect = connect
         self._readable = readable
         self._on_change = on_change
         self._conns: dict[str, Any] = {}
         self._conn_locks = {alias: threading.Lock() for alias in self.aliases}
         self._lock = threading.Lock()
-        self._stop_event = threading.Event()
         self.applied: dict[str, Applied] = {}
         self._behind: dict[str, tuple[str, ...]] = {}
         self._missing: dict[str, tuple[str, ...]] = {}
@@ -158,15 +157,8 @@ class SchemaWatch(threading.Thread):
                 return None
 
     # -- the thread ------------------------------------------------------------------------------
-    def run(self) -> None:
-        while not self._stop_event.wait(self.interval):
-            try:
-                self.refresh()
-            except Exception:   # never let the watch stop
-                logger.exception("schema watch failed")
-
-    def stop(self) -> None:
-        self._stop_event.set()
+    def tick(self) -> None:
+        self.refresh()
 
     def close(self) -> None:
         for alias, conn in list(self._conns.items()):
