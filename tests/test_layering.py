@@ -178,6 +178,20 @@ def test_the_folder_rule_sees_a_crossing():
     assert _allowed("coordinator.router", "coordinator.sequencer") and _allowed("client.reads", "shm.state")
 
 
+# A request's way down through the coordinator, in order.  A module imports only modules after
+# it (functions included): what a lower one must tell an upper one (an applied write, a copy
+# caught up) it tells through a callback the upper one handed it, never through an import.
+WRITE_PATH = ("coordinator.router", "coordinator.transaction", "coordinator.write_guard", "coordinator.sequencer",
+              "coordinator.group_commit", "coordinator.db_thread", "coordinator.read_pool", "coordinator.journal")
+
+
+def test_the_write_path_flows_one_way():
+    graph = all_imports()
+    back = [f"{m} imports {d}" for i, m in enumerate(WRITE_PATH)
+            for d in sorted(graph[m]) if d in WRITE_PATH[:i]]
+    assert not back, "imports back up the write path (tests/test_layering.py WRITE_PATH): " + "; ".join(back)
+
+
 def test_every_module_is_placed_in_a_layer():
     layers = declared_layers()
     modules = set(top_level_imports()) - PACKAGES
