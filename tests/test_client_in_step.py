@@ -188,7 +188,7 @@ def test_a_client_interrupted_at_random_points_gets_its_own_answers(replicas, pa
             check_own_answers(i, anchor)
     assert interrupts >= ITERATIONS // 10, f"only {interrupts} calls were interrupted: the test proves little"
     assert healed <= interrupts // 4, f"{healed} of {interrupts} interrupts left Django outside autocommit"
-    waiting = [spot for spot in LANDED if spot.startswith("wire/protocol.py")]
+    waiting = [spot for spot in LANDED if spot.startswith("protocol.py")]
     assert len(waiting) >= 5, f"only {len(waiting)} interrupts landed in a call to the coordinator: {LANDED}"
     replicas.assert_identical()
     assert_verify_identical()
