@@ -28,8 +28,9 @@ setup(
     extras_require={
         "postgres": ["psycopg[binary]>=3.1"],
         "metrics": ["prometheus_client>=0.17"],
+        # wheel: tests/test_packaging.py builds and installs the package offline (setuptools < 70.1 needs it)
         "test": ["pytest>=7", "pytest-timeout>=2.1", "hypothesis>=6", "psycopg[binary]>=3.1",
-                 "prometheus_client>=0.17"],
+                 "prometheus_client>=0.17", "wheel>=0.38"],
         "chart": ["matplotlib>=3.5"],
     },
     # `djangoloadbalancer` is generated from the entry point; bin/djangoloadbalancer (the same

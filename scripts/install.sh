@@ -85,7 +85,7 @@ repo = os.path.realpath(sys.argv[1])
 spec = importlib.util.find_spec("django_lb_shm")
 if spec is None or not os.path.realpath(spec.origin or "").startswith(repo + os.sep):
     sys.exit(1)
-for mod in ("django", "cloudpickle", "psutil", "pytest", "pytest_timeout", "hypothesis", "psycopg", "prometheus_client"):
+for mod in ("django", "cloudpickle", "psutil", "pytest", "pytest_timeout", "hypothesis", "psycopg", "prometheus_client", "wheel"):
     if importlib.util.find_spec(mod) is None:
         sys.exit(1)
 PYEOF
