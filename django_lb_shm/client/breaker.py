@@ -3,7 +3,7 @@
 When nothing answers at ADDRESS, a query used to retry for CONNECT_TIMEOUT before
 ``CoordinatorUnavailable``.  On the coordinator's host the app can tell at once
 whether waiting is worth it, from what the supervisor leaves in shared memory
-(``shared_state``: the segment, the supervisor's pid and start time, the
+(``shm.state``: the segment, the supervisor's pid and start time, the
 coordinator's state and heartbeat):
 
 * no segment for a local address, or its supervisor is gone: nothing will answer,

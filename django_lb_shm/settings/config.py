@@ -153,7 +153,7 @@ def database_identity(alias: str) -> list:
 
 def _legacy_journal_dir(address: Address) -> str:
     """JOURNAL_DIR's default before it named the databases: one directory per address."""
-    # not at module top: settings.py may import conf, and shared_state brings multiprocessing.shared_memory
+    # not at module top: settings.py may import this module, and shm.state brings multiprocessing.shared_memory
     from django_lb_shm.shm.state import address_key
 
     return _journal_base_dir() + os.sep + address_key(address)

@@ -1,4 +1,4 @@
-"""What the transaction state machines share (``client_transaction``, ``server_transaction``).
+"""What the transaction state machines share (``client.transaction``, ``coordinator.transaction``).
 
 Each machine declares ``TRANSITIONS``: ``{(state, event): {next states}}``, and its docstring
 holds the same table, one ``state  event  next  action`` row per transition between the
