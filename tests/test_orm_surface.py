@@ -363,17 +363,20 @@ RAISES = {
 VENDOR_DEPENDENT = {"union-meta-ordering"}
 
 
+@pytest.fixture(scope="class")
+def read_library():
+    """One data set for a whole class of read-only tests."""
+    handle = default_coordinator()
+    handle.wait_drained()
+    clear_tables()
+    books = build_library()
+    drained()
+    return books
+
+
+@pytest.mark.usefixtures("read_library")
 class TestReads:
     """Read-only: one data set for the whole class."""
-
-    @pytest.fixture(scope="class", autouse=True)
-    def read_library(self):
-        handle = default_coordinator()
-        handle.wait_drained()
-        clear_tables()
-        books = build_library()
-        drained()
-        return books
 
     @pytest.mark.parametrize("name", list(READS))
     def test_same_as_one_database(self, name):
