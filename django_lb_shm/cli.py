@@ -17,7 +17,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import django
 
@@ -26,7 +26,7 @@ from django_lb_shm.errors import (
     LoadBalancerError,
     SharedMemoryNotOwned,
 )
-from django_lb_shm.settings.config import get_config
+from django_lb_shm.settings.config import LoadBalancerConfig, get_config
 from django_lb_shm.settings.overrides import apply_runtime_settings_from_environment
 from django_lb_shm.wire.exit_codes import (
     EXIT_BOOT_ERROR,
@@ -37,9 +37,6 @@ from django_lb_shm.wire.exit_codes import (
     EXIT_OK,
     EXIT_UNAVAILABLE,
 )
-
-if TYPE_CHECKING:   # for type hints only: not imported at run time
-    from django_lb_shm.settings.config import LoadBalancerConfig
 
 STATUS_EPILOG = """exit status:
   0  the coordinator is READY and every database is RUNNING

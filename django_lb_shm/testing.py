@@ -32,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 from django.conf import settings
 from django.db import connections
@@ -44,13 +44,10 @@ from django_lb_shm import apps
 from django_lb_shm.backend.base import count_under_test_runner
 from django_lb_shm.client.connection import get_client
 from django_lb_shm.client.reads import close_connections
-from django_lb_shm.settings.config import get_config
+from django_lb_shm.settings.config import LoadBalancerConfig, get_config
 from django_lb_shm.settings.overrides import OVERRIDES_ENV, runtime_settings
 from django_lb_shm.settings.validation import SETTING_NAME
 from django_lb_shm.wire.protocol import STOP_WITH_PARENT_ENV
-
-if TYPE_CHECKING:   # for type hints only: not imported at run time
-    from django_lb_shm.settings.config import LoadBalancerConfig
 
 logger = logging.getLogger("django_lb_shm.testing")
 BOOT_TIMEOUT = 60.0

@@ -46,7 +46,7 @@ import threading
 import time
 import uuid
 import weakref
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 from django_lb_shm.balancing import build_read_algorithm
 from django_lb_shm.client.connection import get_client
@@ -63,7 +63,7 @@ from django_lb_shm.errors import (
     SharedMemoryNotOwned,
     as_database_error,
 )
-from django_lb_shm.settings.config import _settings, get_config
+from django_lb_shm.settings.config import LoadBalancerConfig, _settings, get_config
 from django_lb_shm.shm.state import (
     HEADER_SIZE,
     SLOT_SIZE,
@@ -78,9 +78,6 @@ from django_lb_shm.shm.state import (
 )
 from django_lb_shm.wire.descriptors import Result, Statement
 from django_lb_shm.wire.protocol import private_directory
-
-if TYPE_CHECKING:   # for type hints only: not imported at run time
-    from django_lb_shm.settings.config import LoadBalancerConfig
 
 logger = logging.getLogger("django_lb_shm.reads")
 

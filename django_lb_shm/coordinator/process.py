@@ -18,7 +18,7 @@ import sqlite3
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import django
 
@@ -34,7 +34,7 @@ from django_lb_shm.databases.ownership import CLAIM_WAIT
 from django_lb_shm.databases.schema import SchemaWatch, load_balanced_apps
 from django_lb_shm.errors import ConfigurationError, DatabaseOwnedElsewhere
 from django_lb_shm.ops.logging_setup import configure_logging
-from django_lb_shm.settings.config import get_config
+from django_lb_shm.settings.config import LoadBalancerConfig, get_config
 from django_lb_shm.settings.overrides import apply_runtime_settings_from_environment
 from django_lb_shm.shm.state import (
     CoordinatorState,
@@ -54,9 +54,6 @@ from django_lb_shm.wire.exit_codes import (
     EXIT_RESTART,
 )
 from django_lb_shm.wire.protocol import EXPOSED, TYPEID
-
-if TYPE_CHECKING:   # for type hints only: not imported at run time
-    from django_lb_shm.settings.config import LoadBalancerConfig
 
 # The logger keeps the name it had before these modules moved into coordinator/: LOGGING settings may name it.
 logger = logging.getLogger("django_lb_shm.coordinator")

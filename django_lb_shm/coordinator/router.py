@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from django_lb_shm.__about__ import __version__
 from django_lb_shm.coordinator.outcomes import WriteOutcomes
 from django_lb_shm.coordinator.resync import ResyncDesk
-from django_lb_shm.coordinator.sequencer import client_of
+from django_lb_shm.coordinator.sequencer import Sequencer, client_of
 from django_lb_shm.coordinator.transaction import ServerTransaction
 from django_lb_shm.coordinator.write_guard import WriteGuard
 from django_lb_shm.databases.failures import (
@@ -40,15 +40,13 @@ from django_lb_shm.errors import (
     WriteNotApplied,
     to_dict,
 )
-from django_lb_shm.settings.config import database_identity
+from django_lb_shm.settings.config import LoadBalancerConfig, database_identity
 from django_lb_shm.shm.state import DbState, Header, SharedState
 from django_lb_shm.wire import descriptors as d
 from django_lb_shm.wire.protocol import SETTLE_WAIT
 
 if TYPE_CHECKING:   # for type hints only: not imported at run time
     from django_lb_shm.balancing import ReadAlgorithm
-    from django_lb_shm.coordinator.sequencer import Sequencer
-    from django_lb_shm.settings.config import LoadBalancerConfig
 
 # The logger keeps the name it had before these modules moved into coordinator/: LOGGING settings may name it.
 logger = logging.getLogger("django_lb_shm.coordinator")

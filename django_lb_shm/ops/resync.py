@@ -39,7 +39,7 @@ import sqlite3
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence, TextIO
+from typing import Any, Callable, Iterator, Optional, Sequence, TextIO
 
 from django_lb_shm import apps
 from django_lb_shm.coordinator.db_thread import (
@@ -52,16 +52,13 @@ from django_lb_shm.databases.ownership import sqlite_path
 from django_lb_shm.errors import LoadBalancerError, ResyncError
 from django_lb_shm.ops.verify import compare_tables, format_report, table_spec
 from django_lb_shm.routers import is_load_balanced
-from django_lb_shm.settings.config import get_config
+from django_lb_shm.settings.config import LoadBalancerConfig, get_config
 from django_lb_shm.shm.state import pid_alive
 from django_lb_shm.wire.exit_codes import (
     EXIT_RESYNC_FAILED,
     EXIT_RESYNC_USAGE,
     EXIT_RESYNCED,
 )
-
-if TYPE_CHECKING:   # for type hints only: not imported at run time
-    from django_lb_shm.settings.config import LoadBalancerConfig
 
 logger = logging.getLogger("django_lb_shm.resync")
 
