@@ -13,7 +13,7 @@ A custom algorithm is a ``ReadAlgorithm`` subclass named by dotted path in
 """
 from __future__ import annotations
 
-import random
+import itertools
 import threading
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
@@ -42,9 +42,7 @@ class ReadAlgorithm:
         if problem:
             raise ConfigurationError(f"{problem.msg} {problem.hint}")
         self.readable = [i for i, n in enumerate(self.names) if n not in excluded]
-        self._round: list[int] = []   # what is left of this round's turns, in this round's order
-        self._shuffle = random.Random().shuffle   # (seeded per process: os.urandom)
-        self._rotate_lock = threading.Lock()
+        self._counter = itertools.count()
 
     def eligible(self, candidates: Sequence[int]) -> list[int]:
         """Candidates minus databases kept out of reads (they still get every write)."""
@@ -55,22 +53,7 @@ class ReadAlgorithm:
         raise NotImplementedError
 
     def _rotate(self, candidates: Sequence[int]) -> int:
-        """Each candidate once per round, in an order drawn afresh for each round and each process.
-
-        A fixed order sends every process from one copy to the same next one: clients that a
-        slow copy answers together (a CPU-capped host releasing its throttled backends) would
-        travel together from copy to copy, leaving the others idle.  A shuffled round keeps the
-        turns equal and scatters them.
-        """
-        with self._rotate_lock:
-            for position, index in enumerate(self._round):
-                if index in candidates:
-                    del self._round[position]
-                    return index
-            fresh = list(candidates)
-            self._shuffle(fresh)
-            self._round = fresh[1:]
-            return fresh[0]
+        return candidates[next(self._counter) % len(candidates)]
 
 
 class RoundRobin(ReadAlgorithm):
